@@ -1,0 +1,50 @@
+# eventcast — the two commands that matter first: `make demo` and `make test`.
+# Both set everything up on a fresh machine (cached virtual environment, redis-server, kcat,
+# the Apache Kafka jars) and reuse what is already there on the next run.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ENV = $$(bash deploy/setup_env.sh)
+
+.PHONY: help setup demo test test-fast stack-up stack-down stack-status lint format bench bench-gpu
+
+help:
+	@echo "make demo          set up, start the local stack, train if needed, stream live forecasts"
+	@echo "make test          set up and run the whole test suite against its own real Kafka + Redis"
+	@echo "make stack-up      start Kafka (127.0.0.1:9092) and Redis (127.0.0.1:6379) locally"
+	@echo "make stack-down    stop them        make stack-status    show them"
+	@echo "make lint          ruff + mypy      make bench           benchmark tables (bench/)"
+
+setup:
+	@bash deploy/setup_env.sh >/dev/null
+
+demo:
+	@venv=$(ENV) && "$$venv/bin/python" -m deploy.demo
+
+test:
+	@venv=$(ENV) && bash deploy/run_tests.sh "$$venv" $(PYTEST_ARGS)
+
+# Everything except the slow fault tests (a quicker loop while developing; CI runs `make test`).
+test-fast:
+	@venv=$(ENV) && bash deploy/run_tests.sh "$$venv" -m "not slow" $(PYTEST_ARGS)
+
+stack-up:
+	@venv=$(ENV) && "$$venv/bin/python" -m deploy.stack up
+
+stack-down:
+	@venv=$(ENV) && "$$venv/bin/python" -m deploy.stack down
+
+stack-status:
+	@venv=$(ENV) && "$$venv/bin/python" -m deploy.stack status
+
+lint:
+	@venv=$(ENV) && "$$venv/bin/ruff" check . && "$$venv/bin/ruff" format --check . && "$$venv/bin/mypy"
+
+format:
+	@venv=$(ENV) && "$$venv/bin/ruff" format . && "$$venv/bin/ruff" check --fix .
+
+bench:
+	@venv=$(ENV) && bash bench/run_all.sh "$$venv"
+
+bench-gpu:
+	@venv=$(ENV) && bash bench/gpu.sh "$$venv"

@@ -1,0 +1,526 @@
+"""The local stack of real services: Apache Kafka (single-node KRaft) and Redis, no Docker needed.
+
+``make stack-up`` / ``stack-down`` / ``stack-status`` call this module's CLI; the test suite uses
+:class:`KafkaServer` and :class:`RedisServer` directly to run its own instances on free ports (and
+to restart or kill them in fault tests).
+
+- Kafka comes from the official jars on Maven Central (``org.apache.kafka:kafka_2.13``, see
+  ``deploy/kafka/pom.xml``), resolved once per machine with Maven into
+  ``~/.cache/eventcast/kafka-<version>/libs`` and run on the machine's Java (17+). The storage
+  directory is formatted on first start. The broker is configured to behave on one node:
+  replication factor and min ISR 1 for the internal topics, no initial rebalance delay, no topic
+  auto-creation.
+- Redis is the system's ``redis-server`` with AOF persistence (``appendfsync everysec``) in the
+  stack's data directory.
+
+Each service keeps ``<dir>/<name>.pid``; starting a service that is already running on its port
+reuses it, and ``stop()`` is safe to call twice. Logs go to ``<dir>/logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+KAFKA_POM = REPO / "deploy" / "kafka" / "pom.xml"
+KAFKA_LOG4J = REPO / "deploy" / "kafka" / "log4j2.properties"
+CACHE = Path(os.environ.get("EVENTCAST_CACHE", Path.home() / ".cache" / "eventcast"))
+
+DEFAULT_TOPICS = {"events": 6, "forecasts": 6, "events.dlq": 1}
+
+
+class StackError(RuntimeError):
+    """A service could not be set up, started or stopped; the message says what to do."""
+
+
+# --- small helpers -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _ensure_port_free(port: int, what: str) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise StackError(
+                f"port {port} is already taken on 127.0.0.1, so {what} cannot start there; "
+                f"stop whatever listens on {port} or choose another port"
+            ) from exc
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited child not yet reaped) is not alive for our purposes.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _terminate(pid: int, timeout: float, sig: int = signal.SIGTERM) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if not _pid_alive(pid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+
+
+def _spawn(cmd: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> int:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,  # survives the caller; stopped through its pid file
+        )
+    return proc.pid
+
+
+# --- Kafka -------------------------------------------------------------------------------------
+
+
+def kafka_version() -> str:
+    text = KAFKA_POM.read_text()
+    start = text.index("<kafka.version>") + len("<kafka.version>")
+    return text[start : text.index("</kafka.version>", start)]
+
+
+def ensure_kafka_jars() -> Path:
+    """Resolve the broker's jars through Maven Central once per machine; return the libs folder."""
+    libs = CACHE / f"kafka-{kafka_version()}" / "libs"
+    marker = libs / ".complete"
+    if marker.exists():
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise StackError(
+            "Maven (mvn) not found: it resolves the Apache Kafka jars from Maven Central "
+            "(Debian: apt-get install maven)"
+        )
+    tmp = libs.with_name("libs.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[stack] resolving Apache Kafka {kafka_version()} jars into {libs}", file=sys.stderr)
+    result = subprocess.run(
+        [
+            mvn, "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
+            f"-DoutputDirectory={tmp}", "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise StackError(f"mvn could not resolve the Kafka jars:\n{result.stdout}{result.stderr}")
+    shutil.rmtree(libs, ignore_errors=True)
+    tmp.rename(libs)
+    marker.touch()
+    return libs
+
+
+def _java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise StackError("java not found: Kafka needs Java 17+ (Debian: apt-get install openjdk-17-jre-headless)")
+    return java
+
+
+@dataclass
+class KafkaServer:
+    """One single-node KRaft broker (combined broker + controller) on 127.0.0.1.
+
+    ``scram_users`` (name → password) adds a ``SASL_PLAINTEXT`` listener on ``sasl_port`` with
+    SCRAM-SHA-256, the credentials written into the storage at format time.
+    """
+
+    dir: Path
+    port: int = 9092
+    controller_port: int | None = None
+    sasl_port: int | None = None
+    scram_users: Mapping[str, str] = field(default_factory=dict)
+    heap: str = "768m"
+
+    def __post_init__(self) -> None:
+        self.dir = Path(self.dir)
+        if self.controller_port is None:
+            self.controller_port = self._saved_controller_port() or free_port()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "kafka.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "logs" / "kafka.log"
+
+    def _saved_controller_port(self) -> int | None:
+        props = self.dir / "kafka" / "server.properties"
+        if props.exists():
+            for line in props.read_text().splitlines():
+                if line.startswith("controller.quorum.voters="):
+                    return int(line.rsplit(":", 1)[1])
+        return None
+
+    def pid(self) -> int | None:
+        pid = _read_pid(self.pid_file)
+        return pid if pid is not None and _pid_alive(pid) else None
+
+    def running(self) -> bool:
+        return self.pid() is not None and port_open(self.port)
+
+    def _properties(self) -> str:
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}", f"CONTROLLER://127.0.0.1:{self.controller_port}"]
+        advertised = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+        protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+        extra: list[str] = []
+        if self.sasl_port:
+            listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
+            advertised.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
+            protocols.append("SASL_PLAINTEXT:SASL_PLAINTEXT")
+            extra += [
+                "sasl.enabled.mechanisms=SCRAM-SHA-256",
+                "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config="
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            ]
+        lines = [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+            f"listeners={','.join(listeners)}",
+            f"advertised.listeners={','.join(advertised)}",
+            f"listener.security.protocol.map={','.join(protocols)}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            f"log.dirs={self.dir / 'kafka' / 'data'}",
+            "num.partitions=1",
+            "auto.create.topics.enable=false",
+            "group.initial.rebalance.delay.ms=0",
+            # One node: internal topics cannot be replicated, and fewer partitions start faster.
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=6",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "transaction.state.log.num.partitions=6",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "min.insync.replicas=1",
+            "default.replication.factor=1",
+            "log.retention.hours=168",
+            "log.segment.bytes=67108864",
+            # Let tests add partitions and see them quickly.
+            "metadata.max.idle.interval.ms=500",
+            *extra,
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _format(self, java: str, libs: Path, props: Path) -> None:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cmd = [
+            java, "-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
+            "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
+        ]
+        for name, password in self.scram_users.items():
+            cmd += ["--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise StackError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Start the broker, or reuse it when it already runs; return once it serves requests."""
+        if self.running():
+            return
+        for port, what in ((self.port, "Kafka"), (self.controller_port, "the Kafka controller"),
+                           (self.sasl_port, "Kafka's SASL listener")):
+            if port:
+                _ensure_port_free(port, what)
+        java, libs = _java(), ensure_kafka_jars()
+        conf = self.dir / "kafka"
+        conf.mkdir(parents=True, exist_ok=True)
+        props = conf / "server.properties"
+        props.write_text(self._properties())
+        if not (conf / "data" / "meta.properties").exists():
+            self._format(java, libs, props)
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        cmd = [
+            java, f"-Xmx{self.heap}", "-Xms128m", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1",
+            "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
+            "-cp", f"{libs}/*", "kafka.Kafka", str(props),
+        ]
+        pid = _spawn(cmd, self.log_file)
+        self.pid_file.write_text(f"{pid}\n")
+        self._wait_ready(pid, offset, timeout)
+
+    def _wait_ready(self, pid: int, log_offset: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                raise StackError(f"Kafka exited during start-up; see {self.log_file}:\n{self._log_tail()}")
+            if port_open(self.port):
+                with open(self.log_file, "rb") as fh:
+                    fh.seek(log_offset)
+                    if b"Kafka Server started" in fh.read():
+                        return
+            time.sleep(0.2)
+        raise StackError(f"Kafka did not become ready within {timeout:.0f}s; see {self.log_file}")
+
+    def _log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Controlled shutdown (SIGTERM, then SIGKILL after ``timeout``). Safe to call twice."""
+        pid = self.pid()
+        if pid is not None:
+            _terminate(pid, timeout)
+        self.pid_file.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """``kill -9`` the broker, as a crash would."""
+        pid = self.pid()
+        if pid is not None:
+            _terminate(pid, 10, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+
+    def restart(self, timeout: float = 90.0) -> None:
+        self.stop()
+        self.start(timeout)
+
+
+# --- Redis -------------------------------------------------------------------------------------
+
+
+def _redis_ping(port: int, password: str | None = None, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            if password:
+                s.sendall(f"AUTH {password}\r\n".encode())
+                s.recv(64)
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@dataclass
+class RedisServer:
+    """The system's ``redis-server`` with AOF persistence in ``dir``.
+
+    ``extra_args`` are passed through (e.g. ``["--aclfile", path]`` or TLS options).
+    """
+
+    dir: Path
+    port: int = 6379
+    extra_args: tuple[str, ...] = ()
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        self.dir = Path(self.dir)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "redis.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "logs" / "redis.log"
+
+    def pid(self) -> int | None:
+        pid = _read_pid(self.pid_file)
+        return pid if pid is not None and _pid_alive(pid) else None
+
+    def running(self) -> bool:
+        return self.pid() is not None and port_open(self.port)
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start redis-server, or reuse it when it already runs; return once it answers PING."""
+        if self.running():
+            return
+        server = shutil.which("redis-server")
+        if server is None:
+            raise StackError("redis-server not found (Debian: apt-get install redis-server)")
+        _ensure_port_free(self.port, "Redis")
+        data = self.dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            server, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(data),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--daemonize", "no", "--logfile", str(self.log_file),
+            "--maxmemory-policy", "noeviction", "--databases", "64",
+            *self.extra_args,
+        ]
+        pid = _spawn(cmd, self.log_file)
+        self.pid_file.write_text(f"{pid}\n")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                raise StackError(f"redis-server exited during start-up; see {self.log_file}")
+            if port_open(self.port) and (self.extra_args or _redis_ping(self.port, self.password)):
+                return
+            time.sleep(0.1)
+        raise StackError(f"Redis did not answer PING within {timeout:.0f}s; see {self.log_file}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (Redis flushes its AOF), SIGKILL after ``timeout``. Safe to call twice."""
+        pid = self.pid()
+        if pid is not None:
+            _terminate(pid, timeout)
+        self.pid_file.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        pid = self.pid()
+        if pid is not None:
+            _terminate(pid, 5, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+
+
+# --- topics ------------------------------------------------------------------------------------
+
+
+def create_topics(bootstrap: str, topics: Mapping[str, int], timeout: float = 30.0) -> list[str]:
+    """Create the topics that are missing (name → partitions); return the names created."""
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    async def run() -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            missing = [NewTopic(n, p, 1) for n, p in topics.items() if n not in existing]
+            if missing:
+                await admin.create_topics(missing)
+            return [t.name for t in missing]
+        finally:
+            await admin.close()
+
+    return asyncio.run(run())
+
+
+# --- the stack as a whole (what make stack-* runs) -----------------------------------------------
+
+
+@dataclass
+class Stack:
+    dir: Path
+    kafka: KafkaServer
+    redis: RedisServer
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Stack:
+        root = Path(environ.get("EVENTCAST_STACK_DIR", REPO / ".stack"))
+        return cls(
+            dir=root,
+            kafka=KafkaServer(root, port=int(environ.get("EVENTCAST_KAFKA_PORT", 9092))),
+            redis=RedisServer(root, port=int(environ.get("EVENTCAST_REDIS_PORT", 6379))),
+        )
+
+    def up(self, topics: Mapping[str, int] | None = DEFAULT_TOPICS) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.redis.start()
+        try:
+            self.kafka.start()
+        except StackError:
+            self.redis.stop()
+            raise
+        if topics:
+            create_topics(self.kafka.bootstrap, topics)
+
+    def down(self) -> None:
+        self.kafka.stop()
+        self.redis.stop()
+
+    def status(self) -> list[str]:
+        rows = []
+        for name, svc, addr in (
+            (f"kafka (Apache Kafka {kafka_version()}, KRaft)", self.kafka, self.kafka.bootstrap),
+            ("redis", self.redis, self.redis.url),
+        ):
+            state = f"running, pid {svc.pid()}" if svc.running() else "stopped"
+            rows.append(f"{name:<36} {addr:<28} {state}   logs: {svc.log_file}")
+        return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.stack", description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--no-topics", action="store_true", help="up: do not create the default topics")
+    args = parser.parse_args(argv)
+    stack = Stack.from_env()
+    try:
+        if args.action == "up":
+            stack.up(None if args.no_topics else DEFAULT_TOPICS)
+        elif args.action == "down":
+            stack.down()
+        for row in stack.status():
+            print(row)
+    except StackError as exc:
+        print(f"stack: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

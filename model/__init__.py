@@ -1,0 +1,1 @@
+"""eventcast model package."""

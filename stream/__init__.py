@@ -1,0 +1,1 @@
+"""eventcast stream package."""

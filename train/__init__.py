@@ -1,0 +1,1 @@
+"""eventcast train package."""
