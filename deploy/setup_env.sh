@@ -19,6 +19,8 @@ log() { echo "[setup] $*" >&2; }
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v kcat >/dev/null 2>&1 || need_apt+=(kcat)
+# Headless Chromium renders the forecast view in its screenshot test.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     log "installing ${need_apt[*]} from Debian packages"
