@@ -155,8 +155,14 @@ def ensure_kafka_jars() -> Path:
     print(f"[stack] resolving Apache Kafka {kafka_version()} jars into {libs}", file=sys.stderr)
     result = subprocess.run(
         [
-            mvn, "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
-            f"-DoutputDirectory={tmp}", "-DincludeScope=runtime",
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(KAFKA_POM),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={tmp}",
+            "-DincludeScope=runtime",
         ],
         capture_output=True,
         text=True,
@@ -172,7 +178,9 @@ def ensure_kafka_jars() -> Path:
 def _java() -> str:
     java = shutil.which("java")
     if java is None:
-        raise StackError("java not found: Kafka needs Java 17+ (Debian: apt-get install openjdk-17-jre-headless)")
+        raise StackError(
+            "java not found: Kafka needs Java 17+ (Debian: apt-get install openjdk-17-jre-headless)"
+        )
     return java
 
 
@@ -224,7 +232,10 @@ class KafkaServer:
         return self.pid() is not None and port_open(self.port)
 
     def _properties(self) -> str:
-        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}", f"CONTROLLER://127.0.0.1:{self.controller_port}"]
+        listeners = [
+            f"PLAINTEXT://127.0.0.1:{self.port}",
+            f"CONTROLLER://127.0.0.1:{self.controller_port}",
+        ]
         advertised = [f"PLAINTEXT://127.0.0.1:{self.port}"]
         protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
         extra: list[str] = []
@@ -271,8 +282,16 @@ class KafkaServer:
     def _format(self, java: str, libs: Path, props: Path) -> None:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = [
-            java, "-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
-            "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
+            java,
+            "-cp",
+            f"{libs}/*",
+            f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(props),
         ]
         for name, password in self.scram_users.items():
             cmd += ["--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]"]
@@ -284,8 +303,11 @@ class KafkaServer:
         """Start the broker, or reuse it when it already runs; return once it serves requests."""
         if self.running():
             return
-        for port, what in ((self.port, "Kafka"), (self.controller_port, "the Kafka controller"),
-                           (self.sasl_port, "Kafka's SASL listener")):
+        for port, what in (
+            (self.port, "Kafka"),
+            (self.controller_port, "the Kafka controller"),
+            (self.sasl_port, "Kafka's SASL listener"),
+        ):
             if port:
                 _ensure_port_free(port, what)
         java, libs = _java(), ensure_kafka_jars()
@@ -297,9 +319,17 @@ class KafkaServer:
             self._format(java, libs, props)
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         cmd = [
-            java, f"-Xmx{self.heap}", "-Xms128m", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1",
-            "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
-            "-cp", f"{libs}/*", "kafka.Kafka", str(props),
+            java,
+            f"-Xmx{self.heap}",
+            "-Xms128m",
+            "-XX:+UseG1GC",
+            "-XX:TieredStopAtLevel=1",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
+            "-cp",
+            f"{libs}/*",
+            "kafka.Kafka",
+            str(props),
         ]
         pid = _spawn(cmd, self.log_file)
         self.pid_file.write_text(f"{pid}\n")
@@ -309,7 +339,9 @@ class KafkaServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not _pid_alive(pid):
-                raise StackError(f"Kafka exited during start-up; see {self.log_file}:\n{self._log_tail()}")
+                raise StackError(
+                    f"Kafka exited during start-up; see {self.log_file}:\n{self._log_tail()}"
+                )
             if port_open(self.port):
                 with open(self.log_file, "rb") as fh:
                     fh.seek(log_offset)
@@ -404,10 +436,27 @@ class RedisServer:
         data.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
-            server, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(data),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-            "--daemonize", "no", "--logfile", str(self.log_file),
-            "--maxmemory-policy", "noeviction", "--databases", "64",
+            server,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.log_file),
+            "--maxmemory-policy",
+            "noeviction",
+            "--databases",
+            "64",
             *self.extra_args,
         ]
         pid = _spawn(cmd, self.log_file)
@@ -445,7 +494,9 @@ def create_topics(bootstrap: str, topics: Mapping[str, int], timeout: float = 30
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     async def run() -> list[str]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000)
+        )
         await admin.start()
         try:
             existing = set(await admin.list_topics())
@@ -504,9 +555,13 @@ class Stack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.stack", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.stack", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("--no-topics", action="store_true", help="up: do not create the default topics")
+    parser.add_argument(
+        "--no-topics", action="store_true", help="up: do not create the default topics"
+    )
     args = parser.parse_args(argv)
     stack = Stack.from_env()
     try:

@@ -14,7 +14,9 @@ from stream.cli import ENV_PREFIX, build_parser, parse
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-WORKER_SERVICES = [name for name, svc in SERVICES.items() if svc.get("command", [None])[0] == "worker"]
+WORKER_SERVICES = [
+    name for name, svc in SERVICES.items() if svc.get("command", [None])[0] == "worker"
+]
 
 
 def _environment(service: dict) -> dict[str, str]:
@@ -43,8 +45,11 @@ def test_kafka_is_kraft_and_single_node_safe():
     assert SERVICES["kafka"]["image"].startswith("apache/kafka:4.")
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert str(env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"]) == "false"
-    for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
-                "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"):
+    for key in (
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+    ):
         assert int(env[key]) == 1
 
 
@@ -62,8 +67,13 @@ def test_worker_commands_parse_with_the_real_cli(name: str):
     # Every EVENTCAST_* variable must name a real flag of that subcommand (or a known global).
     dests = _flag_dests(argv)
     for key in env:
-        if key.startswith(ENV_PREFIX) and key not in ("EVENTCAST_RELOAD_TOKEN", "EVENTCAST_LOG_LEVEL"):
-            assert key[len(ENV_PREFIX):].lower() in dests, f"{name}: {key} is not a flag of {argv[0]}"
+        if key.startswith(ENV_PREFIX) and key not in (
+            "EVENTCAST_RELOAD_TOKEN",
+            "EVENTCAST_LOG_LEVEL",
+        ):
+            assert key[len(ENV_PREFIX) :].lower() in dests, (
+                f"{name}: {key} is not a flag of {argv[0]}"
+            )
     # The real parser accepts the command line with the service's environment layered in.
     args = parse(argv, environ=env)
     assert callable(args.func)

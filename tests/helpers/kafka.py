@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,9 @@ def consume_all(
                     for m in msgs:
                         headers = {k: v.decode() for k, v in (m.headers or ())}
                         out.append(
-                            Record(m.topic, m.partition, m.offset, m.key, m.value, headers, m.timestamp)
+                            Record(
+                                m.topic, m.partition, m.offset, m.key, m.value, headers, m.timestamp
+                            )
                         )
                     last = now
                 if expected is not None and len(out) >= expected:
@@ -132,8 +134,20 @@ def kcat_produce(bootstrap: str, topic: str, lines: Sequence[tuple[str, str]]) -
     """Produce ``key<TAB>value`` lines with kcat, partitioned by murmur2 like Java clients."""
     payload = "".join(f"{k}\t{v}\n" for k, v in lines)
     subprocess.run(
-        [kcat(), "-b", bootstrap, "-P", "-t", topic, "-K", "\t",
-         "-X", "partitioner=murmur2_random", "-X", "acks=all"],
+        [
+            kcat(),
+            "-b",
+            bootstrap,
+            "-P",
+            "-t",
+            topic,
+            "-K",
+            "\t",
+            "-X",
+            "partitioner=murmur2_random",
+            "-X",
+            "acks=all",
+        ],
         input=payload.encode(),
         check=True,
         timeout=60,
@@ -144,8 +158,22 @@ def kcat_consume(
     bootstrap: str, topic: str, count: int, timeout: float = 60.0, read_committed: bool = False
 ) -> list[tuple[str, str]]:
     """Consume ``count`` messages from the beginning with kcat; return ``(key, value)`` pairs."""
-    cmd = [kcat(), "-b", bootstrap, "-C", "-t", topic, "-o", "beginning", "-c", str(count),
-           "-e", "-q", "-f", "%k\t%s\n"]
+    cmd = [
+        kcat(),
+        "-b",
+        bootstrap,
+        "-C",
+        "-t",
+        topic,
+        "-o",
+        "beginning",
+        "-c",
+        str(count),
+        "-e",
+        "-q",
+        "-f",
+        "%k\t%s\n",
+    ]
     if read_committed:
         cmd += ["-X", "isolation.level=read_committed"]
     deadline = time.monotonic() + timeout
