@@ -1,0 +1,186 @@
+"""The model's configuration: one frozen, validated dataclass shared by trainer, worker and server.
+
+``ModelConfig`` is what a model version's ``config.json`` holds, field for field (``to_dict``).
+Everything that changes the shape of the network's input or output lives here, so a worker can
+tell from the config alone whether a new version can replace the one it serves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from model.errors import ConfigError
+
+DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "student_t")
+
+# Number of calendar channels: sin/cos of the time of day and of the week phase.
+CALENDAR_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters and input/output spec of an :class:`~model.network.EventForecaster`.
+
+    Invalid values raise :class:`ConfigError` whose message names the field; ``features`` given as
+    a list is stored as a tuple so the config stays hashable and comparable.
+    """
+
+    sequence_length: int = 48
+    hidden_size: int = 256
+    num_layers: int = 3
+    dropout: float = 0.2
+    attention_heads: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 32
+    horizon: int = 1
+    features: tuple[str, ...] = ()  # exogenous feature names, in channel order
+    calendar: bool = True  # 4 channels: sin/cos of time of day and of day of week
+    distribution: str = "gaussian"  # or "student_t"
+
+    def __post_init__(self) -> None:
+        feats = self.features
+        if isinstance(feats, str) or not isinstance(feats, (list, tuple)):
+            raise ConfigError(f"features: expected a list of names, got {feats!r}")
+        object.__setattr__(self, "features", tuple(feats))
+
+        for name in ("sequence_length", "hidden_size", "num_layers", "attention_heads"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("horizon", self.horizon, minimum=1)
+        if self.sequence_length < 2:
+            # target_times needs two points for a spacing.
+            raise ConfigError(f"sequence_length: must be >= 2, got {self.sequence_length}")
+        _check_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        _check_float("learning_rate", self.learning_rate, low=0.0, low_open=True)
+        _check_float("weight_decay", self.weight_decay, low=0.0)
+        if self.hidden_size % self.attention_heads != 0:
+            raise ConfigError(
+                f"attention_heads: hidden_size {self.hidden_size} is not divisible by "
+                f"attention_heads {self.attention_heads}"
+            )
+        if not isinstance(self.calendar, bool):
+            raise ConfigError(f"calendar: expected true or false, got {self.calendar!r}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ConfigError(
+                f"distribution: expected one of {', '.join(DISTRIBUTIONS)}, "
+                f"got {self.distribution!r}"
+            )
+        seen: set[str] = set()
+        for f in self.features:
+            if not isinstance(f, str) or not f:
+                raise ConfigError(f"features: names must be non-empty strings, got {f!r}")
+            if f in seen:
+                raise ConfigError(f"features: duplicate feature name {f!r}")
+            seen.add(f)
+
+    @property
+    def input_size(self) -> int:
+        """Channels of the network input: value, calendar (4 if enabled), exogenous features."""
+        return 1 + (CALENDAR_CHANNELS if self.calendar else 0) + len(self.features)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with ``changes`` applied (validated; unknown names raise ConfigError)."""
+        d = self.to_dict()
+        d.update(changes)
+        return ModelConfig.from_dict(d)
+
+    # ---- serialisation -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field (``features`` as a list)."""
+        d = asdict(self)
+        d["features"] = list(self.features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ModelConfig:
+        """Build from a mapping; unknown keys or bad values raise ConfigError naming the key."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config: expected a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ConfigError(f"{key}: unknown model config key")
+        try:
+            return cls(**d)
+        except TypeError as e:  # pragma: no cover - defensive, every field has a default
+            raise ConfigError(f"model config: {e}") from e
+
+    def to_json(self, path: Path | str) -> None:
+        """Write the config as indented JSON to ``path``."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json(cls, path: Path | str) -> ModelConfig:
+        """Read a JSON file written by :meth:`to_json`; unreadable or invalid -> ConfigError."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"model config {path}: cannot read JSON ({e})") from e
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_yaml(cls, path: Path | str, *, section: str | None = None) -> ModelConfig:
+        """Read a YAML file (optionally one top-level ``section`` of it, e.g. ``model``).
+
+        Needs PyYAML (imported here, not at module import). Unreadable or invalid -> ConfigError.
+        """
+        import yaml  # local: model/ must import with only torch, numpy and safetensors
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"model config {path}: cannot read YAML ({e})") from e
+        if data is None:
+            data = {}
+        if section is not None:
+            if not isinstance(data, dict) or section not in data:
+                raise ConfigError(f"{section}: section missing from {path}")
+            data = data[section] or {}
+        return cls.from_dict(data)
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def _check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(f"{name}: must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ConfigError(f"{name}: must be {'<' if high_open else '<='} {high}, got {value}")
+
+
+def as_config(config: ModelConfig | dict[str, Any] | None = None, **overrides: Any) -> ModelConfig:
+    """Normalise the ways callers pass a config: an instance, a dict, or None (defaults),
+    with keyword ``overrides`` applied on top. Invalid values raise ConfigError."""
+    if config is None:
+        base: dict[str, Any] = {}
+    elif isinstance(config, ModelConfig):
+        base = config.to_dict()
+    elif isinstance(config, dict):
+        base = dict(config)
+    else:
+        raise ConfigError(
+            f"config: expected ModelConfig, dict or None, got {type(config).__name__}"
+        )
+    base.update(overrides)
+    return ModelConfig.from_dict(base)
