@@ -401,8 +401,8 @@ class ModelRegistry:
         listed file's size and sha256 match (``checksum``); ``config.json`` is a valid
         ModelConfig (``config``); with ``expect``, sequence length, input channels (calendar and
         feature names in order) and horizon equal (``shape``); the safetensors file parses
-        (``format``) and its tensors have the shapes the config implies (``shape``); the ONNX
-        file is parseable and has no external data outside the folder (``format``); the canary
+        (``format``) and its tensors have the shapes the config implies (``shape``); every
+        listed ONNX file parses and has no external data outside the folder (``format``); the canary
         windows give finite outputs within 1e-4 (relative) of the recorded ones with fp32 torch,
         and within the backend's tolerance with the serving predictor (``canary``).
         No ``CURRENT`` (and no ``version``) raises NoModelError; bad backend/device names
@@ -446,9 +446,12 @@ class ModelRegistry:
         canary_x, recorded, recorded_int8 = _read_canary(blobs[CANARY], config, vdir)
         _compare(vdir, "torch fp32", _run_canary_torch(net, canary_x), recorded, CANARY_RTOL)
 
-        onnx_src: Path | bytes | None = None
-        if backend in ("onnx", "onnx-int8"):
-            onnx_src = _checked_onnx(vdir, want_onnx, blobs[want_onnx], manifest)
+        # Every listed ONNX file is scanned, served or not: a version carrying a file that points
+        # outside its folder is not trustworthy whichever backend this process picked.
+        checked = {
+            f: _checked_onnx(vdir, f, blobs[f], manifest) for f in manifest if f.endswith(".onnx")
+        }
+        onnx_src = checked.get(want_onnx) if backend in ("onnx", "onnx-int8") else None
         predictor = build_predictor(
             config,
             net,

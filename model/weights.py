@@ -8,6 +8,7 @@ builtin containers only), so a checkpoint carrying a code payload is refused bef
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -113,11 +114,14 @@ def load_checkpoint_weights(path: Path | str) -> dict[str, Tensor]:
     if not p.is_file():
         raise ModelLoadError(f"{p}: checkpoint file not found", "missing")
     try:
-        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol notices of the restricted loader
+            obj: Any = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ModelLoadError(
             f"{p}: refused to load: the checkpoint contains Python objects other than tensors "
-            f"(possibly a code payload); only weights-only checkpoints are accepted ({e})",
+            f"(possibly a code payload); only weights-only checkpoints are accepted "
+            f"({_unpickler_reason(e)})",
             "format",
         ) from e
     except Exception as e:
@@ -128,3 +132,15 @@ def load_checkpoint_weights(path: Path | str) -> dict[str, Tensor]:
     if any(k.startswith("net.") for k in sd):
         sd = {k[len("net.") :]: v for k, v in sd.items() if k.startswith("net.")}
     return dict(sd)
+
+
+def _unpickler_reason(e: Exception) -> str:
+    # torch's message goes on to explain how to bypass the check; keep only what was refused.
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            text = line[line.index("WeightsUnpickler error") :].split(" Please", 1)[0]
+            if text.endswith(":") and i + 1 < len(lines):
+                text += " " + lines[i + 1].split(" Please", 1)[0]
+            return text.rstrip(".")
+    return lines[0][:200] if lines else type(e).__name__

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,12 +30,21 @@ def tiny_config(
     attention_heads: int = 2,
     horizon: int = 1,
     features: tuple[str, ...] = (),
+    **overrides: Any,
 ) -> ModelConfig:
-    """The config make_tiny_model_dir uses (window 48, calendar on, Gaussian head)."""
-    return ModelConfig(
-        hidden_size=hidden_size, num_layers=num_layers, attention_heads=attention_heads,
-        horizon=horizon, features=tuple(features), dropout=0.0,
-    )  # fmt: skip
+    """A tiny config (window 48, calendar on, Gaussian head, no dropout); ``overrides`` are any
+    other ModelConfig fields."""
+    return ModelConfig.from_dict(
+        {
+            "hidden_size": hidden_size,
+            "num_layers": num_layers,
+            "attention_heads": attention_heads,
+            "horizon": horizon,
+            "features": list(features),
+            "dropout": 0.0,
+            **overrides,
+        }
+    )
 
 
 def make_tiny_model_dir(

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from model.config import ModelConfig
+from model.errors import ConfigError, InputError
+from model.features import build_inputs, target_times
+
+
+def _ts(start: dt.datetime, n: int, step: float = 3600.0) -> np.ndarray:
+    return start.timestamp() + step * np.arange(n, dtype=np.float64)
+
+
+def test_channel_layout_and_calendar_values() -> None:
+    cfg = ModelConfig(features=("temp", "load"))
+    # Monday 2024-01-01 00:00 UTC: day phase 0 and week phase 0.
+    ts = _ts(dt.datetime(2024, 1, 1, tzinfo=dt.UTC), 48)[None, :]
+    values = np.arange(48, dtype=np.float64)[None, :]
+    feats = {"load": np.full((1, 48), 2.0), "temp": np.full((1, 48), 1.0), "other": np.zeros(3)}
+    x = build_inputs(ts, values, feats, cfg)
+    assert x.shape == (1, 48, 7) and x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_array_equal(x[0, :, 0], values[0])
+    np.testing.assert_allclose(x[0, 0, 1:5], [0.0, 1.0, 0.0, 1.0], atol=1e-6)
+    # 06:00 -> a quarter day: sin 1, cos 0.
+    np.testing.assert_allclose(x[0, 6, 1:3], [1.0, 0.0], atol=1e-6)
+    # Tuesday 2024-01-02 12:00 (36 h later) is 1.5 days into the week.
+    phase = 2 * np.pi * 1.5 / 7
+    np.testing.assert_allclose(x[0, 36, 3:5], [np.sin(phase), np.cos(phase)], atol=1e-6)
+    # Exogenous features in config order, not mapping order.
+    assert (x[0, :, 5] == 1.0).all() and (x[0, :, 6] == 2.0).all()
+
+
+def test_without_calendar_and_batch() -> None:
+    cfg = ModelConfig(calendar=False)
+    ts = np.tile(_ts(dt.datetime(2024, 5, 1, tzinfo=dt.UTC), 48), (3, 1))
+    x = build_inputs(ts, np.ones((3, 48)), None, cfg)
+    assert x.shape == (3, 48, 1)
+
+
+def test_missing_feature_is_named() -> None:
+    cfg = ModelConfig(features=("temp",))
+    ts = _ts(dt.datetime(2024, 1, 1, tzinfo=dt.UTC), 48)[None, :]
+    with pytest.raises(InputError, match="temp"):
+        build_inputs(ts, np.ones((1, 48)), {}, cfg)
+    with pytest.raises(ValueError, match="temp"):  # InputError is a ValueError ...
+        build_inputs(ts, np.ones((1, 48)), None, cfg)
+    with pytest.raises(ConfigError):  # ... and a ConfigError
+        build_inputs(ts, np.ones((1, 48)), {"temp": np.ones((1, 47))}, cfg)
+
+
+@pytest.mark.parametrize(
+    ("ts_shape", "v_shape", "bad"),
+    [((1, 48), (48,), None), ((1, 47), (1, 48), None), ((1, 48), (1, 48), "nan")],
+)
+def test_bad_arrays(ts_shape: tuple[int, ...], v_shape: tuple[int, ...], bad: str | None) -> None:
+    values = np.ones(v_shape)
+    if bad:
+        values[0, 3] = np.nan
+    with pytest.raises(InputError):
+        build_inputs(np.ones(ts_shape), values, None, ModelConfig())
+
+
+def test_target_times_use_median_spacing() -> None:
+    ts = np.array([[0.0, 60.0, 120.0, 300.0, 360.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    out = target_times(ts, 3)
+    np.testing.assert_array_equal(out, [[420.0, 480.0, 540.0], [5.0, 6.0, 7.0]])
+    assert out.dtype == np.float64
+    with pytest.raises(InputError):
+        target_times(ts[:, :1], 1)
+
+
+def test_fast_on_large_batches() -> None:
+    import time
+
+    cfg = ModelConfig(features=("a",))
+    rng = np.random.default_rng(0)
+    ts = 1.7e9 + np.cumsum(rng.uniform(1, 10, (4096, 48)), axis=1)
+    v = rng.standard_normal((4096, 48))
+    t = time.perf_counter()
+    x = build_inputs(ts, v, {"a": v}, cfg)
+    target_times(ts, 12)
+    assert x.shape == (4096, 48, 6)
+    # ~200k points: a few ms when vectorised; generous bound for a shared CI machine.
+    assert time.perf_counter() - t < 1.0
