@@ -514,8 +514,12 @@ def forecast_objects(
 
 
 def _finite_forecast(obj: Mapping[str, Any]) -> bool:
+    """True when every number of a forecast object is finite and every std > 0 (the JSON encoder
+    writes NaN as null, so null counts as not finite)."""
     arrays = [obj["mean"], obj["std"], *obj["lower"].values(), *obj["upper"].values()]
-    return all(math.isfinite(v) for a in arrays for v in a) and all(s > 0 for s in obj["std"])
+    if not all(isinstance(v, int | float) and math.isfinite(v) for a in arrays for v in a):
+        return False
+    return all(s > 0 for s in obj["std"])
 
 
 class ModelHolder:
