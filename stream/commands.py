@@ -1,0 +1,264 @@
+"""``worker start``, ``worker topics create`` and ``worker status`` (registered by stream.cli).
+
+Exit codes (CONTRACT.md): 0 clean stop; 1 runtime failure (brokers or Redis unreachable: the
+environment, not the command line, is at fault and a retry may succeed); 2 configuration (a bad
+flag, or a topic that does not exist: fix the names or run ``worker topics create``); 3 no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from stream.cli import add_config_argument
+from stream.errors import KafkaUnavailableError
+from stream.settings import (
+    KafkaSettings,
+    RedisSettings,
+    WorkerSettings,
+    add_kafka_arguments,
+    add_redis_arguments,
+    add_worker_arguments,
+)
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    start = subparsers.add_parser("start", help="run the streaming worker")
+    add_config_argument(start)
+    add_worker_arguments(start)
+    start.set_defaults(func=cmd_start)
+
+    topics = subparsers.add_parser("topics", help="manage the worker's Kafka topics")
+    tsub = topics.add_subparsers(dest="topics_command", metavar="ACTION")
+    tsub.required = True
+    create = tsub.add_parser("create", help="create the input, output and dead-letter topics")
+    add_config_argument(create)
+    add_kafka_arguments(create)
+    create.add_argument("--input-topic", default="events")
+    create.add_argument("--output-topic", default="forecasts")
+    create.add_argument("--dlq-topic", default="events.dlq")
+    create.add_argument("--partitions", type=int, default=6, help="input and output partitions")
+    create.add_argument("--replication-factor", type=int, default=1)
+    create.set_defaults(func=cmd_topics_create)
+
+    status = subparsers.add_parser("status", help="lag, throughput, model version, group members")
+    add_config_argument(status)
+    add_kafka_arguments(status)
+    add_redis_arguments(status)
+    status.add_argument("--group-id", default="eventcast")
+    status.add_argument("--input-topic", default="events")
+    status.add_argument("--interval", type=float, default=2.0,
+                        help="seconds between the two samples that give throughput")  # fmt: skip
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(func=cmd_status)
+
+
+# ---- start -------------------------------------------------------------------------------------
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    settings = WorkerSettings.from_args(args)
+    if settings.engine == "faust":
+        from model.errors import ConfigError
+
+        raise ConfigError("--engine faust: not available in this build; use --engine native")
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: WorkerSettings) -> int:
+    from stream.worker import Worker
+
+    worker = Worker(settings)
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_stop_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            # Second Ctrl-C / SIGTERM: the user wants out now, without draining.
+            os._exit(1)
+        log.info("stop requested: finishing the batch in flight, then committing")
+        worker.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop_signal)
+    loop.add_signal_handler(signal.SIGHUP, worker.request_reload)
+    try:
+        await worker.start()
+        await worker.run()
+    finally:
+        await worker.stop()
+    log.info("worker stopped cleanly")
+    return 0
+
+
+# ---- topics create -----------------------------------------------------------------------------
+
+
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    from model.errors import ConfigError
+
+    kafka = KafkaSettings.from_args(args)
+    if args.partitions < 1:
+        raise ConfigError("--partitions: must be >= 1")
+    wanted = {
+        args.input_topic: args.partitions,
+        args.output_topic: args.partitions,
+        args.dlq_topic: 1,
+    }
+    created = asyncio.run(create_topics(kafka, wanted, args.replication_factor))
+    for name, n in wanted.items():
+        state = "created" if name in created else "exists"
+        print(f"{name}\t{n if name in created else '-'}\t{state}")
+    return 0
+
+
+async def create_topics(
+    kafka: KafkaSettings, wanted: dict[str, int], replication: int = 1
+) -> list[str]:
+    """Create the topics of ``wanted`` (name → partitions) that are missing; return their names."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(**kafka.client_kwargs(), request_timeout_ms=15_000)
+    try:
+        await admin.start()
+    except KafkaError as exc:
+        raise KafkaUnavailableError(
+            f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc}"
+        ) from exc
+    try:
+        existing = set(await admin.list_topics())
+        todo = [NewTopic(n, p, replication) for n, p in wanted.items() if n not in existing]
+        if todo:
+            # Created concurrently by someone else: that is what we wanted.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(todo)
+        return [t.name for t in todo]
+    finally:
+        await admin.close()
+
+
+# ---- status ------------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import orjson
+
+    kafka = KafkaSettings.from_args(args)
+    redis = RedisSettings.from_args(args)
+    report = asyncio.run(group_status(kafka, redis, args.group_id, args.input_topic, args.interval))
+    if args.json:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(f"group {report['group']} ({report['state']}) on {report['topic']}")
+    print(f"  total lag {report['total_lag']}  throughput {report['throughput']:.1f} records/s")
+    for m in report["members"]:
+        print(f"  member {m['client_id']}@{m['host']}  partitions {m['partitions']}")
+    for w in report["workers"]:
+        print(f"  worker {w['member']}  model {w.get('version')}  partitions {w.get('partitions')}")
+    for p in report["partitions"]:
+        print(f"  [{p['partition']}] committed {p['committed']}  end {p['end']}  lag {p['lag']}")
+    return 0
+
+
+async def group_status(
+    kafka: KafkaSettings, redis: RedisSettings, group: str, topic: str, interval: float
+) -> dict[str, Any]:
+    """Lag per partition, throughput (committed offsets sampled ``interval`` s apart), members
+    and, from Redis, each running worker's model version."""
+    import orjson
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaError
+    from aiokafka.protocol.group import MemberAssignment
+
+    admin = AIOKafkaAdminClient(**kafka.client_kwargs(), request_timeout_ms=10_000)
+    consumer = AIOKafkaConsumer(**kafka.client_kwargs(), group_id=None, enable_auto_commit=False)
+    try:
+        await admin.start()
+        await consumer.start()
+    except KafkaError as exc:
+        raise KafkaUnavailableError(
+            f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc}"
+        ) from exc
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+
+        async def committed() -> dict[int, int]:
+            offs = await admin.list_consumer_group_offsets(group, partitions=tps)
+            return {tp.partition: om.offset for tp, om in offs.items() if om.offset >= 0}
+
+        first, t0 = await committed(), time.monotonic()
+        await asyncio.sleep(interval)
+        second, t1 = await committed(), time.monotonic()
+        ends = await consumer.end_offsets(tps) if tps else {}
+        rows = []
+        for tp in tps:
+            c = second.get(tp.partition)
+            end = ends.get(tp, 0)
+            rows.append(
+                {"partition": tp.partition, "committed": c, "end": end, "lag": end - (c or 0)}
+            )
+        moved = sum(second.get(p, 0) - first.get(p, 0) for p in second)
+        desc = await admin.describe_consumer_groups([group])
+        state, members = "unknown", []
+        for resp in desc:
+            for g in resp.groups:
+                # v0..: (error_code, group_id, state, protocol_type, protocol, members)
+                state = g[2]
+                for mem in g[5]:
+                    member_id, client_id, host = (
+                        mem[0],
+                        mem[-4] if len(mem) > 5 else mem[1],
+                        mem[-3],
+                    )
+                    assigned: list[int] = []
+                    try:
+                        ma = MemberAssignment.decode(mem[-1])
+                        for t, ps in ma.assignment:
+                            if t == topic:
+                                assigned.extend(ps)
+                    except Exception:
+                        pass
+                    members.append({"member_id": member_id, "client_id": client_id, "host": host,
+                                    "partitions": sorted(assigned)})  # fmt: skip
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+    workers: list[dict[str, Any]] = []
+    try:
+        client = redis.client()
+        try:
+            raw = await client.hgetall(f"{redis.prefix}:workers:{group}")
+        finally:
+            await client.aclose()
+        now = time.time()
+        for member, blob in sorted(raw.items()):
+            info = orjson.loads(blob)
+            if now - info.get("at", 0) < 30:
+                workers.append({"member": member.decode(), **info})
+    except Exception as exc:  # Redis is optional for status
+        print(f"worker status: Redis not readable ({exc}); model versions unknown", file=sys.stderr)
+    return {
+        "group": group,
+        "topic": topic,
+        "state": state,
+        "members": members,
+        "workers": workers,
+        "partitions": rows,
+        "total_lag": sum(r["lag"] for r in rows),
+        "throughput": moved / max(1e-9, t1 - t0),
+    }

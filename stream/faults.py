@@ -1,0 +1,36 @@
+"""Test-only fault injection: ``EVENTCAST_FAULT=POINT:N`` makes the worker SIGKILL itself the
+``N``-th time a batch reaches ``POINT``. Points, in batch order:
+
+- ``after_publish``: forecasts and dead-letter records acknowledged (or, with exactly-once, sent
+  in the open transaction), windows not yet written to Redis, offsets not committed;
+- ``after_window_write``: windows and applied offset written to Redis, offsets not committed;
+- ``before_commit``: immediately before the offset commit (or the transaction commit).
+
+Never set it in production: it exists so the fault tests can kill the worker at exact points.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from stream.settings import Fault
+
+log = logging.getLogger(__name__)
+
+
+class FaultInjector:
+    """Counts visits per point; kills the process at the configured one."""
+
+    def __init__(self, fault: Fault | None) -> None:
+        self.fault = fault
+        self._visits = 0
+
+    def hit(self, point: str) -> None:
+        if self.fault is None or point != self.fault.point:
+            return
+        self._visits += 1
+        if self._visits == self.fault.n:
+            log.warning("fault injection: SIGKILL at %s (batch %d)", point, self._visits)
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,146 @@
+"""Prometheus metrics of the worker and its small HTTP endpoint (/metrics, /healthz, /readyz).
+
+Every metric lives in the worker's own ``CollectorRegistry`` (several workers can run in one test
+process) and is prefixed ``eventcast_``. Labels are bounded sets (reason, stage, backend,
+partition, version): never a series id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class Metrics:
+    """The worker's metrics (attributes are prometheus_client collectors)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.consumed = Counter("eventcast_events_consumed", "Input records consumed", registry=r)
+        self.accepted = Counter(
+            "eventcast_events_accepted", "Events applied to a window", registry=r
+        )
+        self.rejected = Counter(
+            "eventcast_events_rejected", "Events refused, by reason", ["reason"], registry=r
+        )
+        self.dlq = Counter(
+            "eventcast_dlq_records", "Records written to the dead-letter topic", registry=r
+        )
+        self.warming = Counter(
+            "eventcast_events_warming", "Accepted events of series with < window points", registry=r
+        )
+        self.redelivered = Counter(
+            "eventcast_events_redelivered", "Records at or below the applied offset", registry=r
+        )
+        self.not_reemitted = Counter(
+            "eventcast_redelivered_not_reemitted",
+            "Redelivered events whose window is no longer retained (forecast not repeated)",
+            registry=r,
+        )
+        self.forecasts = Counter("eventcast_forecasts_published", "Forecasts published", registry=r)
+        self.batch_size = Histogram(
+            "eventcast_batch_size", "Records per batch", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.stage = Histogram(
+            "eventcast_stage_seconds", "Time per batch stage", ["stage"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "eventcast_event_to_forecast_seconds",
+            "Kafka record timestamp of the event to forecast acknowledged (sampled per batch)",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference = Histogram(
+            "eventcast_inference_seconds", "Model call time per batch", ["backend"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.lag = Gauge(
+            "eventcast_consumer_lag", "Records behind the end", ["partition"], registry=r
+        )
+        self.model_info = Gauge(
+            "eventcast_model_info", "Serving model version (value 1)",
+            ["version", "backend", "device"], registry=r,
+        )  # fmt: skip
+        self.active_series = Gauge("eventcast_active_series", "Series held in windows", registry=r)
+        self.assigned = Gauge("eventcast_assigned_partitions", "Input partitions owned", registry=r)
+        self.reloads = Counter("eventcast_model_reloads", "Model versions swapped in", registry=r)
+        self.reload_failures = Counter(
+            "eventcast_model_reload_failures", "Model versions refused, by reason", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        self.redis_errors = Counter("eventcast_redis_errors", "Failed Redis operations", registry=r)
+        self.state_conflicts = Counter(
+            "eventcast_state_conflicts",
+            "Fenced writes refused (Redis lost data or partition moved)", registry=r,
+        )  # fmt: skip
+        self.rebuilds = Counter(
+            "eventcast_partition_rebuilds", "Partitions rebuilt from the input topic", registry=r
+        )
+        self.rebuild_records = Counter(
+            "eventcast_rebuild_records", "Input records re-read to rebuild windows", registry=r
+        )
+        self.commits = Counter("eventcast_commits", "Offset commits (or transactions)", registry=r)
+        self.ready = Gauge(
+            "eventcast_ready", "1 when the worker is ready (model, Redis, Kafka)", registry=r
+        )
+        self._version: tuple[str, str, str] | None = None
+
+    def set_model(self, version: str, backend: str, device: str) -> None:
+        if self._version is not None:
+            self.model_info.remove(*self._version)
+        self._version = (version, backend, device)
+        self.model_info.labels(version, backend, device).set(1)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """``/metrics``, ``/healthz`` (the process answers) and ``/readyz`` (``ready()`` is true) on
+    ``host:port``, served from the worker's event loop with aiohttp. ``stop()`` is idempotent."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool], host: str, port: int) -> None:
+        self.metrics = metrics
+        self.ready = ready
+        self.host = host
+        self.port = port
+        self._runner: Any = None
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(
+                body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(_: web.Request) -> web.Response:
+            ok = self.ready()
+            return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()

@@ -1,0 +1,241 @@
+"""Forecast encoding and the Kafka producers that publish forecasts and dead-letter records.
+
+:func:`encode_forecasts` turns a batch of windows and the model's outputs into the forecast
+messages of CONTRACT.md; :func:`dead_letter` the dead-letter record of a refused event.
+:class:`Publisher` sends them with one idempotent producer (``acks=all``), all sends first and then
+one wait for every acknowledgement. :class:`TransactionalPublisher` (``--guarantee exactly_once``)
+keeps one transactional producer per input partition and writes a partition's forecasts,
+dead-letter records and next input offset in one Kafka transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from model.features import target_times
+from model.predictor import Forecast
+from stream.decode import Rejection
+from stream.settings import KafkaSettings
+from stream.store import partition_for
+from stream.windows import RecordLike, WindowBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class OutMessage:
+    """One record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None
+    headers: list[tuple[str, bytes]]
+
+
+def encode_forecasts(
+    windows: WindowBatch, fc: Forecast, *, version: str, input_topic: str, output_topic: str
+) -> list[OutMessage]:
+    """Forecast messages (CONTRACT.md "Forecasts") for each row of ``windows``, in row order:
+    key = series id, record timestamp = newest ts (ms), header ``model_version``."""
+    r = len(windows)
+    if r == 0:
+        return []
+    newest = windows.ts[:, -1]  # (R,)
+    targets = target_times(windows.ts, fc.mean.shape[1]).tolist()  # (R, H)
+    mean, std = fc.mean.tolist(), fc.std.tolist()
+    lo80, lo95 = fc.lower["80"].tolist(), fc.lower["95"].tolist()
+    up80, up95 = fc.upper["80"].tolist(), fc.upper["95"].tolist()
+    horizon = int(fc.mean.shape[1])
+    headers = [("model_version", version.encode())]
+    emitted = time.time()
+    newest_l = newest.tolist()
+    ts_ms = np.floor(newest * 1000.0).astype(np.int64).tolist()
+    offsets = windows.offsets.tolist()
+    out = []
+    for i, sid in enumerate(windows.series):
+        doc = {
+            "schema_version": 1,
+            "series_id": sid,
+            "ts": newest_l[i],
+            "horizon": horizon,
+            "target_ts": targets[i],
+            "mean": mean[i],
+            "std": std[i],
+            "lower": {"80": lo80[i], "95": lo95[i]},
+            "upper": {"80": up80[i], "95": up95[i]},
+            "model_version": version,
+            "source": {"topic": input_topic, "partition": windows.partition, "offset": offsets[i]},
+            "emitted_at": emitted,
+        }
+        ts_i = ts_ms[i]
+        out.append(
+            OutMessage(
+                output_topic, sid.encode(), orjson.dumps(doc), ts_i if ts_i >= 0 else None, headers
+            )
+        )
+    return out
+
+
+def dead_letter(
+    rec: RecordLike, rejection: Rejection, *, input_topic: str, partition: int, dlq_topic: str
+) -> OutMessage:
+    """The dead-letter record of a refused event: original bytes, reason headers."""
+    headers = [
+        ("error.reason", rejection.reason.encode()),
+        ("error.message", rejection.message.encode("utf-8", "replace")),
+        ("source.topic", input_topic.encode()),
+        ("source.partition", str(partition).encode()),
+        ("source.offset", str(rec.offset).encode()),
+    ]
+    # A missing value cannot be produced as-is when the key is missing too; an empty value is the
+    # closest faithful copy (Kafka requires a key or a value).
+    value = rec.value if (rec.value is not None or rec.key is not None) else b""
+    return OutMessage(dlq_topic, rec.key, value, None, headers)
+
+
+def _producer_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
+    return {
+        **kafka.client_kwargs(),
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 5,
+        "max_batch_size": 256 * 1024,
+        "max_request_size": 4 * 1024 * 1024,
+        "request_timeout_ms": 30_000,
+    }
+
+
+class _Partitioner:
+    """murmur2 partition of each key (as Java clients and aiokafka place them), cached per key:
+    the pure-Python hash would otherwise cost more than the rest of the send."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._cache: dict[tuple[str, bytes], int] = {}
+
+    async def partition(
+        self, producer: AIOKafkaProducer, topic: str, key: bytes | None
+    ) -> int | None:
+        if key is None:
+            return None
+        n = self._counts.get(topic)
+        if n is None:
+            n = self._counts[topic] = len(await producer.partitions_for(topic))
+        hit = self._cache.get((topic, key))
+        if hit is None:
+            if len(self._cache) > 1_000_000:
+                self._cache.clear()
+            hit = self._cache[(topic, key)] = partition_for(key, n)
+        return hit
+
+    def forget_counts(self) -> None:
+        self._counts.clear()
+        self._cache.clear()
+
+
+async def _send_all(
+    producer: AIOKafkaProducer, parts: _Partitioner, messages: Sequence[OutMessage]
+) -> list[asyncio.Future[Any]]:
+    futures = []
+    for m in messages:
+        p = await parts.partition(producer, m.topic, m.key)
+        futures.append(
+            await producer.send(
+                m.topic, m.value, m.key, partition=p, timestamp_ms=m.timestamp_ms, headers=m.headers
+            )
+        )
+    return futures
+
+
+class Publisher:
+    """At-least-once publishing: one idempotent producer, ``acks=all``. ``stop()`` is idempotent."""
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self._producer = AIOKafkaProducer(**_producer_kwargs(kafka))
+        self._parts = _Partitioner()
+        self._started = False
+
+    async def start(self) -> None:
+        await self._producer.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._producer.stop()
+
+    async def publish(self, messages: Sequence[OutMessage]) -> None:
+        """Send every message, then wait until the broker acknowledged all of them. Raises the
+        first Kafka error (nothing may be committed then)."""
+        futures = await _send_all(self._producer, self._parts, messages)
+        if futures:
+            await asyncio.gather(*futures)
+
+
+class TransactionalPublisher:
+    """Exactly-once publishing: one transactional producer per input partition, with
+    ``transactional_id = <group>.<input topic>.<partition>`` so that a worker taking a partition
+    over fences the previous owner's producer (its open transaction is aborted)."""
+
+    def __init__(self, kafka: KafkaSettings, group_id: str, input_topic: str) -> None:
+        self.kafka = kafka
+        self.group_id = group_id
+        self.input_topic = input_topic
+        self._producers: dict[int, AIOKafkaProducer] = {}
+        self._parts = _Partitioner()
+
+    def transactional_id(self, partition: int) -> str:
+        return f"{self.group_id}.{self.input_topic}.{partition}"
+
+    async def open(self, partition: int) -> None:
+        """Start (and fence older holders of) the producer of an input partition."""
+        if partition in self._producers:
+            return
+        producer = AIOKafkaProducer(
+            **_producer_kwargs(self.kafka), transactional_id=self.transactional_id(partition)
+        )
+        await producer.start()
+        self._producers[partition] = producer
+
+    async def close(self, partition: int) -> None:
+        producer = self._producers.pop(partition, None)
+        if producer is not None:
+            await producer.stop()
+
+    async def stop(self) -> None:
+        for p in list(self._producers):
+            await self.close(p)
+
+    async def publish_and_commit(
+        self,
+        partition: int,
+        messages: Sequence[OutMessage],
+        next_offset: int,
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
+        """One transaction: ``messages`` plus the group's offset ``next_offset`` for the input
+        partition; ``before_commit`` runs after the sends, before the commit (fault hook).
+        Raises on any failure (the transaction is then aborted)."""
+        await self.open(partition)
+        producer = self._producers[partition]
+        tp = TopicPartition(self.input_topic, partition)
+        async with producer.transaction():
+            futures = await _send_all(producer, self._parts, messages)
+            await producer.send_offsets_to_transaction(
+                {tp: OffsetAndMetadata(next_offset, "")}, self.group_id
+            )
+            if before_commit is not None:
+                before_commit()
+        if futures:
+            await asyncio.gather(*futures)

@@ -1,0 +1,725 @@
+"""The native streaming worker: Kafka → windows (memory + Redis) → micro-batched inference →
+forecasts, with commits last.
+
+One batch, in order (DESIGN.md invariants 1–3):
+
+1. fetch a micro-batch across the assigned partitions (:class:`~stream.consumer.Batcher`);
+2. per partition, decode and apply the records to its in-memory windows
+   (:class:`~stream.windows.PartitionWindows`); records at or below the partition's applied
+   offset are redeliveries and change nothing;
+3. run the model on every window to forecast, in a thread
+   (:class:`~stream.inference.InferenceRunner`);
+4. publish forecasts and dead-letter records and wait for the broker's acknowledgements;
+5. write each partition's changed windows and its applied offset to Redis in one fenced script
+   call (:class:`~stream.store.WindowStore`);
+6. commit the input offsets.
+
+With ``--guarantee exactly_once`` steps 4 and 6 are one Kafka transaction per input partition
+(forecasts, dead letters and the offset), and step 5 follows it: a crash in between leaves Redis
+behind the committed offset, which the next owner repairs by re-reading the topic (invariant 6).
+
+A partition's windows are loaded from Redis when it is assigned and dropped when it is revoked.
+Whenever Redis's copy cannot be trusted (the fenced write is refused, a publish failed), the
+partition is reset: its memory is dropped, it is reloaded from Redis, rebuilt from Kafka up to the
+committed offset if Redis is behind, and the consumer seeks back to the committed offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from model.errors import NoModelError
+from model.predictor import Forecast
+from model.registry import LoadedModel, ModelRegistry
+from stream.consumer import Batch, Batcher, PartitionReplayer
+from stream.errors import (
+    KafkaUnavailableError,
+    RedisUnavailableError,
+    StateConflictError,
+    TopicMissingError,
+)
+from stream.faults import FaultInjector
+from stream.inference import InferenceRunner
+from stream.metrics import HealthServer, Metrics
+from stream.publisher import (
+    OutMessage,
+    Publisher,
+    TransactionalPublisher,
+    dead_letter,
+    encode_forecasts,
+)
+from stream.reloader import ModelReloader
+from stream.retry import RetryPolicy
+from stream.settings import WorkerSettings
+from stream.store import WindowStore
+from stream.windows import ApplyResult, PartitionWindows, WindowBatch
+
+log = logging.getLogger(__name__)
+
+# Sampled event→forecast latencies per batch: enough for percentiles, cheap at 10k events/s.
+_LATENCY_SAMPLES = 32
+_ANNOUNCE_EVERY = 5.0
+_REVOKE_WAIT = 10.0
+
+
+@dataclass
+class _Partition:
+    windows: PartitionWindows
+    expected: int | None  # applied offset Redis holds as far as we know (None: nothing)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.worker._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.worker._on_assigned(set(assigned))
+
+
+def _slice_forecast(fc: Forecast, a: int, b: int) -> Forecast:
+    return Forecast(
+        fc.mean[a:b], fc.std[a:b],
+        {k: v[a:b] for k, v in fc.lower.items()}, {k: v[a:b] for k, v in fc.upper.items()},
+    )  # fmt: skip
+
+
+class Worker:
+    """The streaming worker. ``await start()``, ``await run()`` (until :meth:`request_stop`),
+    ``await stop()`` (idempotent).
+
+    ``retry`` is the Redis retry policy; it retries until the operation succeeds, the worker is
+    stopping, or a revoked partition's batch must be abandoned.
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        retry: RetryPolicy | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.retry = retry or RetryPolicy.for_redis()
+        self.metrics = metrics or Metrics()
+        self.faults = FaultInjector(settings.fault)
+        self.registry = ModelRegistry(settings.model_dir)
+        self.topic = settings.input_topic
+        self._stop_event = asyncio.Event()
+        self._lock = asyncio.Lock()  # held while a batch is processed; revoke waits for it
+        self._abandon = False
+        self._states: dict[TopicPartition, _Partition] = {}
+        self._assigned: set[TopicPartition] = set()
+        self._redis_ok = True
+        self._started = False
+        self._stopped = False
+        self._last_announce = 0.0
+        self._member = f"{socket.gethostname()}:{os.getpid()}"
+        self.runner: InferenceRunner | None = None
+        self.model: LoadedModel | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.publisher: Publisher | None = None
+        self.txn: TransactionalPublisher | None = None
+        self.store: WindowStore | None = None
+        self.reloader: ModelReloader | None = None
+        self.health: HealthServer | None = None
+        self._redis: Any = None
+        self._batcher: Batcher | None = None
+        self._replayer = PartitionReplayer(
+            settings.kafka, "read_committed" if settings.exactly_once else "read_uncommitted"
+        )
+        self.batches = 0  # processed batches (tests wait on it)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def load_model(self, version: str | None = None) -> LoadedModel:
+        """Load and check a version (default CURRENT) with the serving backend and device; a
+        reload passes ``expect`` so that only a compatible version can replace the serving one."""
+        s = self.settings
+        return self.registry.load(
+            version,
+            backend=s.backend,
+            device=s.device,
+            threads=s.threads or os.cpu_count(),
+            expect=self.model.config if self.model is not None else None,
+        )
+
+    async def _first_model(self) -> LoadedModel:
+        while True:
+            try:
+                return await asyncio.to_thread(self.load_model)
+            except NoModelError:
+                if not self.settings.wait_for_model:
+                    raise
+                if self._stop_event.is_set():
+                    raise
+                log.info("no model in %s yet, waiting (--wait-for-model)", self.settings.model_dir)
+                await asyncio.sleep(1.0)
+
+    async def start(self) -> None:
+        """Load the model, check Redis and Kafka (topics must exist), join the group and serve
+        metrics. Raises NoModelError (exit 3), TopicMissingError (2), KafkaUnavailableError or
+        RedisUnavailableError (1)."""
+        s = self.settings
+        self._started = True
+        if s.metrics_port:
+            self.health = HealthServer(self.metrics, self.ready, s.metrics_host, s.metrics_port)
+            await self.health.start()
+        self.model = await self._first_model()
+        self.runner = InferenceRunner(self.model, self.metrics)
+        self.runner.swap(self.model)
+
+        self._redis = s.redis.client()
+        self.store = WindowStore(self._redis, s.redis.prefix, self.topic)
+        try:
+            await RetryPolicy(attempts=8, cap=1.0, errors=self.retry.errors).call(self._redis.ping)
+        except self.retry.errors as exc:
+            raise RedisUnavailableError(f"Redis at {s.redis.url} is unreachable: {exc}") from exc
+        policy = await self.store.eviction_policy()
+        if policy not in (None, "noeviction"):
+            log.warning(
+                "Redis maxmemory-policy is %s: Redis may evict window keys under memory pressure "
+                "(they would be rebuilt from Kafka); set it to noeviction", policy,
+            )  # fmt: skip
+
+        await self._check_topics()
+        if s.exactly_once:
+            self.txn = TransactionalPublisher(s.kafka, s.group_id, self.topic)
+        else:
+            self.publisher = Publisher(s.kafka)
+            await self.publisher.start()
+        self.consumer = AIOKafkaConsumer(
+            **s.kafka.client_kwargs(),
+            group_id=s.group_id,
+            group_instance_id=s.group_instance_id,
+            enable_auto_commit=False,
+            auto_offset_reset=s.auto_offset_reset,
+            isolation_level="read_committed" if s.exactly_once else "read_uncommitted",
+            max_poll_records=s.batch.max_batch,
+            metadata_max_age_ms=s.metadata_max_age_ms,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=max(100, s.session_timeout_ms // 3),
+            fetch_max_wait_ms=50,
+        )
+        try:
+            await self.consumer.start()
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {exc}"
+            ) from exc
+        self.consumer.subscribe([self.topic], listener=_Listener(self))
+        self._batcher = Batcher(self.consumer, s.batch)
+        self.reloader = ModelReloader(
+            self.registry,
+            self.model,
+            self.load_model,
+            interval=s.reload_interval,
+            on_failure=lambda reason: self.metrics.reload_failures.labels(reason).inc(),
+        )
+        self.reloader.start()
+        log.info(
+            "worker started: %s -> %s (group %s, model %s, %s, %s)",
+            self.topic, s.output_topic, s.group_id, self.model.version, s.guarantee, s.emit,
+        )  # fmt: skip
+
+    async def _check_topics(self) -> None:
+        s = self.settings
+        admin = AIOKafkaAdminClient(**s.kafka.client_kwargs(), request_timeout_ms=10_000)
+        try:
+            await admin.start()
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"cannot reach Kafka at {s.kafka.bootstrap_servers} ({exc}); is the broker running "
+                "(`make stack-up`)?"
+            ) from exc
+        try:
+            existing = set(await admin.list_topics())
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"cannot list topics at {s.kafka.bootstrap_servers}: {exc}"
+            ) from exc
+        finally:
+            await admin.close()
+        missing = [t for t in (self.topic, s.output_topic, s.dlq_topic) if t not in existing]
+        if missing:
+            raise TopicMissingError(
+                f"topic(s) {', '.join(missing)} missing on {s.kafka.bootstrap_servers}; create "
+                "them with `worker topics create` (same --input-topic/--output-topic/--dlq-topic)"
+            )
+
+    def request_stop(self) -> None:
+        """Finish the batch in flight, commit it, then let :meth:`run` return."""
+        self._stop_event.set()
+
+    def request_reload(self) -> None:
+        """Check the model directory now (SIGHUP)."""
+        if self.reloader is not None:
+            self.reloader.request()
+
+    def ready(self) -> bool:
+        """Model loaded, joined to the group, Redis reachable."""
+        return (
+            self.runner is not None
+            and self.consumer is not None
+            and self._redis_ok
+            and not self._stop_event.is_set()
+        )
+
+    async def stop(self) -> None:
+        """Release everything (consumer leaves the group; nothing is committed here)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop_event.set()
+        for closer in (
+            self.reloader.stop() if self.reloader else None,
+            self.consumer.stop() if self.consumer else None,
+            self.publisher.stop() if self.publisher else None,
+            self.txn.stop() if self.txn else None,
+            self._redis.aclose() if self._redis is not None else None,
+            self.health.stop() if self.health else None,
+        ):
+            if closer is None:
+                continue
+            try:
+                await closer
+            except Exception:  # shutting down: report, keep closing the rest
+                log.exception("error while stopping")
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Process batches until :meth:`request_stop`; the batch in flight is finished first."""
+        assert self._batcher is not None and self.consumer is not None
+        self.metrics.ready.set(1)
+        while not self._stop_event.is_set():
+            self._maybe_swap_model()
+            batch = await self._batcher.next()
+            if not batch:
+                await self._idle()
+                continue
+            async with self._lock:
+                self._abandon = False
+                await self._process(batch)
+                self.batches += 1
+            await self._idle()
+        self.metrics.ready.set(0)
+
+    def _maybe_swap_model(self) -> None:
+        if self.reloader is None or self.runner is None:
+            return
+        model = self.reloader.take()
+        if model is not None:
+            old = self.runner.version
+            self.model = model
+            self.runner.swap(model)
+            self.metrics.reloads.inc()
+            log.info("model version %s now serving (was %s)", model.version, old)
+
+    async def _idle(self) -> None:
+        """Between batches: metrics, idle-series sweep, status announcement."""
+        now = time.monotonic()
+        self.metrics.active_series.set(sum(len(p.windows) for p in self._states.values()))
+        if now - self._last_announce < _ANNOUNCE_EVERY or self.store is None:
+            return
+        self._last_announce = now
+        for part in self._states.values():
+            part.windows.sweep()
+        try:
+            await self.store.announce(
+                self.settings.group_id,
+                self._member,
+                {
+                    "version": self.runner.version if self.runner else None,
+                    "partitions": sorted(tp.partition for tp in self._assigned),
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                },
+            )
+        except Exception as exc:  # status is best effort
+            log.debug("status announcement failed: %s", exc)
+
+    async def _process(self, batch: Batch) -> None:
+        assert self.consumer is not None and self.runner is not None
+        m = self.metrics
+        batch = {tp: recs for tp, recs in batch.items() if tp in self._assigned and recs}
+        if not batch:
+            return
+        n = sum(len(r) for r in batch.values())
+        m.consumed.inc(n)
+        m.batch_size.observe(n)
+
+        t0 = time.perf_counter()
+        for tp in batch:
+            if tp not in self._states and not await self._load(tp):
+                return  # abandoned (stopping or revoked while Redis is down)
+        results: dict[TopicPartition, ApplyResult] = {}
+        latest = self.settings.emit == "latest"
+        for tp, recs in batch.items():
+            res = self._states[tp].windows.apply(recs, latest=latest)
+            results[tp] = res
+            m.accepted.inc(res.accepted)
+            m.warming.inc(res.warming)
+            m.redelivered.inc(res.redelivered)
+            m.not_reemitted.inc(res.not_reemitted)
+            for _, rej in res.rejected:
+                m.rejected.labels(rej.reason).inc()
+        t1 = time.perf_counter()
+        m.stage.labels("apply").observe(t1 - t0)
+
+        parts = [res.windows for res in results.values()]
+        combined = WindowBatch.concat(
+            -1, parts, self.model.config.sequence_length, self.model.config.features
+        )  # type: ignore[union-attr]
+        fc = await self.runner.forecast(combined)
+        version = self.runner.version
+        t2 = time.perf_counter()
+        m.stage.labels("infer").observe(t2 - t1)
+
+        s = self.settings
+        messages: dict[TopicPartition, list[OutMessage]] = {}
+        row = 0
+        for tp, res in results.items():
+            k = len(res.windows)
+            out = encode_forecasts(
+                res.windows, _slice_forecast(fc, row, row + k),
+                version=version, input_topic=self.topic, output_topic=s.output_topic,
+            )  # fmt: skip
+            row += k
+            out.extend(
+                dead_letter(
+                    rec, rej, input_topic=self.topic, partition=tp.partition, dlq_topic=s.dlq_topic
+                )
+                for rec, rej in res.rejected
+            )
+            messages[tp] = out
+        t3 = time.perf_counter()
+        m.stage.labels("encode").observe(t3 - t2)
+
+        next_offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
+        if s.exactly_once:
+            await self._finish_exactly_once(messages, next_offsets, results)
+        else:
+            await self._finish_at_least_once(messages, next_offsets, results)
+        self._observe_latency(combined)
+        for tp in batch:
+            hw = self.consumer.highwater(tp)
+            if hw is not None:
+                m.lag.labels(str(tp.partition)).set(max(0, hw - next_offsets[tp]))
+
+    def _observe_latency(self, combined: WindowBatch) -> None:
+        if len(combined) == 0:
+            return
+        idx = np.linspace(0, len(combined) - 1, min(_LATENCY_SAMPLES, len(combined))).astype(int)
+        now_ms = time.time() * 1000.0
+        for t in combined.record_ts_ms[idx].tolist():
+            if t > 0:
+                self.metrics.latency.observe(max(0.0, (now_ms - t) / 1000.0))
+
+    def _count_published(self, messages: dict[TopicPartition, list[OutMessage]]) -> None:
+        dlq = self.settings.dlq_topic
+        n_dlq = sum(1 for msgs in messages.values() for msg in msgs if msg.topic == dlq)
+        n_all = sum(len(msgs) for msgs in messages.values())
+        self.metrics.dlq.inc(n_dlq)
+        self.metrics.forecasts.inc(n_all - n_dlq)
+
+    async def _finish_at_least_once(
+        self,
+        messages: dict[TopicPartition, list[OutMessage]],
+        next_offsets: dict[TopicPartition, int],
+        results: dict[TopicPartition, ApplyResult],
+    ) -> None:
+        assert self.publisher is not None and self.consumer is not None
+        m = self.metrics
+        t0 = time.perf_counter()
+        try:
+            await self.publisher.publish([msg for msgs in messages.values() for msg in msgs])
+        except KafkaError as exc:
+            log.error("publishing failed (%s); the batch will be processed again", exc)
+            for tp in messages:
+                await self._reset(tp)
+            return
+        self._count_published(messages)
+        t1 = time.perf_counter()
+        m.stage.labels("publish").observe(t1 - t0)
+        self.faults.hit("after_publish")
+
+        persisted = await self._persist_all(list(messages))
+        t2 = time.perf_counter()
+        m.stage.labels("persist").observe(t2 - t1)
+        self.faults.hit("after_window_write")
+        self.faults.hit("before_commit")
+        offsets = {tp: next_offsets[tp] for tp in persisted}
+        if offsets:
+            try:
+                await self.consumer.commit(offsets)
+                m.commits.inc()
+            except KafkaError as exc:
+                # A rebalance took the partitions: the next owner re-reads from the last commit.
+                log.warning("commit of %s failed: %s", _fmt(offsets), exc)
+        m.stage.labels("commit").observe(time.perf_counter() - t2)
+
+    async def _finish_exactly_once(
+        self,
+        messages: dict[TopicPartition, list[OutMessage]],
+        next_offsets: dict[TopicPartition, int],
+        results: dict[TopicPartition, ApplyResult],
+    ) -> None:
+        assert self.txn is not None
+        m = self.metrics
+        t0 = time.perf_counter()
+
+        def hook() -> None:
+            self.faults.hit("after_publish")
+            self.faults.hit("before_commit")
+
+        async def one(tp: TopicPartition) -> TopicPartition | None:
+            try:
+                await self.txn.publish_and_commit(
+                    tp.partition, messages[tp], next_offsets[tp], hook
+                )  # type: ignore[union-attr]
+                return tp
+            except KafkaError as exc:
+                log.error(
+                    "transaction for %s[%d] failed (%s); reprocessing", tp.topic, tp.partition, exc
+                )
+                await self.txn.close(tp.partition)  # type: ignore[union-attr]
+                await self._reset(tp)
+                return None
+
+        done = [tp for tp in await asyncio.gather(*(one(tp) for tp in messages)) if tp is not None]
+        self._count_published({tp: messages[tp] for tp in done})
+        m.commits.inc(len(done))
+        t1 = time.perf_counter()
+        m.stage.labels("publish").observe(t1 - t0)
+        await self._persist_all(done)
+        self.faults.hit("after_window_write")
+        m.stage.labels("persist").observe(time.perf_counter() - t1)
+
+    # ---- Redis ---------------------------------------------------------------------------------
+
+    async def _redis_call(self, what: str, op: Callable[[], Any]) -> Any:
+        """Run a Redis operation under the retry policy. While Redis is unreachable, fetching is
+        paused and /readyz says not ready; it resumes by itself. Raises RedisUnavailableError when
+        the worker is stopping or must abandon the batch."""
+        assert self.consumer is not None
+        paused = False
+
+        def on_error(exc: BaseException, attempt: int) -> None:
+            nonlocal paused
+            self.metrics.redis_errors.inc()
+            if attempt == 0:
+                log.warning(
+                    "Redis unavailable during %s (%s): pausing, committing nothing", what, exc
+                )
+            if not paused and self.consumer is not None:
+                self.consumer.pause(*self.consumer.assignment())
+                paused = True
+            self._redis_ok = False
+            self.metrics.ready.set(0)
+
+        try:
+            return await self.retry.call(
+                op, on_error=on_error, give_up=lambda: self._stop_event.is_set() or self._abandon
+            )
+        except self.retry.errors as exc:
+            raise RedisUnavailableError(f"Redis unavailable during {what}: {exc}") from exc
+        finally:
+            if paused:
+                self.consumer.resume(*self.consumer.assignment())
+                if not self._redis_ok:
+                    log.info("Redis is back after %s; resuming", what)
+                self._redis_ok = True
+                self.metrics.ready.set(1)
+
+    async def _persist_all(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        """Persist each partition's changes; returns those persisted (safe to commit)."""
+
+        async def one(tp: TopicPartition) -> TopicPartition | None:
+            part = self._states.get(tp)
+            if part is None:
+                return None
+            snap = part.windows.snapshot()
+            if snap.applied == part.expected and not snap.set and not snap.delete:
+                return tp
+            try:
+                await self._redis_call(
+                    f"window write of {tp.topic}[{tp.partition}]",
+                    lambda: self.store.persist(  # type: ignore[union-attr]
+                        tp.partition,
+                        snap,
+                        expected=part.expected,
+                        features=part.windows.feature_names,
+                    ),
+                )
+            except StateConflictError as exc:
+                self.metrics.state_conflicts.inc()
+                log.warning("%s; reloading the partition, not committing this batch", exc)
+                await self._reset(tp)
+                return None
+            except RedisUnavailableError as exc:
+                log.warning("%s; abandoning the batch of %s[%d]", exc, tp.topic, tp.partition)
+                self._drop(tp)
+                return None
+            part.expected = snap.applied
+            return tp
+
+        return [tp for tp in await asyncio.gather(*(one(tp) for tp in tps)) if tp is not None]
+
+    # ---- partitions ----------------------------------------------------------------------------
+
+    async def _load(self, tp: TopicPartition) -> bool:
+        """Bring a partition's windows into memory: from Redis, completed from Kafka when Redis is
+        behind the committed offset (or lost it). False when abandoned (stop/revoke)."""
+        assert self.consumer is not None and self.store is not None and self.model is not None
+        s = self.settings
+        cfg = self.model.config
+        if self.txn is not None:
+            await self.txn.open(tp.partition)  # fences a previous owner's open transaction first
+        committed = await self.consumer.committed(tp)
+        try:
+            stored = await self._redis_call(
+                f"load of {tp.topic}[{tp.partition}]", lambda: self.store.load(tp.partition)
+            )  # type: ignore[union-attr]
+        except RedisUnavailableError:
+            return False
+        windows = PartitionWindows(
+            tp.topic, tp.partition, sequence_length=cfg.sequence_length, features=cfg.features,
+            limits=s.limits, max_event_bytes=s.max_event_bytes,
+        )  # fmt: skip
+        expected = stored.applied if stored is not None else None
+        usable = stored is not None and stored.features == tuple(cfg.features)
+        if stored is not None and not usable:
+            log.warning(
+                "%s[%d]: stored windows hold features %s, the model needs %s; rebuilding",
+                tp.topic, tp.partition, list(stored.features), list(cfg.features),
+            )  # fmt: skip
+        if usable:
+            assert stored is not None
+            bad = 0
+            for series_id, blob in stored.blobs.items():
+                try:
+                    windows.load_series(series_id, blob)
+                except ValueError:
+                    bad += 1
+            if bad:
+                log.warning(
+                    "%s[%d]: %d unreadable window blobs dropped", tp.topic, tp.partition, bad
+                )
+            windows.applied = stored.applied
+            windows.max_ts = stored.max_ts
+        rebuilt = False
+        if committed is not None and windows.applied < committed - 1:
+            start = windows.applied + 1 if usable else max(0, committed - s.limits.rebuild_lookback)
+            log.warning(
+                "%s[%d]: Redis holds offset %s, the group committed %d: rebuilding windows from "
+                "offset %d", tp.topic, tp.partition, expected, committed, start,
+            )  # fmt: skip
+            count = await self._replayer.replay(
+                tp, start, committed, lambda recs: windows.apply(recs, emit=False)
+            )
+            windows.applied = committed - 1
+            self.metrics.rebuilds.inc()
+            self.metrics.rebuild_records.inc(count)
+            rebuilt = True
+        elif not usable and stored is not None:
+            rebuilt = True  # rewrite the unusable copy
+        if rebuilt:
+            snap = windows.snapshot(full=True)
+            try:
+                await self._redis_call(
+                    f"rebuild write of {tp.topic}[{tp.partition}]",
+                    lambda: self.store.persist(  # type: ignore[union-attr]
+                        tp.partition,
+                        snap,
+                        expected=expected,
+                        features=tuple(cfg.features),
+                        replace=True,
+                    ),
+                )
+            except StateConflictError as exc:
+                self.metrics.state_conflicts.inc()
+                log.warning("%s during rebuild; retrying the load", exc)
+                return await self._load(tp)
+            except RedisUnavailableError:
+                return False
+            expected = snap.applied
+        else:
+            windows.snapshot()  # nothing to write: what was loaded is what Redis holds
+        self._states[tp] = _Partition(windows, expected)
+        log.info(
+            "%s[%d] loaded: %d series, applied offset %s, committed %s%s",
+            tp.topic, tp.partition, len(windows), windows.applied, committed,
+            " (rebuilt from Kafka)" if rebuilt else "",
+        )  # fmt: skip
+        return True
+
+    def _drop(self, tp: TopicPartition) -> None:
+        self._states.pop(tp, None)
+
+    async def _reset(self, tp: TopicPartition) -> None:
+        """Forget a partition's memory and rewind it to the committed offset; it is reloaded
+        (and rebuilt if needed) before its next records are processed."""
+        assert self.consumer is not None
+        self._drop(tp)
+        if tp not in self._assigned:
+            return
+        try:
+            committed = await self.consumer.committed(tp)
+            if committed is not None:
+                self.consumer.seek(tp, committed)
+            elif self.settings.auto_offset_reset == "earliest":
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                await self.consumer.seek_to_end(tp)
+        except (KafkaError, AssertionError, ValueError) as exc:  # partition revoked meanwhile
+            log.warning("could not rewind %s[%d]: %s", tp.topic, tp.partition, exc)
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        if not revoked:
+            return
+        # Let the batch in flight finish (and commit) while we still own the partitions; if Redis
+        # keeps it from finishing, abandon it: its offsets stay uncommitted for the next owner.
+        try:
+            await asyncio.wait_for(self._lock.acquire(), timeout=_REVOKE_WAIT)
+        except TimeoutError:
+            self._abandon = True
+            await self._lock.acquire()
+        try:
+            for tp in revoked:
+                self._drop(tp)
+                self._assigned.discard(tp)
+                with contextlib.suppress(KeyError):
+                    self.metrics.lag.remove(str(tp.partition))
+                if self.txn is not None:
+                    await self.txn.close(tp.partition)
+        finally:
+            self._lock.release()
+        self.metrics.assigned.set(len(self._assigned))
+        log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._assigned |= assigned
+        for tp in assigned:
+            self._states.pop(tp, None)  # load afresh from Redis before its first batch
+        self.metrics.assigned.set(len(self._assigned))
+        log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+
+
+def _fmt(offsets: dict[TopicPartition, int]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(offsets.items()))
