@@ -1,0 +1,264 @@
+"""Fixtures and helpers of the worker tests: event generation, a worker run in a thread of the
+test process (fast) or as a subprocess (for kill -9), and readers of what it produced."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from deploy.stack import free_port
+from stream.cli import parse
+from stream.settings import WorkerSettings
+
+REPO = Path(__file__).resolve().parents[2]
+T0 = 1_700_000_000.0
+STEP = 300.0
+
+
+def series_value(s: int, i: int) -> float:
+    """A deterministic, non-trivial series: level + daily-ish wave + a little sawtooth."""
+    return round(10.0 * s + 3.0 * ((i * 7 + s) % 24) / 24.0 + (i % 5) * 0.25, 4)
+
+
+def make_events(
+    n_series: int, n_events: int, *, prefix: str = "s", start: int = 0
+) -> list[tuple[str, bytes]]:
+    """Interleaved events (series-major within each step) for steps ``start..start+n_events-1``."""
+    out = []
+    for i in range(start, start + n_events):
+        for s in range(n_series):
+            doc = {"series_id": f"{prefix}{s}", "ts": T0 + i * STEP, "value": series_value(s, i)}
+            out.append((f"{prefix}{s}", orjson.dumps(doc)))
+    return out
+
+
+@dataclass
+class Truth:
+    """Accepted events per series, in order, with their (partition, offset)."""
+
+    events: dict[str, list[tuple[int, int, float, float]]] = field(default_factory=dict)
+
+    def add(self, records: Sequence[tuple[str, bytes]], placed: Sequence[tuple[int, int]]) -> None:
+        for (key, value), (p, o) in zip(records, placed, strict=True):
+            doc = orjson.loads(value)
+            self.events.setdefault(key, []).append((p, o, doc["ts"], doc["value"]))
+
+    def expected_sources(self, window: int = 48) -> set[tuple[int, int]]:
+        return {(p, o) for evs in self.events.values() for (p, o, _, _) in evs[window - 1 :]}
+
+
+def forecasts_by_source(records: Sequence[Any]) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    out: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in records:
+        doc = orjson.loads(r.value)
+        out.setdefault((doc["source"]["partition"], doc["source"]["offset"]), []).append(doc)
+    return out
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def worker_argv(
+    bootstrap: str,
+    redis_url: str,
+    model_dir: Path,
+    topics: Any,
+    *extra: str,
+    group: str | None = None,
+) -> list[str]:
+    return [
+        "start",
+        "--bootstrap-servers", bootstrap,
+        "--redis-url", redis_url,
+        "--model-dir", str(model_dir),
+        "--input-topic", topics.input,
+        "--output-topic", topics.output,
+        "--dlq-topic", topics.dlq,
+        "--group-id", group or f"g-{topics.input}",
+        "--threads", "1",
+        "--session-timeout-ms", "6000",
+        "--reload-interval", "0.3",
+        *extra,
+    ]  # fmt: skip
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """Sum of the samples ``name{labels...}`` in a Prometheus exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + ("{" if labels else "")) or (
+            not labels and line.startswith(name + " ")
+        ):
+            if labels and labels not in line:
+                continue
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class ThreadWorker:
+    """A :class:`stream.worker.Worker` running in its own event loop in a thread."""
+
+    def __init__(self, argv: list[str], **worker_kwargs: Any) -> None:
+        from stream.worker import Worker
+
+        self.settings = WorkerSettings.from_args(parse(argv, environ={}), environ={})
+        self.worker = Worker(self.settings, **worker_kwargs)
+        self.loop = asyncio.new_event_loop()
+        self.error: BaseException | None = None
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def body() -> None:
+            try:
+                await self.worker.start()
+                self.started.set()
+                await self.worker.run()
+            finally:
+                await self.worker.stop()
+
+        try:
+            self.loop.run_until_complete(body())
+        except BaseException as exc:  # reported by stop()/check()
+            self.error = exc
+        finally:
+            self.started.set()
+            self.loop.close()
+
+    def start(self, timeout: float = 60) -> ThreadWorker:
+        self.thread.start()
+        assert self.started.wait(timeout), "worker did not start"
+        self.check()
+        return self
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def call(self, fn: Callable[[], Any]) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.worker.request_stop)
+            self.thread.join(timeout)
+        assert not self.thread.is_alive(), "worker did not stop"
+        self.check()
+
+
+@pytest.fixture
+def thread_worker() -> Iterator[Callable[..., ThreadWorker]]:
+    workers: list[ThreadWorker] = []
+
+    def make(argv: list[str], **kwargs: Any) -> ThreadWorker:
+        w = ThreadWorker(argv, **kwargs)
+        workers.append(w)
+        return w.start()
+
+    yield make
+    for w in workers:
+        with contextlib.suppress(Exception):
+            w.stop()
+
+
+class ProcWorker:
+    """``python -m stream.cli start ...`` as a subprocess (for kill -9 and signal tests)."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.metrics_port = free_port()
+        self.argv = [
+            sys.executable,
+            "-m",
+            "stream.cli",
+            *argv,
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
+        self.log_path = log_path
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTCAST_")}
+        full_env.update(env or {})
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
+        self.proc = subprocess.Popen(
+            self.argv, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def ready(self) -> bool:
+        try:
+            return http_get(f"http://127.0.0.1:{self.metrics_port}/readyz", 0.5)[0] == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 60) -> ProcWorker:
+        wait_for(lambda: self.ready() or self.proc.poll() is not None, timeout, "worker ready")
+        assert self.proc.poll() is None, f"worker exited with {self.proc.returncode}: {self.log()}"
+        return self
+
+    def metrics(self) -> str:
+        return http_get(f"http://127.0.0.1:{self.metrics_port}/metrics")[1].decode()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self._log.close()
+        return rc
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout)
+        self._log.close()
+        return rc
+
+
+@pytest.fixture
+def proc_worker(tmp_path: Path) -> Iterator[Callable[..., ProcWorker]]:
+    procs: list[ProcWorker] = []
+
+    def make(argv: list[str], env: dict[str, str] | None = None) -> ProcWorker:
+        p = ProcWorker(argv, tmp_path / f"worker-{len(procs)}.log", env)
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.kill()

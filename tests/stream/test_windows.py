@@ -1,0 +1,88 @@
+"""In-memory partition windows: ordering checks, limits, redelivery and the blob round trip."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import orjson
+
+from stream.settings import LimitSettings
+from stream.windows import PartitionWindows, decode_series
+
+
+def rec(offset: int, key: str, ts: float, value: float, **features: float) -> SimpleNamespace:
+    doc = {"ts": ts, "value": value, "features": features}
+    return SimpleNamespace(offset=offset, key=key.encode(), value=orjson.dumps(doc), timestamp=0)
+
+
+def windows(**limits: object) -> PartitionWindows:
+    return PartitionWindows(
+        "t", 0, sequence_length=4, features=(), limits=LimitSettings(**{"history": 2, **limits})
+    )  # type: ignore[arg-type]
+
+
+def test_forecast_windows_follow_each_accepted_event() -> None:
+    pw = windows()
+    res = pw.apply([rec(i, "a", i, 10 + i) for i in range(10)])
+    assert res.accepted == 10 and res.warming == 3
+    assert res.windows.offsets.tolist() == list(range(3, 10))
+    # Each row is the window as it stood at its event, even after the ring wrapped (capacity 6).
+    np.testing.assert_array_equal(res.windows.values[0], [10, 11, 12, 13])
+    np.testing.assert_array_equal(res.windows.values[-1], [16, 17, 18, 19])
+    assert pw.window("a")[0].tolist() == [4, 5, 6, 7, 8, 9]
+
+
+def test_duplicate_late_and_redelivery() -> None:
+    pw = windows()
+    pw.apply([rec(i, "a", i, i) for i in range(6)])
+    res = pw.apply([rec(6, "a", 5, 0), rec(7, "a", 2, 0)])
+    assert [r.reason for _, r in res.rejected] == ["duplicate", "late"]
+    # Redelivered records change nothing; the retained ones are forecast again, identically.
+    before = pw.window("a")
+    res = pw.apply([rec(o, "a", o, o) for o in range(0, 6)])
+    assert res.redelivered == 6 and res.accepted == 0 and not res.rejected
+    assert res.windows.offsets.tolist() == [3, 4, 5]  # offsets 0..2 were warming
+    np.testing.assert_array_equal(res.windows.values[-1], [2, 3, 4, 5])
+    for a, b in zip(before, pw.window("a"), strict=False):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_series_cap_and_idle_ttl_in_event_time() -> None:
+    pw = windows(max_series=2, series_ttl=100)
+    res = pw.apply([rec(0, "a", 0, 1), rec(1, "b", 50, 1), rec(2, "c", 60, 1)])
+    assert [r.reason for _, r in res.rejected] == ["series_limit"]
+    res = pw.apply([rec(3, "b", 200, 1), rec(4, "c", 201, 1)])  # a is now idle (0 < 201 - 100)
+    assert not res.rejected and sorted(pw.series()) == ["b", "c"]
+    snap = pw.snapshot()
+    assert "a" in snap.delete and snap.applied == 4
+
+
+def test_emit_latest_coalesces_per_series() -> None:
+    pw = windows()
+    res = pw.apply(
+        [rec(i, s, i, i) for i in range(20) for s in ("x",)]
+        + [rec(20 + i, "y", i, i) for i in range(6)],
+        latest=True,
+    )
+    assert sorted(zip(res.windows.series, res.windows.offsets.tolist(), strict=True)) == [
+        ("x", 19),
+        ("y", 25),
+    ]
+
+
+def test_blob_round_trip_with_features() -> None:
+    pw = PartitionWindows(
+        "t", 1, sequence_length=3, features=("f", "g"), limits=LimitSettings(history=1)
+    )
+    pw.apply([rec(i, "a", i, i, f=-i, g=2 * i) for i in range(6)])
+    snap = pw.snapshot(full=True)
+    off, _, _, feat = decode_series(snap.set["a"], 2)
+    assert off.tolist() == [2, 3, 4, 5] and feat[:, 1].tolist() == [4, 6, 8, 10]
+    other = PartitionWindows(
+        "t", 1, sequence_length=3, features=("f", "g"), limits=LimitSettings(history=1)
+    )
+    other.load_series("a", snap.set["a"])
+    other.applied = pw.applied
+    res = other.apply([rec(6, "a", 6, 6, f=-6, g=12)])
+    np.testing.assert_array_equal(res.windows.features["g"][0], [8, 10, 12])
