@@ -79,7 +79,7 @@ class EventForecaster(L.LightningModule):
         x = batch["x"] if isinstance(batch, Mapping) else batch[0]
         return self.net(x)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> Any:  # Lightning's OptimizerLRSchedulerConfig dict
         opt = torch.optim.AdamW(
             self.parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay
         )

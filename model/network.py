@@ -88,7 +88,7 @@ class ForecastNet(nn.Module):
     def params(self, x: Tensor) -> DistParams:
         """Distribution parameters in normalised units for a raw window ``x`` of shape (B, T, C)."""
         b = x.shape[0]
-        mask = self.norm_mask
+        mask: Tensor = self.norm_mask  # type: ignore[assignment]  # (C,) 1 = normalise it
         mu = x.mean(dim=1, keepdim=True)  # (B, 1, C)
         var = (x - mu).pow(2).mean(dim=1, keepdim=True)  # (B, 1, C), two-pass for precision
         sd = torch.sqrt(var + NORM_EPS_REL * mu.pow(2) + NORM_EPS_ABS)  # (B, 1, C) > 0

@@ -185,21 +185,19 @@ class _GraphRunner:
         self, net: nn.Module, batch: int, config: ModelConfig, dev: torch.device, bf16: bool
     ) -> None:
         self.static_in = torch.zeros(batch, config.sequence_length, config.input_size, device=dev)
+
         # cache_enabled=False: autocast's weight-cast cache must not leak across graph capture.
-        ac = {
-            "device_type": "cuda",
-            "dtype": torch.bfloat16,
-            "enabled": bf16,
-            "cache_enabled": False,
-        }
+        def ac() -> torch.autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
+
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.autocast(**ac):
+        with torch.cuda.stream(side), ac():
             for _ in range(3):  # warm-up: cuDNN picks algorithms, allocator settles
                 net(self.static_in)
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.autocast(**ac):
+        with torch.cuda.graph(self.graph), ac():
             self.static_out: tuple[Tensor, ...] = tuple(net(self.static_in))
 
     def run(self, xd: Tensor) -> tuple[Tensor, ...]:
