@@ -96,7 +96,10 @@ class ForecastNet(nn.Module):
 
         out, _ = self.lstm(xn)  # (B, T, Hd)
         last = out[:, -1:, :]  # (B, 1, Hd)
-        ctx, _ = self.attn(last, out, out, need_weights=False)  # (B, 1, Hd)
+        if self.training:
+            ctx, _ = self.attn(last, out, out, need_weights=False)  # (B, 1, Hd)
+        else:
+            ctx = self._attend_one_query(last, out)  # (B, 1, Hd), same maths, fewer FLOPs
         z = self.mlp(torch.cat([last, ctx], dim=-1)[:, 0, :])  # (B, Hd)
         # .float(): under bf16 autocast the distribution arithmetic below still runs in fp32.
         p = self.head(z).float().reshape(b, self.n_params, self.config.horizon)  # (B, P, H)
@@ -107,6 +110,28 @@ class ForecastNet(nn.Module):
         scale = F.softplus(p[:, 1, :]) + STD_EPS  # (B, H)
         df = DF_MIN + F.softplus(p[:, 2, :]) if self.n_params == 3 else None  # (B, H)
         return DistParams(loc, scale, df, mu[:, :, 0], sd[:, :, 0])
+
+    def _attend_one_query(self, last: Tensor, out: Tensor) -> Tensor:
+        """``self.attn(last, out, out)`` for a single query, with the key and value projections
+        folded into the query side: ``q·(W_k h_t + b_k) = (W_kᵀq)·h_t + const`` (the constant
+        cancels in the softmax) and ``Σ_t a_t (W_v h_t + b_v) = W_v (Σ_t a_t h_t) + b_v``. That
+        skips projecting all T keys and values: O(Hd²) instead of O(T·Hd²) per window. Used at
+        inference; training runs nn.MultiheadAttention itself (tests check they agree)."""
+        a = self.attn
+        b, _, hd = out.shape
+        nh = a.num_heads
+        dh = hd // nh
+        w_q, w_k, w_v = a.in_proj_weight.chunk(3)  # (Hd, Hd) each
+        b_q, _, b_v = a.in_proj_bias.chunk(3)  # (Hd,) each
+        # Batched matmuls with a large M (heads or windows as the batch), not M = 1 products.
+        q = (last[:, 0] @ w_q.T + b_q) * dh**-0.5  # (B, Hd)
+        q = q.reshape(b, nh, dh).transpose(0, 1)  # (nh, B, dh)
+        qk = (q @ w_k.reshape(nh, dh, hd)).transpose(0, 1)  # (B, nh, Hd): W_kᵀq per head
+        att = (qk @ out.transpose(1, 2)).softmax(dim=-1)  # (B, nh, T)
+        pooled = (att @ out).transpose(0, 1)  # (nh, B, Hd): Σ_t a_t h_t per head
+        ctx = pooled @ w_v.reshape(nh, dh, hd).transpose(1, 2)  # (nh, B, dh)
+        ctx = ctx.transpose(0, 1).reshape(b, 1, hd) + b_v  # (B, 1, Hd)
+        return a.out_proj(ctx)  # (B, 1, Hd)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Forecast for windows ``x`` (B, T, C) float32.

@@ -186,3 +186,19 @@ def test_lightning_module_trains_logs_and_checkpoints_weights_only(tmp_path: Pat
         torch.testing.assert_close(net(x[:4]), model.eval()(x[:4]), rtol=0, atol=0)
     again = EventForecaster.load_from_checkpoint(ckpt, weights_only=True)
     assert again.config == model.config
+
+
+@pytest.mark.parametrize(("hidden", "heads"), [(16, 2), (64, 4), (64, 1)])
+def test_folded_inference_attention_equals_multihead_attention(hidden: int, heads: int) -> None:
+    cfg = tiny_config(hidden_size=hidden, attention_heads=heads, horizon=2)
+    net = ForecastNet(cfg)
+    out = torch.randn(6, 48, hidden)
+    last = out[:, -1:, :]
+    with torch.no_grad():
+        ref, _ = net.attn(last, out, out, need_weights=False)
+        torch.testing.assert_close(net._attend_one_query(last, out), ref, rtol=1e-5, atol=1e-6)
+        x = torch.from_numpy(random_windows(np.random.default_rng(0), 6, 48, cfg.input_size))
+        train_out = net.train()(x)  # dropout is 0: train and eval paths must agree
+        eval_out = net.eval()(x)
+    for a, b in zip(train_out, eval_out, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
