@@ -159,8 +159,9 @@ def render_svg(chart: ChartData, width: int = 900, height: int = 360) -> str:
         )
         xv = x0 + (x1 - x0) * i / 4
         px = sx(xv)
+        anchor = "start" if i == 0 else "end" if i == 4 else "middle"
         parts.append(
-            f'<text x="{px:.1f}" y="{top + ph + 16}" text-anchor="middle" '
+            f'<text x="{px:.1f}" y="{top + ph + 16}" text-anchor="{anchor}" '
             f'fill="{TEXT}">{html.escape(_time_label(xv, x1 - x0))}</text>'
         )
     parts.append(
@@ -302,25 +303,19 @@ async def read_series_forecasts_async(
 
     key = series_id.encode()
     consumer = AIOKafkaConsumer(
-        **kafka.client_kwargs(),
-        group_id=None,
-        enable_auto_commit=False,
+        topic, **kafka.client_kwargs(), group_id=None, enable_auto_commit=False,
         isolation_level="read_committed",
-    )
+    )  # fmt: skip
     try:
         await asyncio.wait_for(consumer.start(), timeout)
     except Exception as exc:
         await consumer.stop()
         raise EventcastError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc}") from exc
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise EventcastError(f"topic {topic!r} does not exist on {kafka.bootstrap_servers}")
-        tp = TopicPartition(topic, partition_for_key(key, len(parts)))
-        consumer.assign([tp])
+        tps = await assigned_partitions(consumer, topic, timeout)
+        tp = TopicPartition(topic, partition_for_key(key, len(tps)))
+        # Only the key's partition is read: the others stay paused.
+        consumer.pause(*[other for other in tps if other != tp])
         begin = (await consumer.beginning_offsets([tp]))[tp]
         end = (await consumer.end_offsets([tp]))[tp]
         consumer.seek(tp, max(begin, end - scan))
@@ -344,6 +339,20 @@ async def read_series_forecasts_async(
         return out
     finally:
         await consumer.stop()
+
+
+async def assigned_partitions(consumer: Any, topic: str, timeout: float = 15.0) -> list[Any]:
+    """The partitions of ``topic`` that a started, group-less consumer subscribed to it was
+    assigned (all of them), sorted. Raises EventcastError when the topic does not appear within
+    ``timeout`` (it does not exist, or the client may not describe it)."""
+    from model.errors import EventcastError
+
+    deadline = time.monotonic() + timeout
+    while not consumer.assignment():
+        if time.monotonic() > deadline:
+            raise EventcastError(f"topic {topic!r} not found (or not authorized)")
+        await asyncio.sleep(0.05)
+    return sorted(consumer.assignment(), key=lambda tp: tp.partition)
 
 
 def read_series_forecasts(

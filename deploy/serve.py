@@ -220,22 +220,17 @@ class TopicForecastFeed:
                 delay = min(delay * 2, 30.0)
 
     async def _consume(self) -> None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import AIOKafkaConsumer
+
+        from deploy.plot import assigned_partitions
 
         consumer = AIOKafkaConsumer(
-            **self.kafka.client_kwargs(),
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            metadata_max_age_ms=10_000,
-        )
+            self.topic, **self.kafka.client_kwargs(), group_id=None, enable_auto_commit=False,
+            isolation_level="read_committed", metadata_max_age_ms=10_000,
+        )  # fmt: skip
         await consumer.start()
         try:
-            parts = consumer.partitions_for_topic(self.topic)
-            if not parts:
-                raise EventcastError(f"topic {self.topic!r} not found")
-            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
+            tps = await assigned_partitions(consumer, self.topic)
             begins = await consumer.beginning_offsets(tps)
             ends = await consumer.end_offsets(tps)
             for tp in tps:

@@ -1,0 +1,320 @@
+"""The forecast view and series state against the real services, and ``worker plot``.
+
+Windows are written to the real Redis by the worker's own code (``PartitionWindows`` +
+``WindowStore.persist``); forecasts are produced to a real Kafka topic and read back by the
+server's topic feed. The page is rendered by headless Chromium (Debian's package) and the
+screenshot is checked for the colours of the 80 % and 95 % bands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from deploy.plot import ACTUAL, BAND80, BAND95, ChartData, render_svg
+from deploy.serve import (
+    ForecastHistory,
+    RedisWindows,
+    ServeSettings,
+    TopicForecastFeed,
+    create_app,
+    forecast_objects,
+    serve_in_thread,
+)
+from model.features import build_inputs
+from model.registry import ModelRegistry
+from stream.cli import main as worker_main
+from stream.settings import KafkaSettings, LimitSettings, RedisSettings
+from stream.store import WindowStore, partition_for
+from stream.windows import PartitionWindows
+from tests.helpers.kafka import produce
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+T = 48
+T0 = 1_732_600_000.0
+STEP = 300.0
+PARTITIONS = 6
+
+
+@dataclass
+class Rec:
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int
+
+
+def series_points(n: int, phase: float = 0.0) -> tuple[list[float], list[float]]:
+    ts = [T0 + i * STEP for i in range(n)]
+    values = [20.0 + 5.0 * math.sin(i / 6.0 + phase) for i in range(n)]
+    return ts, values
+
+
+async def write_windows(redis_url: str, series: dict[str, int], topic: str = "events") -> None:
+    """Store ``series`` (id -> number of points) as the worker does: per input partition."""
+    settings = RedisSettings(url=redis_url)
+    client = settings.client()
+    try:
+        store = WindowStore(client, settings.prefix, topic)
+        by_part: dict[int, list[tuple[str, int]]] = {}
+        for sid, n in series.items():
+            by_part.setdefault(partition_for(sid, PARTITIONS), []).append((sid, n))
+        for p, items in by_part.items():
+            pw = PartitionWindows(topic, p, sequence_length=T, features=(), limits=LimitSettings())
+            recs, off = [], 0
+            for sid, n in items:
+                for t, v in zip(*series_points(n), strict=True):
+                    value = orjson.dumps({"ts": t, "value": v})
+                    recs.append(Rec(off, sid.encode(), value, int(t * 1000)))
+                    off += 1
+            pw.apply(recs, emit=False)
+            await store.persist(p, pw.snapshot(full=True), expected=None, features=())
+    finally:
+        await client.aclose()
+
+
+def backtest(model_dir: Path, sid: str, n: int) -> list[dict[str, Any]]:
+    """One forecast per point from the 48th on, made by the real model (as the worker would)."""
+    loaded = ModelRegistry(model_dir).load(device="cpu", threads=1)
+    ts, values = series_points(n)
+    wts = np.array([ts[k - T : k] for k in range(T, n + 1)])
+    wv = np.array([values[k - T : k] for k in range(T, n + 1)])
+    fc = loaded.predictor.predict(build_inputs(wts, wv, None, loaded.config))
+    return forecast_objects([sid] * len(wts), wts, fc, loaded.version)
+
+
+# --- series state from the real Redis ------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("partitions", [PARTITIONS, None], ids=["known", "discovered"])
+def test_series_reads_the_workers_redis_window(
+    redis_url: str, tiny_model_dir: Path, partitions: int | None
+) -> None:
+    asyncio.run(write_windows(redis_url, {"alpha": 60, "beta": 10}))
+    redis = RedisSettings(url=redis_url)
+
+    async def ping() -> bool:
+        return True
+
+    settings = ServeSettings(model_dir=tiny_model_dir, device="cpu", threads=1)
+    # A fresh client per app: TestClient runs the app in its own event loop.
+    reader = RedisWindows(redis.client(), redis.prefix, "events", partitions)
+    with TestClient(
+        create_app(settings, ModelRegistry(tiny_model_dir), window_reader=reader, redis_ping=ping)
+    ) as c:
+        got = c.get("/series/alpha").json()
+        ts, values = series_points(60)
+        # the store keeps sequence_length + history (48) points; all 60 here
+        assert got["window"]["ts"] == ts and got["window"]["values"] == values
+        assert got["forecast_origin"] == "computed"
+        assert got["forecast"]["ts"] == ts[-1]
+        warming = c.get("/series/beta").json()
+        assert len(warming["window"]["values"]) == 10 and warming["forecast"] is None
+        assert c.get("/series/gamma").status_code == 404
+
+
+@pytest.mark.integration
+def test_series_delete_removes_only_that_series(redis_url: str) -> None:
+    from deploy.serve import delete_series_sync, read_window_sync
+
+    asyncio.run(write_windows(redis_url, {"alpha": 50, "beta": 50}))
+    redis = RedisSettings(url=redis_url)
+    assert delete_series_sync(redis, "alpha") is True
+    assert read_window_sync(redis, "alpha") is None
+    assert read_window_sync(redis, "beta", partitions=PARTITIONS) is not None
+    assert delete_series_sync(redis, "alpha") is False
+    # the partition's applied offset (the worker's fence) is untouched
+    client = redis.sync_client()
+    try:
+        meta = client.hget(
+            WindowStore(client, redis.prefix, "events").keys(partition_for("alpha", PARTITIONS))[0],
+            "applied",
+        )
+    finally:
+        client.close()
+    assert meta is not None
+
+
+@pytest.mark.integration
+def test_series_delete_command_exit_codes(redis_url: str, capsys: Any) -> None:
+    asyncio.run(write_windows(redis_url, {"alpha": 50}))
+    argv = ["series", "delete", "alpha", "--redis-url", redis_url]
+    assert worker_main(argv) == 0
+    assert orjson.loads(capsys.readouterr().out) == {"series_id": "alpha", "deleted": True}
+    assert worker_main(argv) == 1
+
+
+# --- the chart -----------------------------------------------------------------------------------
+
+
+def test_svg_draws_both_bands_and_escapes_text(tiny_model_dir: Path) -> None:
+    sid = '<script>alert("x")</script>'
+    ts, values = series_points(70)
+    svg = render_svg(ChartData(sid, ts, values, backtest(tiny_model_dir, sid, 70)))
+    assert 'class="band95"' in svg and 'class="band80"' in svg and 'class="actual"' in svg
+    assert "<script>" not in svg and "&lt;script&gt;" in svg
+    assert BAND80 in svg and BAND95 in svg
+    empty = render_svg(ChartData("nothing"))
+    assert "no data" in empty and "band80" not in empty
+
+
+def test_page_escapes_the_series_and_sets_a_strict_csp(tiny_model_dir: Path) -> None:
+    settings = ServeSettings(model_dir=tiny_model_dir, device="cpu", threads=1)
+    with TestClient(create_app(settings, ModelRegistry(tiny_model_dir))) as c:
+        r = c.get("/", params={"series": '"><script>alert(1)</script>'})
+        assert r.status_code == 200
+        assert "<script>alert(1)" not in r.text
+        assert "script-src 'self'" in r.headers["content-security-policy"]
+        assert "http://" not in r.text.replace("http://www.w3.org/2000/svg", "")
+        js = c.get("/view/view.js")
+        assert js.status_code == 200 and "fetch(" in js.text and "http" not in js.text
+        assert (
+            c.get("/view/chart.svg", params={"series": "x"})
+            .headers["content-type"]
+            .startswith("image/svg+xml")
+        )
+
+
+def _colour_pixels(png: Path, hex_colour: str, tol: int = 6) -> int:
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    want = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(rgb - want).max(axis=2) <= tol).sum())
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def screenshot(url: str, out: Path, tmp: Path, size: str = "1000,600") -> None:
+    exe = chromium()
+    assert exe is not None
+    profile = tmp / "chromium-profile"
+    profile.mkdir()
+    cmd = [
+        exe,
+        "--headless",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--screenshot={out}",
+        f"--window-size={size}",
+        url,
+    ]
+    if os.geteuid() == 0:
+        cmd.insert(2, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0 and out.exists(), result.stderr[-2000:]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(chromium() is None, reason="Debian's chromium package is not installed")
+def test_view_renders_bands_in_headless_chromium(
+    stack: Any, make_topic: Any, redis_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    n = 96  # the store keeps 48 + 48 points
+    asyncio.run(write_windows(redis_url, {"sensor-1": n}))
+    topic = make_topic("forecasts", PARTITIONS)
+    forecasts = backtest(tiny_model_dir, "sensor-1", n)[-40:]
+    produce(stack.bootstrap, topic, [("sensor-1", orjson.dumps(f)) for f in forecasts])
+
+    history = ForecastHistory()
+    feed = TopicForecastFeed(KafkaSettings(bootstrap_servers=stack.bootstrap), topic, history)
+    redis = RedisSettings(url=redis_url)
+    settings = ServeSettings(model_dir=tiny_model_dir, device="cpu", threads=1, refresh_seconds=1.0)
+    app = create_app(
+        settings,
+        ModelRegistry(tiny_model_dir),
+        history=history,
+        feed=feed,
+        window_reader=RedisWindows(redis.client(), redis.prefix, "events"),
+    )
+    with serve_in_thread(app) as url:
+        deadline = time.monotonic() + 30
+        while len(history.recent("sensor-1")) < len(forecasts) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(history.recent("sensor-1")) == len(forecasts), "feed did not catch up"
+        import httpx
+
+        state = httpx.get(f"{url}/series/sensor-1", timeout=10).json()
+        assert state["forecast_origin"] == "topic" and state["forecast"] == forecasts[-1]
+        assert len(state["window"]["values"]) == n
+        png = tmp_path / "view.png"
+        screenshot(f"{url}/?series=sensor-1", png, tmp_path)
+
+    band95, band80 = _colour_pixels(png, BAND95), _colour_pixels(png, BAND80)
+    actual = _colour_pixels(png, ACTUAL)
+    # 40 forecasts over ~40 % of an 860-px plot: both bands cover thousands of pixels.
+    assert band95 > 2000, band95
+    assert band80 > 2000, band80
+    assert actual > 300, actual
+
+
+# --- worker plot ---------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_worker_plot_draws_from_redis_and_the_forecast_topic(
+    stack: Any,
+    make_topic: Any,
+    redis_url: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: Any,
+) -> None:
+    n = 80
+    asyncio.run(write_windows(redis_url, {"sensor-2": n}))
+    topic = make_topic("forecasts", PARTITIONS)
+    forecasts = backtest(tiny_model_dir, "sensor-2", n)
+    others = backtest(tiny_model_dir, "other", 50)
+    produce(
+        stack.bootstrap,
+        topic,
+        [("sensor-2", orjson.dumps(f)) for f in forecasts]
+        + [("other", orjson.dumps(f)) for f in others],
+    )
+    out = tmp_path / "plot.png"
+    argv = [
+        "plot",
+        "--series",
+        "sensor-2",
+        "--out",
+        str(out),
+        "--redis-url",
+        redis_url,
+        "--bootstrap-servers",
+        stack.bootstrap,
+        "--forecast-topic",
+        topic,
+    ]
+    assert worker_main(argv) == 0
+    assert f"{n} actuals, {len(forecasts)} forecasts of sensor-2" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _colour_pixels(out, BAND95) > 1000 and _colour_pixels(out, BAND80) > 500
+    assert _colour_pixels(out, ACTUAL) > 200
+
+    argv[2] = "nobody"
+    assert worker_main(argv) == 1
+    assert "no window and no forecast" in capsys.readouterr().err
