@@ -184,7 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _register_plot(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
-        "plot", help="PNG of a series' recent actuals and forecasts with 80/95 % bands"
+        "plot", help="PNG of a series' recent actuals and forecasts with 80/95 %% bands"
     )
     add_config_argument(p)
     p.add_argument("--series", required=True, help="series id")
