@@ -193,7 +193,10 @@ async def group_status(
             f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc}"
         ) from exc
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
+        described = await admin.describe_topics([topic])
+        parts = {
+            p["partition"] for d in described if d.get("error_code") == 0 for p in d["partitions"]
+        }
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
 
         async def committed() -> dict[int, int]:

@@ -1,0 +1,121 @@
+"""`worker start` fails fast with CONTRACT.md's exit codes; `topics create`, `status` and a clean
+SIGTERM stop."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+import pytest
+
+from deploy.stack import free_port
+from stream.cli import parse
+from stream.settings import WorkerSettings
+from tests.helpers.kafka import produce
+from tests.stream.conftest import REPO, make_events, worker_argv
+
+
+def run_cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stream.cli", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_settings_layering_and_validation(tmp_path: Path) -> None:
+    from model.errors import ConfigError
+
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text("worker:\n  max-batch: 99\n  emit: latest\n")
+    args = parse(
+        ["start", "--config", str(cfg), "--emit", "every"], environ={"EVENTCAST_GROUP_ID": "g7"}
+    )
+    s = WorkerSettings.from_args(args, environ={})
+    assert (s.batch.max_batch, s.emit, s.group_id) == (99, "every", "g7")
+    kw = s.kafka.client_kwargs()
+    assert kw["bootstrap_servers"] == "127.0.0.1:9092" and "ssl_context" not in kw
+    with pytest.raises(ConfigError, match="--sasl-mechanism"):
+        WorkerSettings.from_args(
+            parse(["start", "--security-protocol", "SASL_SSL"], environ={}), environ={}
+        )
+    with pytest.raises(ConfigError, match="EVENTCAST_FAULT"):
+        WorkerSettings.from_args(
+            parse(["start"], environ={}), environ={"EVENTCAST_FAULT": "nowhere:1"}
+        )
+    sasl = parse(
+        ["start", "--security-protocol", "SASL_SSL", "--sasl-mechanism", "SCRAM-SHA-512",
+         "--sasl-username", "u", "--sasl-password", "p", "--redis-url", "rediss://h:6380/0"],
+        environ={},
+    )  # fmt: skip
+    s = WorkerSettings.from_args(sasl, environ={})
+    kw = s.kafka.client_kwargs()
+    assert kw["sasl_mechanism"] == "SCRAM-SHA-512" and kw["ssl_context"] is not None
+    assert s.redis.url.startswith("rediss://")
+
+
+def test_empty_model_dir_exits_3(tmp_path: Path) -> None:
+    res = run_cli("start", "--model-dir", str(tmp_path), "--metrics-port", "0")
+    assert res.returncode == 3, res.stderr
+    assert "worker retrain" in res.stderr and "--wait-for-model" in res.stderr
+
+
+def test_bad_flag_exits_2(tmp_path: Path) -> None:
+    res = run_cli("start", "--model-dir", str(tmp_path), "--max-batch", "0", "--metrics-port", "0")
+    assert res.returncode == 2 and "--max-batch" in res.stderr
+
+
+@pytest.mark.integration
+def test_unreachable_brokers_exit_1_and_missing_topics_exit_2(
+    stack: Any, redis_url: str, tiny_model_dir: Path
+) -> None:
+    names = SimpleNamespace(input="nope-in", output="nope-out", dlq="nope-dlq")
+    dead = f"127.0.0.1:{free_port()}"
+    res = run_cli(*worker_argv(dead, redis_url, tiny_model_dir, names, "--metrics-port", "0"))
+    assert res.returncode == 1, res.stderr
+    assert "cannot reach Kafka" in res.stderr and dead in res.stderr
+    res = run_cli(
+        *worker_argv(stack.bootstrap, redis_url, tiny_model_dir, names, "--metrics-port", "0")
+    )
+    assert res.returncode == 2, res.stderr
+    assert "nope-in" in res.stderr and "worker topics create" in res.stderr
+
+
+@pytest.mark.integration
+def test_topics_create_status_and_sigterm(
+    stack: Any, redis_url: str, tiny_model_dir: Path, proc_worker: Any
+) -> None:
+    import uuid
+
+    base = f"cli-{uuid.uuid4().hex[:8]}"
+    topics = SimpleNamespace(input=base, output=base + ".out", dlq=base + ".dlq")
+    args = ["--bootstrap-servers", stack.bootstrap, "--input-topic", topics.input,
+            "--output-topic", topics.output, "--dlq-topic", topics.dlq]  # fmt: skip
+    res = run_cli("topics", "create", *args, "--partitions", "3")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("created") == 3
+    assert run_cli("topics", "create", *args).stdout.count("exists") == 3
+
+    produce(stack.bootstrap, topics.input, make_events(3, 50))
+    w = proc_worker(
+        worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics, group="cli-g")
+    ).wait_ready()
+    from tests.stream.conftest import wait_for
+
+    wait_for(lambda: "eventcast_forecasts_published_total 9.0" in w.metrics(), 60, "9 forecasts")
+    res = run_cli(
+        "status", "--bootstrap-servers", stack.bootstrap, "--redis-url", redis_url,
+        "--group-id", "cli-g", "--input-topic", topics.input, "--interval", "0.5", "--json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    report = orjson.loads(res.stdout)
+    assert report["total_lag"] == 0 and len(report["partitions"]) == 3
+    assert len(report["members"]) == 1 and sorted(report["members"][0]["partitions"]) == [0, 1, 2]
+    assert w.terminate() == 0, w.log()
+    assert "stopped cleanly" in w.log()
