@@ -551,3 +551,43 @@ def test_a_window_the_model_cannot_handle_gets_a_422_not_nulls(client: TestClien
         assert all(isinstance(v, float) for v in r.json()["mean"])
     else:
         assert r.status_code == 422 and r.json()["detail"][0]["type"] == "non_finite_output"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["serve", "--help"],
+        ["plot", "--help"],
+        ["dlq", "replay", "--help"],
+        ["series", "delete", "--help"],
+    ],
+)
+def test_command_help_renders(argv: list[str], capsys: Any) -> None:
+    from stream.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 0 and "usage: worker" in capsys.readouterr().out
+
+
+def test_serve_flags_and_environment_build_the_settings(tiny_model_dir: Path) -> None:
+    from deploy.commands import serve_settings
+    from model.errors import ConfigError
+    from stream.cli import parse
+
+    env = {"EVENTCAST_MODEL_DIR": str(tiny_model_dir), "EVENTCAST_RELOAD_TOKEN": "t0k"}
+    args = parse(["serve", "--port", "8123", "--max-body-bytes", "100"], environ=env)
+    s = serve_settings(args, env)
+    assert (s.model_dir, s.port, s.max_body_bytes, s.reload_token) == (
+        tiny_model_dir,
+        8123,
+        100,
+        "t0k",
+    )
+    assert "t0k" not in repr(s)  # the token never reaches logs
+    assert args.redis_url is None and args.bootstrap_servers is None  # both optional
+    with pytest.raises(ConfigError, match="--model-dir"):
+        serve_settings(parse(["serve"], environ={}), {})
+    with pytest.raises(ConfigError, match="--max-body-bytes"):
+        serve_settings(parse(["serve", "--max-body-bytes", "0"], environ=env), env)

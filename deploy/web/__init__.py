@@ -1,0 +1,1 @@
+"""Static assets of the live view (index.html, view.js), read by deploy.serve."""
