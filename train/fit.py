@@ -1,0 +1,282 @@
+"""One training run through Lightning's ``Trainer``: loggers, callbacks, tuner, best weights.
+
+``fit_model`` is the only place that builds a Trainer, so every knob of
+:class:`~train.settings.RetrainSettings` reaches it the same way from the CLI, from YAML and from
+a sweep trial. Callbacks: ModelCheckpoint (``val_loss``, top 3,
+``event-forecaster-{epoch:02d}-{val_loss:.2f}``), EarlyStopping (``min_delta`` 0.001, patience
+10), LearningRateMonitor (when a logger is on), RichProgressBar (only when stderr is a terminal),
+and :class:`ForecastPlotCallback`. The time budget is Lightning's ``max_time``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+)
+
+from model.config import ModelConfig
+from model.module import EventForecaster
+from model.weights import load_checkpoint_weights
+from train.data import VAL, EventDataModule
+from train.settings import RetrainSettings
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "event-forecaster-{epoch:02d}-{val_loss:.2f}"
+
+
+@dataclass
+class FitResult:
+    """What a training run produced: the module holding the best weights (CPU, eval mode)."""
+
+    module: EventForecaster
+    config: ModelConfig
+    best_checkpoint: Path | None
+    best_val_loss: float | None
+    epochs: int
+    seconds: float
+    stopped_by: str  # "max_epochs" | "early_stopping" | "time_budget"
+    batch_size: int
+
+
+class ForecastPlotCallback(Callback):
+    """Every ``every_n_epochs`` validation epochs, plot forecasts on a fixed sample of validation
+    windows (a few series, the end of their validation part) and log the figure to every
+    TensorBoard logger as ``val/forecast``."""
+
+    def __init__(self, dm: EventDataModule, every_n_epochs: int = 5, max_series: int = 3) -> None:
+        self.every = max(1, int(every_n_epochs))
+        ds = dm.sets[VAL]
+        n = len(ds)
+        idx = np.arange(n)
+        if n:
+            series = np.searchsorted(dm.arrays.starts, ds.starts, side="right") - 1
+            keep = np.isin(series, np.unique(series)[:max_series])
+            idx = idx[keep]
+            # At most 240 windows per series, the latest ones.
+            parts = [idx[series[idx] == s][-240:] for s in np.unique(series[idx])]
+            idx = np.concatenate(parts) if parts else idx[:0]
+            self._series = series[idx]
+        else:
+            self._series = np.zeros(0, dtype=np.int64)
+        self._x, self._y, self._ts = ds.arrays_for(idx) if len(idx) else (None, None, None)
+        self._ids = dm.arrays.ids
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self._x is None:
+            return
+        if (trainer.current_epoch + 1) % self.every:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        tbs = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not tbs:
+            return
+        from train.evaluate import net_forecast
+        from train.plots import _pyplot, forecast_figure
+
+        fc = net_forecast(pl_module, self._x)
+        fig = forecast_figure(
+            self._ids, self._series, self._ts, self._y, fc,
+            title=f"validation, epoch {trainer.current_epoch}",
+        )  # fmt: skip
+        for tb in tbs:
+            tb.experiment.add_figure("val/forecast", fig, global_step=trainer.global_step)
+        _pyplot().close(fig)
+
+
+def build_loggers(settings: RetrainSettings, run_dir: Path, run_name: str) -> list[Any]:
+    """The Lightning loggers that ``settings.logging.loggers`` names (TensorBoard by default)."""
+    lg = settings.logging
+    out: list[Any] = []
+    for name in lg.loggers:
+        if name == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            out.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+        elif name == "csv":
+            from lightning.pytorch.loggers import CSVLogger
+
+            out.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+        elif name == "mlflow":
+            from lightning.pytorch.loggers import MLFlowLogger
+
+            out.append(
+                MLFlowLogger(
+                    experiment_name=lg.mlflow_experiment,
+                    run_name=run_name,
+                    tracking_uri=lg.mlflow_tracking_uri,
+                    log_model=False,
+                )
+            )
+        elif name == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            out.append(
+                WandbLogger(
+                    project=lg.wandb_project,
+                    name=run_name,
+                    save_dir=str(run_dir),
+                    offline=lg.wandb_offline,
+                )
+            )
+    return out
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def make_trainer(
+    settings: RetrainSettings,
+    run_dir: Path,
+    loggers: Sequence[Any],
+    *,
+    extra_callbacks: Sequence[Callback] = (),
+    checkpoint: bool = True,
+) -> tuple[L.Trainer, ModelCheckpoint | None, EarlyStopping]:
+    """A Trainer wired with every knob of ``settings`` (see module docstring)."""
+    tr, hw = settings.training, settings.hardware
+    early = EarlyStopping(monitor="val_loss", min_delta=tr.min_delta, patience=tr.patience,
+                          mode="min")  # fmt: skip
+    callbacks: list[Callback] = [early, *extra_callbacks]
+    ckpt: ModelCheckpoint | None = None
+    if checkpoint:
+        ckpt = ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"),
+            filename=CHECKPOINT_NAME,
+            monitor="val_loss",
+            mode="min",
+            save_top_k=3,
+        )
+        callbacks.append(ckpt)
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    tty = _stderr_is_tty()
+    if tty:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
+    trainer = L.Trainer(
+        accelerator=hw.accelerator,
+        devices=hw.devices,
+        strategy=hw.strategy,
+        num_nodes=hw.num_nodes,
+        precision=hw.precision,  # type: ignore[arg-type]
+        max_epochs=tr.max_epochs,
+        max_time=tr.time_budget,
+        gradient_clip_val=tr.gradient_clip_val,
+        gradient_clip_algorithm=tr.gradient_clip_algorithm if tr.gradient_clip_val else None,
+        accumulate_grad_batches=tr.accumulate_grad_batches,
+        deterministic=tr.deterministic,
+        callbacks=callbacks,
+        logger=list(loggers) if loggers else False,
+        enable_checkpointing=checkpoint,
+        enable_progress_bar=tty,
+        enable_model_summary=tty,
+        default_root_dir=str(run_dir),
+        log_every_n_steps=10,
+        num_sanity_val_steps=0,
+    )
+    return trainer, ckpt, early
+
+
+def _tune(
+    settings: RetrainSettings, config: ModelConfig, dm: EventDataModule, run_dir: Path
+) -> ModelConfig:
+    """Lightning's Tuner: batch-size scaling, then the learning-rate finder (each if asked).
+    Tuning runs on a throwaway trainer without loggers or checkpoints."""
+    from lightning.pytorch.tuner import Tuner
+
+    tr = settings.training
+    if not (tr.scale_batch_size or tr.lr_find):
+        return config
+    trainer, _, _ = make_trainer(settings, run_dir / "tune", [], checkpoint=False)
+    tuner = Tuner(trainer)
+    if tr.scale_batch_size:
+        module = EventForecaster(config)
+        # On a CPU nothing runs out of memory: cap the search at 32x the configured batch.
+        found = tuner.scale_batch_size(module, datamodule=dm, mode="power", max_trials=5,
+                                       steps_per_trial=2, init_val=dm.batch_size)  # fmt: skip
+        if found:
+            dm.batch_size = int(found)
+            config = config.replace(batch_size=int(found))
+            log.info("batch size finder chose %d", found)
+    if tr.lr_find:
+        module = EventForecaster(config)
+        finder = tuner.lr_find(module, datamodule=dm, update_attr=False, num_training=60)
+        lr = finder.suggestion() if finder is not None else None
+        if lr and np.isfinite(lr):
+            config = config.replace(learning_rate=float(lr))
+            log.info("learning-rate finder suggests %.3g", lr)
+    return config
+
+
+def fit_model(
+    settings: RetrainSettings,
+    config: ModelConfig,
+    dm: EventDataModule,
+    run_dir: Path,
+    loggers: Sequence[Any] = (),
+    *,
+    extra_callbacks: Sequence[Callback] = (),
+) -> tuple[FitResult, L.Trainer]:
+    """Tune (if asked), train, and load the best checkpoint's weights into the returned module.
+
+    The module comes back on the CPU in eval mode. The Trainer is returned too (callers check
+    ``trainer.is_global_zero`` before writing anything shared).
+    """
+    L.seed_everything(settings.training.seed, workers=True, verbose=False)
+    if settings.hardware.threads:
+        torch.set_num_threads(settings.hardware.threads)
+    config = _tune(settings, config, dm, run_dir)
+    module = EventForecaster(config)
+    plot_cb = ForecastPlotCallback(dm, settings.training.plot_every_n_epochs)
+    trainer, ckpt, early = make_trainer(
+        settings, run_dir, loggers, extra_callbacks=[plot_cb, *extra_callbacks]
+    )
+    start = time.monotonic()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.monotonic() - start
+
+    best_path: Path | None = None
+    best_loss: float | None = None
+    if ckpt is not None and ckpt.best_model_path:
+        best_path = Path(ckpt.best_model_path)
+        best_loss = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
+        module.net.load_state_dict(load_checkpoint_weights(best_path))
+    module = module.to("cpu").eval()
+    if early.stopped_epoch > 0:
+        stopped = "early_stopping"
+    elif trainer.current_epoch < settings.training.max_epochs and settings.training.time_budget:
+        stopped = "time_budget"
+    else:
+        stopped = "max_epochs"
+    result = FitResult(
+        module=module,
+        config=config,
+        best_checkpoint=best_path,
+        best_val_loss=best_loss,
+        epochs=int(trainer.current_epoch),
+        seconds=seconds,
+        stopped_by=stopped,
+        batch_size=dm.batch_size,
+    )
+    return result, trainer
