@@ -256,7 +256,8 @@ class ModelRegistry:
 
             report: dict[str, Any] | None = None
             offer = False
-            if int8 is not False:
+            # int8=None without held-out data cannot be judged: not offered, not even built.
+            if int8 is True or (int8 is None and holdout is not None):
                 quantize_onnx_int8(tmp / ONNX, tmp / ONNX_INT8)
                 if holdout is not None:
                     rep = int8_report(tmp / ONNX, tmp / ONNX_INT8, holdout[0], holdout[1])
