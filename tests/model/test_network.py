@@ -85,6 +85,10 @@ def test_student_t_quantiles_match_scipy() -> None:
         got = student_t_quantile(torch.tensor(df, dtype=torch.float32), p, z).numpy()
         want = stats.t.ppf(1 - p / 2, df)
         np.testing.assert_allclose(got, want, rtol=6e-4)
+    for p in (0.8, 0.6, 0.4, 0.1, 0.01):  # other levels (quantile loss of the evaluator)
+        z = float(stats.norm.ppf(1 - p / 2))
+        got = student_t_quantile(torch.tensor(df, dtype=torch.float32), p, z).numpy()
+        np.testing.assert_allclose(got, stats.t.ppf(1 - p / 2, df), rtol=1e-3)
 
 
 def test_crps_closed_form_matches_sampling() -> None:
