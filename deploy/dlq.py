@@ -96,7 +96,7 @@ async def replay_async(
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 
-    from deploy.plot import assigned_partitions
+    from deploy.plot import assigned_partitions, kafka_failure_detail
 
     report = ReplayReport(
         dlq_topic, input_topic, sorted(reasons) if reasons is not None else None, dry_run
@@ -121,8 +121,9 @@ async def replay_async(
                 if not found:
                     raise EventcastError(f"input topic {input_topic!r} not found")
         except (KafkaError, TimeoutError, OSError) as exc:
+            detail = await kafka_failure_detail(kafka) or repr(exc)
             raise EventcastError(
-                f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc!r}"
+                f"cannot reach Kafka at {kafka.bootstrap_servers}: {detail}"
             ) from exc
         tps = await assigned_partitions(consumer, dlq_topic, timeout)
         begins = await consumer.beginning_offsets(tps)

@@ -310,7 +310,8 @@ async def read_series_forecasts_async(
         await asyncio.wait_for(consumer.start(), timeout)
     except Exception as exc:
         await consumer.stop()
-        raise EventcastError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc}") from exc
+        detail = await kafka_failure_detail(kafka) or repr(exc)
+        raise EventcastError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {detail}") from exc
     try:
         tps = await assigned_partitions(consumer, topic, timeout)
         tp = TopicPartition(topic, partition_for_key(key, len(tps)))
@@ -362,3 +363,26 @@ def read_series_forecasts(
     return asyncio.run(
         read_series_forecasts_async(kafka, topic, series_id, scan=scan, timeout=timeout)
     )
+
+
+async def kafka_failure_detail(kafka: Any, timeout: float = 10.0) -> str | None:
+    """Why a Kafka client could not start, in words: connects once to the first bootstrap server
+    with the same security settings and returns the broker's refusal (e.g. "SaslAuthentication
+    Failed: ... invalid credentials") or the connection error; None when that connection works.
+
+    aiokafka logs the cause of a failed bootstrap but raises only "Unable to bootstrap", which
+    does not tell an operator that the password, not the network, is wrong.
+    """
+    from aiokafka.conn import create_conn
+
+    host, _, port = str(kafka.bootstrap_servers).split(",")[0].strip().rpartition(":")
+    kwargs = {k: v for k, v in kafka.client_kwargs().items() if k != "bootstrap_servers"}
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(host, int(port), request_timeout_ms=int(timeout * 1000), **kwargs),
+            timeout,
+        )
+    except Exception as exc:  # the point is to describe whatever went wrong
+        return f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
+    conn.close()
+    return None
