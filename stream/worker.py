@@ -367,7 +367,11 @@ class Worker:
         t0 = time.perf_counter()
         for tp in batch:
             if tp not in self._states and not await self._load(tp):
-                return  # abandoned (stopping or revoked while Redis is down)
+                # Abandoned (stopping, or revoked while Redis is down): rewind so that no fetched
+                # record is skipped should the partition stay ours.
+                for other in batch:
+                    await self._reset(other)
+                return
         results: dict[TopicPartition, ApplyResult] = {}
         latest = self.settings.emit == "latest"
         for tp, recs in batch.items():
@@ -574,7 +578,7 @@ class Worker:
                 return None
             except RedisUnavailableError as exc:
                 log.warning("%s; abandoning the batch of %s[%d]", exc, tp.topic, tp.partition)
-                self._drop(tp)
+                await self._reset(tp)
                 return None
             part.expected = snap.applied
             return tp
