@@ -68,9 +68,9 @@ def register(subparsers: Any) -> None:
 def cmd_start(args: argparse.Namespace) -> int:
     settings = WorkerSettings.from_args(args)
     if settings.engine == "faust":
-        from model.errors import ConfigError
+        from stream.faust_engine import serve
 
-        raise ConfigError("--engine faust: not available in this build; use --engine native")
+        return asyncio.run(serve(settings))
     return asyncio.run(_serve(settings))
 
 
