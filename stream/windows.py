@@ -194,8 +194,10 @@ class PartitionWindows:
         def flush() -> None:
             if res_rows:
                 parts.append(self._gather(res_rows, res_ends, res_offs, res_tsms))
-                res_rows.clear(), res_ends.clear(), res_offs.clear(), res_tsms.clear()
-                latest_at.clear(), first_end.clear()
+                for seq in (res_rows, res_ends, res_offs, res_tsms):
+                    seq.clear()
+                latest_at.clear()
+                first_end.clear()
 
         def request(row: int, end: int, offset: int, ts_ms: int) -> None:
             if latest and row in latest_at:
@@ -204,12 +206,10 @@ class PartitionWindows:
                 first_end[row] = end
                 return
             latest_at[row] = len(res_rows)
-            (
-                res_rows.append(row),
-                res_ends.append(end),
-                res_offs.append(offset),
-                res_tsms.append(ts_ms),
-            )
+            res_rows.append(row)
+            res_ends.append(end)
+            res_offs.append(offset)
+            res_tsms.append(ts_ms)
             first_end.setdefault(row, end)
 
         for rec in records:

@@ -386,10 +386,9 @@ class Worker:
         t1 = time.perf_counter()
         m.stage.labels("apply").observe(t1 - t0)
 
+        cfg = self.runner.model.config
         parts = [res.windows for res in results.values()]
-        combined = WindowBatch.concat(
-            -1, parts, self.model.config.sequence_length, self.model.config.features
-        )  # type: ignore[union-attr]
+        combined = WindowBatch.concat(-1, parts, cfg.sequence_length, cfg.features)
         fc = await self.runner.forecast(combined)
         version = self.runner.version
         t2 = time.perf_counter()
@@ -484,7 +483,8 @@ class Worker:
         next_offsets: dict[TopicPartition, int],
         results: dict[TopicPartition, ApplyResult],
     ) -> None:
-        assert self.txn is not None
+        txn = self.txn
+        assert txn is not None
         m = self.metrics
         t0 = time.perf_counter()
 
@@ -494,15 +494,13 @@ class Worker:
 
         async def one(tp: TopicPartition) -> TopicPartition | None:
             try:
-                await self.txn.publish_and_commit(
-                    tp.partition, messages[tp], next_offsets[tp], hook
-                )  # type: ignore[union-attr]
+                await txn.publish_and_commit(tp.partition, messages[tp], next_offsets[tp], hook)
                 return tp
             except KafkaError as exc:
                 log.error(
                     "transaction for %s[%d] failed (%s); reprocessing", tp.topic, tp.partition, exc
                 )
-                await self.txn.close(tp.partition)  # type: ignore[union-attr]
+                await txn.close(tp.partition)
                 await self._reset(tp)
                 return None
 
@@ -591,6 +589,7 @@ class Worker:
         """Bring a partition's windows into memory: from Redis, completed from Kafka when Redis is
         behind the committed offset (or lost it). False when abandoned (stop/revoke)."""
         assert self.consumer is not None and self.store is not None and self.model is not None
+        store = self.store
         s = self.settings
         cfg = self.model.config
         if self.txn is not None:
@@ -598,8 +597,8 @@ class Worker:
         committed = await self.consumer.committed(tp)
         try:
             stored = await self._redis_call(
-                f"load of {tp.topic}[{tp.partition}]", lambda: self.store.load(tp.partition)
-            )  # type: ignore[union-attr]
+                f"load of {tp.topic}[{tp.partition}]", lambda: store.load(tp.partition)
+            )
         except RedisUnavailableError:
             return False
         windows = PartitionWindows(
@@ -634,9 +633,11 @@ class Worker:
                 "%s[%d]: Redis holds offset %s, the group committed %d: rebuilding windows from "
                 "offset %d", tp.topic, tp.partition, expected, committed, start,
             )  # fmt: skip
-            count = await self._replayer.replay(
-                tp, start, committed, lambda recs: windows.apply(recs, emit=False)
-            )
+
+            def rebuild(recs: list[Any]) -> None:
+                windows.apply(recs, emit=False)
+
+            count = await self._replayer.replay(tp, start, committed, rebuild)
             windows.applied = committed - 1
             self.metrics.rebuilds.inc()
             self.metrics.rebuild_records.inc(count)
