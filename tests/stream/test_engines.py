@@ -1,0 +1,224 @@
+"""Both engines (``--engine native`` and ``--engine faust``) through one end-to-end suite, against
+the real broker and Redis, each worker a subprocess (``python -m stream.cli start --engine ...``).
+
+The same checks for both: every expected forecast by source (partition, offset) and no other,
+windows in Redis equal to the last accepted events, every bad-input class in the dead-letter topic
+with its reason and original bytes, kill -9 at the named fault points and at random with nothing
+lost, and a running system switched from one engine to the other in the same group and Redis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from model.registry import ModelRegistry
+from stream.cli import main
+from stream.store import partition_for, read_window_sync
+from tests.helpers.kafka import consume_all, produce
+from tests.helpers.tiny_model import make_tiny_model_dir
+from tests.stream.conftest import (
+    T0,
+    Truth,
+    forecasts_by_source,
+    make_events,
+    metric_value,
+    worker_argv,
+)
+from tests.stream.test_faults import (
+    check_forecasts,
+    check_windows,
+    run_kill_test,
+    wait_all_forecasts,
+)
+from tests.stream.test_worker import check_against_offline
+
+ENGINES = ["native", "faust"]
+
+
+@pytest.fixture(scope="module")
+def features_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model that needs the feature ``temp`` (for ``missing_feature``)."""
+    root = tmp_path_factory.mktemp("models-temp")
+    make_tiny_model_dir(root, features=("temp",))
+    return root
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("engine", ENGINES)
+def test_happy_path_every_forecast_and_windows(
+    engine: str, stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path, proc_worker: Any
+) -> None:
+    events = make_events(30, 80)
+    truth = Truth()
+    truth.add(events, produce(stack.bootstrap, topics.input, events))
+    expected = truth.expected_sources()
+    assert len(expected) == 30 * 33
+
+    argv = worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics, "--engine", engine)
+    w = proc_worker(argv).wait_ready()
+    recs = consume_all(stack.bootstrap, topics.output, expected=len(expected), timeout=120, idle=30)
+    published = metric_value(w.metrics(), "eventcast_forecasts_published_total")
+    assert w.terminate() == 0, w.log()
+
+    by_src = forecasts_by_source(recs)
+    assert set(by_src) == expected
+    assert len(recs) == len(expected)  # a clean run repeats nothing
+    assert published == len(expected)
+    version = ModelRegistry(tiny_model_dir).current()
+    for r in recs:
+        doc = orjson.loads(r.value)
+        assert r.key.decode() == doc["series_id"]
+        assert r.headers["model_version"] == version == doc["model_version"]
+        assert r.timestamp == int(doc["ts"] * 1000)
+        assert doc["source"]["topic"] == topics.input
+        assert doc["std"][0] > 0
+        assert doc["lower"]["95"][0] < doc["lower"]["80"][0] < doc["mean"][0]
+        assert doc["mean"][0] < doc["upper"]["80"][0] < doc["upper"]["95"][0]
+    # Order per series follows input order.
+    for sid, evs in truth.events.items():
+        got = [orjson.loads(r.value)["ts"] for r in recs if r.key == sid.encode()]
+        assert got == [e[2] for e in evs[47:]], sid
+    assert consume_all(stack.bootstrap, topics.dlq, idle=1.0) == []
+    check_windows(redis_url, topics.input, truth)
+    check_against_offline(tiny_model_dir, truth, by_src, 10)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bad_input_reaches_the_dead_letter_topic(
+    engine: str,
+    stack: Any,
+    topics: Any,
+    redis_url: str,
+    features_model_dir: Path,
+    proc_worker: Any,
+) -> None:
+    p0 = [k for k in (f"k{i}" for i in range(200)) if partition_for(k, 6) == 0][:4]
+    k0, k1, k2, k3 = p0
+    other = next(k for k in (f"z{i}" for i in range(100)) if partition_for(k, 6) != 0)
+
+    def ev(ts: float, value: Any = 1.0, temp: Any = 20.0, **extra: Any) -> bytes:
+        return orjson.dumps({"ts": ts, "value": value, "features": {"temp": temp}, **extra})
+
+    cases: list[tuple[str | None, bytes, str | None]] = [
+        (k0, ev(T0), None),  # cold start: warming, no forecast, no dead letter
+        (k1, ev(T0), None),
+        (k2, ev(T0), None),
+        (k3, ev(T0), "series_limit"),  # a 4th series in partition 0 (cap 3)
+        (k0, ev(T0), "duplicate"),
+        (k0, ev(T0 - 1), "late"),
+        (k0, b'{"ts": 1, "value": ', "invalid_json"),
+        (k0, b'{"ts": 1, "features": {"temp": 1}}', "schema"),
+        (k0, b'{"ts": "2024-01-01T00:00:00", "value": 1, "features": {"temp": 1}}', "schema"),
+        (k0, b'{"ts": 1, "value": NaN, "features": {"temp": 1}}', "non_finite"),
+        (k0, b'{"ts": 1, "value": -Infinity, "features": {"temp": 1}}', "non_finite"),
+        (k0, ev(T0 + 1, pad="x" * 3000), "too_large"),
+        (k0, ev(T0 + 1, series_id="someone-else"), "key_mismatch"),
+        (None, ev(T0 + 1), "missing_key"),
+        (k0, orjson.dumps({"ts": T0 + 1, "value": 1.0}), "missing_feature"),
+        (k1, ev(T0 + 5000), None),  # partition 0's clock moves: k0 and k2 become idle (TTL 1000)
+        (k3, ev(T0 + 5001), None),  # the idle series are forgotten, so k3 fits under the cap now
+    ]
+    placed = produce(stack.bootstrap, topics.input, [(k, v) for k, v, _ in cases])
+    good = [
+        (other, orjson.dumps(orjson.loads(v) | {"series_id": other, "features": {"temp": 1}}))
+        for _, v in make_events(1, 48, prefix=other)
+    ]
+    produce(stack.bootstrap, topics.input, good)
+
+    argv = worker_argv(
+        stack.bootstrap, redis_url, features_model_dir, topics, "--engine", engine,
+        "--max-series-per-partition", "3", "--series-ttl", "1000", "--max-event-bytes", "2000",
+    )  # fmt: skip
+    w = proc_worker(argv).wait_ready()
+    want = [(k, v, why, placed[i]) for i, (k, v, why) in enumerate(cases) if why]
+    dlq = consume_all(stack.bootstrap, topics.dlq, expected=len(want), timeout=60, idle=20)
+    out = consume_all(stack.bootstrap, topics.output, expected=1, timeout=60, idle=20)
+    text = w.metrics()
+    assert w.terminate() == 0, w.log()
+
+    assert len(dlq) == len(want)
+    got = sorted(
+        dlq, key=lambda r: (int(r.headers["source.partition"]), int(r.headers["source.offset"]))
+    )
+    for r, (key, value, why, (p, o)) in zip(got, sorted(want, key=lambda c: c[3]), strict=True):
+        assert r.headers["error.reason"] == why, (r.headers, why)
+        assert r.headers["error.message"]
+        assert r.headers["source.topic"] == topics.input
+        assert (int(r.headers["source.partition"]), int(r.headers["source.offset"])) == (p, o)
+        assert r.key == (key.encode() if key else None) and r.value == value
+    assert [orjson.loads(r.value)["series_id"] for r in out] == [other]  # it kept going
+    for why in {c[2] for c in cases if c[2]}:
+        n = sum(1 for c in cases if c[2] == why)
+        assert metric_value(text, "eventcast_events_rejected_total", f'reason="{why}"') == n, why
+    assert metric_value(text, "eventcast_dlq_records_total") == len(want)
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert read_window_sync(client, "eventcast", topics.input, k2, 6) is None  # idle: gone
+        win = read_window_sync(client, "eventcast", topics.input, k3, 6)
+        assert win is not None and win.ts.tolist() == [T0 + 5001]
+    finally:
+        client.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_kill_9_three_times_and_restart(
+    engine: str, stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path, proc_worker: Any
+) -> None:
+    """kill -9 after the window write, after publishing (before the commit) and at a random
+    moment, restarting each time: every forecast present, repeats identical, windows exact."""
+    run_kill_test(stack, topics, redis_url, tiny_model_dir, proc_worker, "--engine", engine)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("first,second", [("native", "faust"), ("faust", "native")])
+def test_engines_swap_on_a_running_system(
+    first: str,
+    second: str,
+    stack: Any,
+    topics: Any,
+    redis_url: str,
+    tiny_model_dir: Path,
+    proc_worker: Any,
+) -> None:
+    """One engine runs part of the stream and stops; the other, in the same group and Redis,
+    runs the rest: no window entry duplicated or missing, every forecast present, none twice."""
+    truth = Truth()
+    base = worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics)
+    for engine, start in ((first, 0), (second, 60)):
+        part = make_events(20, 60 if start == 0 else 40, start=start)
+        truth.add(part, produce(stack.bootstrap, topics.input, part))
+        w = proc_worker([*base, "--engine", engine]).wait_ready()
+        wait_all_forecasts(stack.bootstrap, topics.output, truth, 90)
+        assert w.terminate() == 0, w.log()
+    records = consume_all(stack.bootstrap, topics.output, idle=1.0)
+    by_src = check_forecasts(records, truth)
+    assert len(records) == len(by_src), "a clean swap repeats no forecast"
+    check_windows(redis_url, topics.input, truth)
+
+
+def test_faust_refuses_exactly_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(
+        ["start", "--engine", "faust", "--guarantee", "exactly_once",
+         "--model-dir", str(tmp_path), "--metrics-port", "0"]
+    )  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--guarantee exactly_once" in err and "--engine faust" in err
+    assert "--engine native" in err  # says what to do instead
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_no_model_exits_3(engine: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["start", "--engine", engine, "--model-dir", str(tmp_path), "--metrics-port", "0"])
+    assert rc == 3
+    assert "retrain" in capsys.readouterr().err
