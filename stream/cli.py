@@ -100,7 +100,7 @@ def _convert(action: argparse.Action, raw: Any, source: str) -> Any:
         raise ConfigError(f"{source}: expected a boolean, got {raw!r}")
     if action.nargs in ("*", "+") and isinstance(raw, str):
         raw = [part for part in raw.replace(",", " ").split() if part]
-    convert = action.type or (lambda v: v)
+    convert: Any = action.type or (lambda v: v)
     try:
         value = [convert(v) for v in raw] if isinstance(raw, list) else convert(raw)
     except (TypeError, ValueError) as exc:

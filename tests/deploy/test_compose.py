@@ -14,6 +14,9 @@ from stream.cli import ENV_PREFIX, build_parser, parse
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
+# Read by the image or the process, not flags: the reload token (a secret, never a flag), the log
+# level (a global option) and the port the image's HEALTHCHECK probes.
+NON_FLAG_ENV = {"EVENTCAST_RELOAD_TOKEN", "EVENTCAST_LOG_LEVEL", "EVENTCAST_HEALTH_PORT"}
 WORKER_SERVICES = [
     name for name, svc in SERVICES.items() if svc.get("command", [None])[0] == "worker"
 ]
@@ -67,10 +70,7 @@ def test_worker_commands_parse_with_the_real_cli(name: str):
     # Every EVENTCAST_* variable must name a real flag of that subcommand (or a known global).
     dests = _flag_dests(argv)
     for key in env:
-        if key.startswith(ENV_PREFIX) and key not in (
-            "EVENTCAST_RELOAD_TOKEN",
-            "EVENTCAST_LOG_LEVEL",
-        ):
+        if key.startswith(ENV_PREFIX) and key not in NON_FLAG_ENV:
             assert key[len(ENV_PREFIX) :].lower() in dests, (
                 f"{name}: {key} is not a flag of {argv[0]}"
             )
