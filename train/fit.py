@@ -10,6 +10,7 @@ and :class:`ForecastPlotCallback`. The time budget is Lightning's ``max_time``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -99,6 +100,24 @@ class ForecastPlotCallback(Callback):
         _pyplot().close(fig)
 
 
+class EpochLogCallback(Callback):
+    """One log line per epoch (losses, validation MAE, elapsed time) when no progress bar shows."""
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        log.info(
+            "epoch %d: train_loss %.4f val_loss %.4f val_mae %.4g (%.0f s)",
+            trainer.current_epoch, m.get("train_loss_epoch", float("nan")),
+            m.get("val_loss", float("nan")), m.get("val_mae", float("nan")),
+            time.monotonic() - self._start,
+        )  # fmt: skip
+
+
 def build_loggers(settings: RetrainSettings, run_dir: Path, run_name: str) -> list[Any]:
     """The Lightning loggers that ``settings.logging.loggers`` names (TensorBoard by default)."""
     lg = settings.logging
@@ -174,6 +193,8 @@ def make_trainer(
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar())
+    else:
+        callbacks.append(EpochLogCallback())
     trainer = L.Trainer(
         accelerator=hw.accelerator,
         devices=hw.devices,
@@ -208,7 +229,11 @@ def _tune(
     tr = settings.training
     if not (tr.scale_batch_size or tr.lr_find):
         return config
-    trainer, _, _ = make_trainer(settings, run_dir / "tune", [], checkpoint=False)
+    # The finders run a fixed number of steps: they must not stop at the run's epoch limit.
+    tune_settings = dataclasses.replace(
+        settings, training=dataclasses.replace(tr, max_epochs=10_000, time_budget=None)
+    )
+    trainer, _, _ = make_trainer(tune_settings, run_dir / "tune", [], checkpoint=False)
     tuner = Tuner(trainer)
     if tr.scale_batch_size:
         module = EventForecaster(config)

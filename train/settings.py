@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -182,6 +183,11 @@ class LoggingSettings:
                 ) from None
         if "mlflow" in self.loggers and not self.mlflow_tracking_uri:
             raise ConfigError("--mlflow-tracking-uri: required with --logger mlflow")
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            if self.mlflow_tracking_uri:
+                raise ConfigError("--mlflow-tracking-uri: mlflow is not installed") from None
 
 
 @dataclass(frozen=True)
@@ -254,8 +260,18 @@ def model_config_from(args: argparse.Namespace, features: tuple[str, ...] | None
     return ModelConfig.from_dict(section)
 
 
-def settings_from_args(args: argparse.Namespace, parser_dests: set[str]) -> RetrainSettings:
-    """Build and validate the trainer's settings from parsed ``worker retrain`` flags."""
+def _is_file_store(uri: str) -> bool:
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    return scheme in ("", "file")
+
+
+def settings_from_args(
+    args: argparse.Namespace, parser_dests: set[str], environ: Mapping[str, str] | None = None
+) -> RetrainSettings:
+    """Build and validate the trainer's settings from parsed ``worker retrain`` flags.
+
+    ``environ`` (default ``os.environ``) is read only for MLflow's file-store opt-in."""
+    environ = os.environ if environ is None else environ
     config_data = getattr(args, "config_data", None) or {}
     check_sections(config_data, parser_dests)
 
@@ -292,6 +308,13 @@ def settings_from_args(args: argparse.Namespace, parser_dests: set[str]) -> Retr
         loggers = (*loggers, "mlflow")
     if "none" in loggers:
         loggers = tuple(x for x in loggers if x == "mlflow")
+    uri = args.mlflow_tracking_uri or None
+    if uri and _is_file_store(uri) and environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        # MLflow 3 refuses its (maintenance-mode) file store unless the user opts in.
+        raise ConfigError(
+            f"--mlflow-tracking-uri: {uri} is an MLflow file store, which MLflow only opens with "
+            "MLFLOW_ALLOW_FILE_STORE=true in the environment; or use sqlite:///PATH/mlflow.db"
+        )
     sweep = int(args.sweep or 0)
     if sweep < 0:
         raise ConfigError(f"--sweep: must be >= 0, got {sweep}")

@@ -138,6 +138,7 @@ def parse_times(col: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         secs = (dt.dt.tz_convert("UTC") - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
         return secs.to_numpy(dtype="float64", na_value=np.nan), missing, np.zeros(n, bool)
     nums, missing, unparsable = _numeric(col)
+    nums = nums.copy()  # pandas may hand out read-only views (copy-on-write)
     invalid = np.zeros(n, bool)
     # Numbers that parsed but are not finite are invalid times.
     invalid |= ~missing & ~unparsable & ~np.isfinite(nums)

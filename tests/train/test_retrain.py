@@ -1,0 +1,267 @@
+"""``worker retrain`` end to end with a tiny model: registry, gate, evaluate, predict, models,
+MLflow, sweep, tuner and the TensorBoard plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.registry import ModelRegistry
+from stream.cli import main
+from train import fit as fit_mod
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_retrain_writes_promotes_and_evaluates(
+    tmp_path: Path, retrain_args: Callable[..., list[str]], synthetic_csv: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    code, out, err = run(retrain_args("--horizon", "2"), capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["promoted"] is True and "first version" in result["reason"]
+    models = tmp_path / "models"
+    reg = ModelRegistry(models)
+    version = result["version"]
+    assert reg.current() == version
+    vdir = models / version
+    for name in ("model.safetensors", "config.json", "model.onnx", "canary.json", "metrics.json",
+                 "manifest.json", "forecast.png"):  # fmt: skip
+        assert (vdir / name).is_file(), name
+    stored = json.loads((vdir / "metrics.json").read_text())
+    assert stored["version"] == version and stored["horizon"] == 2
+    assert stored["training"]["epochs"] >= 1 and stored["data"]["series"] == 2
+    loaded = reg.load(backend="onnx")  # every check of the worker passes
+    assert loaded.config.horizon == 2 and loaded.config.hidden_size == 16
+    run_dir = Path(result["run_dir"])
+    assert (run_dir / "evaluation.json").is_file() and (run_dir / "forecast.png").is_file()
+    assert list((run_dir / "checkpoints").glob("event-forecaster-epoch=00-val_loss=*.ckpt"))
+
+    # `worker evaluate` prints the contract's JSON for the serving version, same numbers.
+    code, out, err = run(["evaluate", "--data", str(synthetic_csv), "--model-dir", str(models)],
+                         capsys)  # fmt: skip
+    assert code == 0, err
+    ev = json.loads(out)
+    assert ev["version"] == version and ev["horizon"] == 2
+    assert ev["points"] == stored["points"]
+    for method in ("model", "persistence", "seasonal_naive"):
+        assert ev["metrics"][method]["mae"] == pytest.approx(stored["metrics"][method]["mae"])
+    assert ev["metrics"]["persistence"]["coverage_80"] is None
+
+    # `worker predict`: one forecast object per full window, or per series with --latest.
+    out_file = tmp_path / "pred.jsonl"
+    code, out, err = run(["predict", "--data", str(synthetic_csv), "--model-dir", str(models),
+                          "--out", str(out_file)], capsys)  # fmt: skip
+    assert code == 0, err
+    lines = [json.loads(x) for x in out_file.read_text().splitlines()]
+    assert len(lines) == 2 * (400 - 48 + 1)
+    f = lines[0]
+    assert set(f) == {"schema_version", "series_id", "ts", "horizon", "target_ts", "mean", "std",
+                      "lower", "upper", "model_version", "emitted_at"}  # fmt: skip
+    assert f["horizon"] == 2 and len(f["mean"]) == 2 and f["model_version"] == version
+    assert all(s > 0 for s in f["std"]) and f["lower"]["95"][0] <= f["lower"]["80"][0]
+    assert f["target_ts"][0] == pytest.approx(f["ts"] + 3600)
+    code, _, _ = run(["predict", "--data", str(synthetic_csv), "--model-dir", str(models),
+                      "--out", str(out_file), "--latest"], capsys)  # fmt: skip
+    assert code == 0 and len(out_file.read_text().splitlines()) == 2
+
+
+def _worse(fit_model: Callable[..., object]) -> Callable[..., object]:
+    """Wrap fit_model so the trained network's mean is pushed far off (a clearly worse model)."""
+
+    def wrapped(*args: object, **kwargs: object) -> object:
+        result, trainer = fit_model(*args, **kwargs)  # type: ignore[misc]
+        with torch.no_grad():
+            result.module.net.head.bias[0] += 25.0  # loc is in window-std units
+        return result, trainer
+
+    return wrapped
+
+
+def test_gate_keeps_a_worse_model_aside_and_force_overrides(
+    tmp_path: Path, retrain_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    code, out, _ = run(retrain_args(), capsys)
+    first = json.loads(out)["version"]
+    reg = ModelRegistry(tmp_path / "models")
+    assert reg.current() == first
+
+    monkeypatch.setattr(fit_mod, "fit_model", _worse(fit_mod.fit_model))
+    code, out, err = run(retrain_args(), capsys)
+    assert code == 0, err
+    second = json.loads(out)
+    assert second["promoted"] is False and "not better" in second["reason"]
+    assert reg.current() == first  # the serving version stays
+    assert second["version"] in [v.name for v in reg.versions()]  # written, for inspection
+    gate = json.loads((tmp_path / "models" / second["version"] / "metrics.json").read_text())[
+        "gate"
+    ]
+    assert gate["serving_version"] == first and gate["promote"] is False
+
+    code, out, _ = run(retrain_args("--force"), capsys)
+    third = json.loads(out)
+    assert third["promoted"] is True and "--force" in third["reason"]
+    assert reg.current() == third["version"]
+
+    # A model of another horizon cannot be compared: kept aside without --force.
+    monkeypatch.undo()
+    code, out, _ = run(retrain_args("--horizon", "3"), capsys)
+    fourth = json.loads(out)
+    assert fourth["promoted"] is False and "not comparable" in fourth["reason"]
+
+    # models list / promote / rollback / prune
+    code, out, _ = run(["models", "list", "--model-dir", str(tmp_path / "models")], capsys)
+    assert code == 0 and out.count("\n") == 5 and f"* {third['version']}" in out
+    code, out, _ = run(["models", "rollback", "--model-dir", str(tmp_path / "models")], capsys)
+    assert code == 0 and reg.current() == first
+    code, out, _ = run(["models", "promote", fourth["version"], "--model-dir",
+                        str(tmp_path / "models")], capsys)  # fmt: skip
+    assert code == 0 and reg.current() == fourth["version"]
+    code, out, _ = run(["models", "prune", "--keep", "1", "--model-dir",
+                        str(tmp_path / "models")], capsys)  # fmt: skip
+    removed = json.loads(out)["removed"]
+    # Kept: the newest (also CURRENT) and the rollback target (first, promoted before it).
+    assert removed == [second["version"], third["version"]]
+    assert reg.current() == fourth["version"] and reg.load().version == fourth["version"]
+    code, out, err = run(["models", "promote", "nope", "--model-dir", str(tmp_path / "models")],
+                         capsys)  # fmt: skip
+    assert code == 1 and "nope" in err
+
+
+def test_mlflow_file_store_gets_metrics_artifacts_and_a_registered_model(
+    tmp_path: Path, retrain_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    # MLflow 3 opens its file store only with this opt-in; without it the flag is refused.
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    code, _, err = run(retrain_args("--mlflow-tracking-uri", uri), capsys)
+    assert code == 2 and "MLFLOW_ALLOW_FILE_STORE" in err
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    code, out, err = run(retrain_args("--mlflow-tracking-uri", uri, "--mlflow-experiment", "t"),
+                         capsys)  # fmt: skip
+    assert code == 0, err
+    version = json.loads(out)["version"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("t")
+    (r,) = client.search_runs([exp.experiment_id])
+    assert r.data.tags["eventcast.version"] == version
+    assert r.data.tags["eventcast.promoted"] == "true"
+    assert r.data.metrics["test_model_mae"] > 0 and "test_persistence_mae" in r.data.metrics
+    assert "val_loss" in r.data.metrics  # Lightning's logger: training curves
+    assert r.data.params["config/hidden_size"] == "16"  # hyperparameters
+    files = {a.path for a in client.list_artifacts(r.info.run_id, "model")}
+    assert {"model/manifest.json", "model/model.onnx", "model/metrics.json"} <= files
+    (mv,) = client.search_model_versions("name='eventcast-forecaster'")
+    assert mv.run_id == r.info.run_id and mv.tags["eventcast.version"] == version
+
+
+def test_sweep_keeps_the_best_trial(
+    tmp_path: Path, retrain_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    code, out, err = run(retrain_args("--sweep", "2", "--train-windows-per-epoch", "128"), capsys)
+    assert code == 0, err
+    version = json.loads(out)["version"]
+    stored = json.loads((tmp_path / "models" / version / "metrics.json").read_text())
+    sweep = stored["sweep"]
+    assert len(sweep["trials"]) == 2
+    done = [t for t in sweep["trials"] if t["state"] == "COMPLETE"]
+    assert min(t["value"] for t in done) == pytest.approx(sweep["best_val_loss"])
+    cfg = stored["training"]["config"]
+    assert cfg["hidden_size"] == sweep["best_params"]["hidden_size"]
+    assert cfg["distribution"] == sweep["best_params"]["distribution"]
+
+
+def test_tuner_csv_logger_and_tensorboard_forecast_plots(
+    tmp_path: Path, retrain_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    argv = retrain_args("--lr-find", "--scale-batch-size", "--plot-every-n-epochs", "1")
+    argv[argv.index("--logger") + 1] = "tensorboard,csv"
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    cfg = result["training"]["config"]
+    assert cfg["learning_rate"] != pytest.approx(1e-3)  # the finder's suggestion
+    assert cfg["batch_size"] >= 32
+    run_dir = Path(result["run_dir"])
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "val/forecast" in tags["images"] and "test/forecast" in tags["images"]
+    assert "val_loss" in tags["scalars"] and any("lr" in t for t in tags["scalars"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--logger", "wandb"], "wandb"),
+        (["--precision", "8-bits"], "--precision"),
+        (["--time-budget", "soon"], "--time-budget"),
+        (["--strategy", "deepspeed"], "deepspeed"),
+        (["--hidden-size", "15"], "attention_heads"),
+    ],
+)
+def test_bad_settings_exit_2_naming_the_setting(
+    retrain_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str],
+    extra: list[str], message: str,
+) -> None:  # fmt: skip
+    code, _, err = run(retrain_args(*extra), capsys)
+    assert code == 2 and message in err
+
+
+def test_yaml_sections_set_flags_and_typos_are_refused(
+    tmp_path: Path, retrain_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from stream.cli import parse
+    from train.settings import settings_from_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "model:\n  horizon: 6\n  distribution: student_t\n  attention_heads: 4\n"
+        "training:\n  time_budget: 2m\n  accumulate_grad_batches: 2\n  gradient_clip_val: 0.5\n"
+        "hardware:\n  precision: bf16-mixed\n  devices: 1\n"
+    )
+    args = parse(retrain_args("--config", str(cfg), "--horizon", "3"), environ={})
+    s = settings_from_args(args, args._dests)
+    assert s.model.horizon == 3  # the flag wins
+    assert s.model.distribution == "student_t" and s.model.attention_heads == 4
+    assert s.training.time_budget.total_seconds() == 120
+    assert s.training.accumulate_grad_batches == 2 and s.training.gradient_clip_val == 0.5
+    assert s.hardware.precision == "bf16-mixed" and s.hardware.devices == 1
+    args = parse(retrain_args(), environ={"EVENTCAST_PATIENCE": "7", "EVENTCAST_MAX_EPOCHS": "9"})
+    s = settings_from_args(args, args._dests)
+    assert s.training.patience == 7 and s.training.max_epochs == 1  # the flag wins over env
+    cfg.write_text("training:\n  max_epoch: 3\n")
+    code, _, err = run(retrain_args("--config", str(cfg)), capsys)
+    assert code == 2 and "training.max_epoch" in err
+
+
+def test_memory_mapped_training(
+    tmp_path: Path, retrain_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    code, out, err = run(retrain_args("--mmap-dir", str(tmp_path / "mm")), capsys)
+    assert code == 0, err
+    version = json.loads(out)["version"]
+    store = tmp_path / "mm" / version
+    assert (store / "arrays.json").is_file()
+    values = np.load(store / "values.npy", mmap_mode="r")
+    assert values.shape == (800,)
+    # The store itself is a valid --data source, opened memory-mapped.
+    code, out, err = run(retrain_args(data=store), capsys)
+    assert code == 0, err
