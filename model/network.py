@@ -89,9 +89,16 @@ class ForecastNet(nn.Module):
         """Distribution parameters in normalised units for a raw window ``x`` of shape (B, T, C)."""
         b = x.shape[0]
         mask: Tensor = self.norm_mask  # type: ignore[assignment]  # (C,) 1 = normalise it
-        mu = x.mean(dim=1, keepdim=True)  # (B, 1, C)
-        var = (x - mu).pow(2).mean(dim=1, keepdim=True)  # (B, 1, C), two-pass for precision
-        sd = torch.sqrt(var + NORM_EPS_REL * mu.pow(2) + NORM_EPS_ABS)  # (B, 1, C) > 0
+        # Statistics are taken on the window divided by its largest magnitude, so squaring cannot
+        # overflow float32 for values up to its range (a window holding 1e19 would otherwise
+        # give an infinite variance and NaN forecasts), then scaled back.
+        peak = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)  # (B, 1, C) > 0
+        xs = x / peak  # (B, T, C) in [-1, 1]
+        mu_s = xs.mean(dim=1, keepdim=True)  # (B, 1, C)
+        var_s = (xs - mu_s).pow(2).mean(dim=1, keepdim=True)  # (B, 1, C), two-pass for precision
+        mu = mu_s * peak  # (B, 1, C)
+        sd = torch.sqrt(var_s + NORM_EPS_REL * mu_s.pow(2)) * peak  # (B, 1, C)
+        sd = torch.clamp_min(sd, NORM_EPS_ABS**0.5)  # all-zero windows: > 0 all the same
         xn = (x - mu * mask) / (sd * mask + (1.0 - mask))  # (B, T, C)
 
         out, _ = self.lstm(xn)  # (B, T, Hd)

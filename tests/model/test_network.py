@@ -206,3 +206,21 @@ def test_folded_inference_attention_equals_multihead_attention(hidden: int, head
         eval_out = net.eval()(x)
     for a, b in zip(train_out, eval_out, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_extreme_magnitudes_give_finite_forecasts():
+    """A window holding 1.86e19 once squared its way to an infinite variance (NaN forecasts);
+    statistics are now taken on the window scaled by its peak, so outputs stay finite."""
+    torch.manual_seed(0)
+    net = ForecastNet(ModelConfig(hidden_size=16, num_layers=1, attention_heads=2)).eval()
+    x = torch.zeros(3, 48, net.config.input_size)
+    x[0, -1, 0] = 1.86e19  # 47 zeros then one huge value
+    x[1, :, 0] = torch.linspace(-1e30, 1e30, 48)
+    # x[2] stays all zeros: the std floor keeps it finite too
+    with torch.no_grad():
+        outputs = net(x)
+    for out in outputs:
+        assert torch.isfinite(out).all()
+    mean, std = outputs[0], outputs[1]
+    assert (std > 0).all()
+    assert mean[0, 0].abs() < 1e21  # on the window's own scale, not inf
