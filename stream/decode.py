@@ -18,6 +18,9 @@ from datetime import datetime
 import orjson
 
 MAX_SERIES_ID_CHARS = 256
+# The model computes in float32 (largest ~3.4e38); values beyond this bound would overflow on the
+# way to a forecast, so they are rejected as `non_finite` like NaN and infinity.
+MAX_ABS_VALUE = 1e30
 
 # The dead-letter reasons of CONTRACT.md, in one place.
 REASONS = (
@@ -157,6 +160,8 @@ def decode_event(
     val = float(raw_value)
     if not math.isfinite(val):
         return Rejection("non_finite", "value is not finite")
+    if abs(val) > MAX_ABS_VALUE:
+        return Rejection("non_finite", f"value {val:g} is beyond ±{MAX_ABS_VALUE:g}")
 
     raw_features = doc.get("features")
     if raw_features is not None and not isinstance(raw_features, dict):
@@ -169,7 +174,7 @@ def decode_event(
         if not _is_number(f):
             return Rejection("schema", f"feature {name!r} must be a number")
         fv = float(f)
-        if not math.isfinite(fv):
-            return Rejection("non_finite", f"feature {name!r} is not finite")
+        if not math.isfinite(fv) or abs(fv) > MAX_ABS_VALUE:
+            return Rejection("non_finite", f"feature {name!r} is not finite or beyond ±1e30")
         features[name] = fv
     return Event(series_id, ts, val, features)

@@ -48,6 +48,7 @@ def test_valid_event_with_epoch_and_rfc3339_times() -> None:
         (b"s", b'{"ts": 1, "value": Infinity}', "non_finite"),
         (b"s", b'{"ts": 1, "value": -Infinity}', "non_finite"),
         (b"s", b'{"ts": 1, "value": 1e999}', "non_finite"),
+        (b"s", b'{"ts": 1, "value": 1.86e31}', "non_finite"),  # overflows float32 on the way
         (b"s", b'{"ts": NaN, "value": 1}', "non_finite"),
         (None, b'{"ts": 1, "value": 1}', "missing_key"),
         (b"", b'{"ts": 1, "value": 1}', "missing_key"),
