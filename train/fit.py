@@ -101,7 +101,8 @@ class ForecastPlotCallback(Callback):
 
 
 class EpochLogCallback(Callback):
-    """One log line per epoch (losses, validation MAE, elapsed time) when no progress bar shows."""
+    """One log line per epoch (last training step's loss, validation loss and MAE, elapsed
+    time) when no progress bar shows."""
 
     def __init__(self) -> None:
         self._start = time.monotonic()
@@ -112,7 +113,7 @@ class EpochLogCallback(Callback):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         log.info(
             "epoch %d: train_loss %.4f val_loss %.4f val_mae %.4g (%.0f s)",
-            trainer.current_epoch, m.get("train_loss_epoch", float("nan")),
+            trainer.current_epoch, m.get("train_loss_step", float("nan")),
             m.get("val_loss", float("nan")), m.get("val_mae", float("nan")),
             time.monotonic() - self._start,
         )  # fmt: skip
