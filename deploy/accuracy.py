@@ -1,23 +1,26 @@
-"""Online accuracy: join each forecast with the next actual of its series, per model version.
+"""Online accuracy, one event at a time: join each forecast with the next actual of its series, per
+model version — the sidecar form of what the worker does itself in batches (``stream.accuracy``).
 
-The worker (or a sidecar reading the input and forecast topics) calls
-:meth:`OnlineAccuracy.observe_forecast` for every forecast it publishes — the serving version's and
-a shadow (challenger) version's alike, each under its own ``model_version`` — and
-:meth:`OnlineAccuracy.observe_actual` for every accepted event. The first actual of a series with
-a ``ts`` after a forecast's ``ts`` is that forecast's "next actual": the pair is scored on the
-forecast's first step (absolute error of the mean, and whether the value lies inside each
-interval), and the forecast is dropped.
+The worker scores its forecasts in its own memory (``stream/accuracy.py``, vectorised per batch).
+This module is for a process that reads the input and forecast topics instead (a sidecar, a
+notebook, forecasts of another producer): it calls :meth:`OnlineAccuracy.observe_forecast` for
+every forecast object — the serving version's and a shadow (challenger) version's alike, each under
+its own ``model_version`` — and :meth:`OnlineAccuracy.observe_actual` for every accepted event.
+The first actual of a series with a ``ts`` after a forecast's ``ts`` is that forecast's "next
+actual": the pair is scored on the forecast's first step (absolute error of the mean, and
+whether the value lies inside each interval), and the forecast is dropped.
 
 Two views of the scores, both per version:
 
-- cumulative Prometheus counters (``eventcast_online_abs_error_total``,
+- cumulative Prometheus counters, the worker's very metrics (``stream.accuracy.AccuracyMetrics``:
+  ``eventcast_online_abs_error_total``,
   ``eventcast_online_scored_total``, ``eventcast_online_interval_hits_total{level}``), so any
   PromQL window gives MAE = ``rate(abs_error) / rate(scored)`` and coverage =
   ``rate(hits) / rate(scored)`` — what the drift alert in ``deploy/prometheus/alerts.yml`` uses;
 - rolling gauges over the last ``window`` scored forecasts (``eventcast_online_mae``,
   ``eventcast_online_coverage{level}``), and :meth:`OnlineAccuracy.summary` for code and tests.
 
-Nothing here imports Kafka, Redis or the worker. Memory is bounded: at most ``max_pending``
+Nothing here imports Kafka, Redis or the worker loop. Memory is bounded: at most ``max_pending``
 unscored forecasts (the least recently updated series is dropped first) and ``window`` scores per
 version. Not thread-safe: call it from one thread (the worker's event loop).
 """
@@ -30,19 +33,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
-LEVELS: tuple[str, ...] = ("80", "95")
+# One definition of the metrics, shared with the worker (the dashboard test checks queries
+# against METRIC_NAMES).
+from stream.accuracy import LEVELS, METRIC_NAMES, AccuracyMetrics
 
-# Every metric name this module exports (the dashboard test checks queries against them).
-METRIC_NAMES: tuple[str, ...] = (
-    "eventcast_online_abs_error_total",
-    "eventcast_online_scored_total",
-    "eventcast_online_interval_hits_total",
-    "eventcast_online_mae",
-    "eventcast_online_coverage",
-    "eventcast_online_pending",
-)
+__all__ = ["LEVELS", "METRIC_NAMES", "OnlineAccuracy", "Pending", "Score", "Summary"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +77,9 @@ class Summary:
 class OnlineAccuracy:
     """The rolling join of forecasts with next actuals (see module docstring).
 
-    ``registry``: where the metrics are registered (the worker's ``CollectorRegistry``); None
-    registers them in a private registry (``self.registry``).
+    ``registry``: where the metrics are registered (a sidecar's ``CollectorRegistry``); None
+    registers them in a private registry (``self.registry``). Not in the worker's registry: the
+    worker registers the same metrics itself.
     """
 
     def __init__(
@@ -102,31 +100,9 @@ class OnlineAccuracy:
         self._pending: OrderedDict[tuple[str, str], Pending] = OrderedDict()
         self._recent: dict[str, deque[Score]] = {}
         self._versions: set[str] = set()
-        self.abs_error = Counter(
-            "eventcast_online_abs_error", "Sum of |actual - forecast mean| (step 1), by version",
-            ["version"], registry=r,
-        )  # fmt: skip
-        self.scored = Counter(
-            "eventcast_online_scored", "Forecasts joined with their next actual, by version",
-            ["version"], registry=r,
-        )  # fmt: skip
-        self.hits = Counter(
-            "eventcast_online_interval_hits",
-            "Next actuals inside the forecast interval, by version and level",
-            ["version", "level"], registry=r,
-        )  # fmt: skip
-        self.mae = Gauge(
-            "eventcast_online_mae", "MAE over the last scored forecasts, by version",
-            ["version"], registry=r,
-        )  # fmt: skip
-        self.coverage = Gauge(
-            "eventcast_online_coverage",
-            "Interval coverage over the last scored forecasts, by version and level",
-            ["version", "level"], registry=r,
-        )  # fmt: skip
-        self.pending_gauge = Gauge(
-            "eventcast_online_pending", "Forecasts waiting for their next actual", registry=r
-        )
+        m = AccuracyMetrics(r)
+        self.abs_error, self.scored, self.hits = m.abs_error, m.scored, m.hits
+        self.mae, self.coverage, self.pending_gauge = m.mae, m.coverage, m.pending
 
     # ---- feeding -------------------------------------------------------------------------------
 

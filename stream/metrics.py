@@ -14,6 +14,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from stream.accuracy import AccuracyMetrics
+
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -92,6 +94,25 @@ class Metrics:
         self.ready = Gauge(
             "eventcast_ready", "1 when the worker is ready (model, Redis, Kafka)", registry=r
         )
+        # ---- online accuracy (stream/accuracy.py) and the shadow version (stream/shadow.py) ----
+        self.accuracy = AccuracyMetrics(r)
+        self.shadow_forecasts = Counter(
+            "eventcast_shadow_forecasts_published",
+            "Shadow-version forecasts acknowledged on the shadow topic", ["version"], registry=r,
+        )  # fmt: skip
+        self.shadow_failures = Counter(
+            "eventcast_shadow_failures",
+            "Shadow-version failures (logged, never fatal), by stage: start, infer, publish",
+            ["stage"], registry=r,
+        )  # fmt: skip
+        self.shadow_dropped = Counter(
+            "eventcast_shadow_dropped",
+            "Windows not forecast by the shadow version because its queue was full", registry=r,
+        )  # fmt: skip
+        self.shadow_info = Gauge(
+            "eventcast_shadow_info", "Shadow model version (value 1 while it runs)", ["version"],
+            registry=r,
+        )  # fmt: skip
         self._version: tuple[str, str, str] | None = None
 
     def set_model(self, version: str, backend: str, device: str) -> None:

@@ -250,6 +250,87 @@ def add_redis_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--redis-prefix", default=RedisSettings.prefix, help="prefix of every key")
 
 
+# ---- online accuracy and shadow version (stream/accuracy.py, stream/shadow.py) ----------------
+
+
+@dataclass(frozen=True)
+class AccuracySettings:
+    """Online accuracy (on unless ``--no-online-accuracy``): each forecast is scored against its
+    series' next actual, per model version; ``window`` scores per version make the rolling
+    gauges. Off, the worker does no accuracy work at all."""
+
+    enabled: bool = True
+    window: int = 1000
+
+    def __post_init__(self) -> None:
+        _positive("--accuracy-window", self.window)
+
+
+@dataclass(frozen=True)
+class ShadowSettings:
+    """A challenger version run beside the serving one on the same windows, its forecasts
+    published best-effort to ``topic`` (``--shadow-version`` / ``--shadow-model-dir``; both
+    unset: no shadow). ``model_dir`` None: the serving model directory; ``version`` None: that
+    directory's ``CURRENT``. ``queue_size``: batches waiting for the shadow model before new
+    ones are dropped (counted) rather than slowing the serving path."""
+
+    version: str | None = None
+    model_dir: Path | None = None
+    topic: str = "forecasts.shadow"
+    queue_size: int = 16
+
+    def __post_init__(self) -> None:
+        _positive("--shadow-queue-size", self.queue_size)
+
+    @property
+    def enabled(self) -> bool:
+        return self.version is not None or self.model_dir is not None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ShadowSettings:
+        model_dir = getattr(args, "shadow_model_dir", None)
+        return cls(
+            version=getattr(args, "shadow_version", None) or None,
+            model_dir=Path(model_dir) if model_dir else None,
+            topic=getattr(args, "shadow_topic", None) or f"{args.output_topic}.shadow",
+            queue_size=getattr(args, "shadow_queue_size", cls.queue_size),
+        )
+
+
+def add_ab_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of online accuracy and the shadow (challenger) version."""
+    g = parser.add_argument_group("online accuracy and shadow version")
+    g.add_argument(
+        "--no-online-accuracy",
+        dest="online_accuracy",
+        action="store_false",
+        help="do not score forecasts against the next actual (eventcast_online_* stay empty; "
+        "EVENTCAST_ONLINE_ACCURACY=false does the same)",
+    )
+    g.add_argument(
+        "--accuracy-window",
+        type=int,
+        default=AccuracySettings.window,
+        help="scores per version behind the rolling eventcast_online_mae/coverage gauges",
+    )
+    g.add_argument(
+        "--shadow-version",
+        default=None,
+        help="run this challenger version beside the serving one (same windows) and publish its "
+        "forecasts to --shadow-topic",
+    )
+    g.add_argument(
+        "--shadow-model-dir",
+        default=None,
+        help="model directory of the shadow version (default: --model-dir; its CURRENT when "
+        "--shadow-version is not given)",
+    )
+    g.add_argument(
+        "--shadow-topic", default=None, help="topic of the shadow forecasts (<output-topic>.shadow)"
+    )
+    g.add_argument("--shadow-queue-size", type=int, default=ShadowSettings.queue_size)
+
+
 # ---- the worker --------------------------------------------------------------------------------
 
 
@@ -343,6 +424,8 @@ class WorkerSettings:
     batch: BatchSettings = field(default_factory=BatchSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     fault: Fault | None = None
+    accuracy: AccuracySettings = field(default_factory=AccuracySettings)
+    shadow: ShadowSettings = field(default_factory=ShadowSettings)
 
     def __post_init__(self) -> None:
         for flag, topic in (
@@ -369,6 +452,20 @@ class WorkerSettings:
         _positive("--reload-interval", self.reload_interval)
         if self.threads is not None:
             _positive("--threads", self.threads)
+        self._check_shadow()
+
+    def _check_shadow(self) -> None:
+        if not self.shadow.enabled:
+            return
+        topic = self.shadow.topic
+        if not topic or len(topic) > 249 or any(not (c.isalnum() or c in "._-") for c in topic):
+            raise ConfigError(f"--shadow-topic: {topic!r} is not a valid Kafka topic name")
+        if topic in (self.input_topic, self.output_topic, self.dlq_topic):
+            raise ConfigError(
+                "--shadow-topic: must differ from --input-topic, --output-topic and --dlq-topic"
+            )
+        if self.engine != "native":
+            raise ConfigError("--shadow-version/--shadow-model-dir: only with --engine native")
 
     @property
     def exactly_once(self) -> bool:
@@ -416,6 +513,11 @@ class WorkerSettings:
                 rebuild_lookback=args.rebuild_lookback,
             ),
             fault=Fault.parse(environ.get("EVENTCAST_FAULT")),
+            accuracy=AccuracySettings(
+                enabled=bool(getattr(args, "online_accuracy", True)),
+                window=getattr(args, "accuracy_window", AccuracySettings.window),
+            ),
+            shadow=ShadowSettings.from_args(args),
         )
 
 
@@ -478,3 +580,4 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     b.add_argument("--window-history", type=int, default=LimitSettings.history)
     b.add_argument("--rebuild-lookback", type=int, default=LimitSettings.rebuild_lookback)
+    add_ab_arguments(parser)

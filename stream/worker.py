@@ -44,6 +44,7 @@ from aiokafka.errors import KafkaError
 from model.errors import NoModelError
 from model.predictor import Forecast
 from model.registry import LoadedModel, ModelRegistry
+from stream.accuracy import OnlineAccuracy
 from stream.consumer import Batch, Batcher, PartitionReplayer
 from stream.errors import (
     KafkaUnavailableError,
@@ -64,6 +65,7 @@ from stream.publisher import (
 from stream.reloader import ModelReloader
 from stream.retry import RetryPolicy
 from stream.settings import WorkerSettings
+from stream.shadow import ShadowRunner
 from stream.store import WindowStore
 from stream.windows import ApplyResult, PartitionWindows, WindowBatch
 
@@ -144,6 +146,17 @@ class Worker:
             settings.kafka, "read_committed" if settings.exactly_once else "read_uncommitted"
         )
         self.batches = 0  # processed batches (tests wait on it)
+        # Online accuracy and the shadow version (None when off: no work at all per batch).
+        self.accuracy = (
+            OnlineAccuracy(
+                self.metrics.accuracy,
+                window=settings.accuracy.window,
+                max_series=settings.limits.max_series,
+            )
+            if settings.accuracy.enabled
+            else None
+        )
+        self.shadow: ShadowRunner | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -203,6 +216,9 @@ class Worker:
         else:
             self.publisher = Publisher(s.kafka)
             await self.publisher.start()
+        if s.shadow.enabled:  # a shadow that cannot start is logged and counted, not fatal
+            self.shadow = ShadowRunner(s, self.metrics, self.accuracy)
+            await self.shadow.start(self.model)
         self.consumer = AIOKafkaConsumer(
             **s.kafka.client_kwargs(),
             group_id=s.group_id,
@@ -287,6 +303,7 @@ class Worker:
         self._stopped = True
         self._stop_event.set()
         for closer in (
+            self.shadow.stop() if self.shadow else None,
             self.reloader.stop() if self.reloader else None,
             self.consumer.stop() if self.consumer else None,
             self.publisher.stop() if self.publisher else None,
@@ -420,10 +437,31 @@ class Worker:
         else:
             await self._finish_at_least_once(messages, next_offsets, results)
         self._observe_latency(combined)
+        self._after_batch(results, fc, version, combined)
         for tp in batch:
             hw = self.consumer.highwater(tp)
             if hw is not None:
                 m.lag.labels(str(tp.partition)).set(max(0, hw - next_offsets[tp]))
+
+    def _after_batch(
+        self,
+        results: dict[TopicPartition, ApplyResult],
+        fc: Forecast,
+        version: str,
+        combined: WindowBatch,
+    ) -> None:
+        """Online accuracy and shadow version (stream/accuracy.py, stream/shadow.py): score the
+        batch's forecasts and hand its windows to the shadow; nothing when both are off.
+        Partitions reset by a failed publish or persist are not scored (reprocessed later)."""
+        if self.accuracy is None and self.shadow is None:
+            return
+        parts = [(tp.partition, res.windows) for tp, res in results.items()]
+        if self.shadow is not None:
+            self.shadow.submit(combined, parts, version)
+        if self.accuracy is not None:
+            live = {tp.partition for tp in results if tp in self._states}
+            self.accuracy.serving.observe_batch(parts, fc, version, live.__contains__)
+            self.accuracy.update_pending()
 
     def _observe_latency(self, combined: WindowBatch) -> None:
         if len(combined) == 0:
@@ -676,6 +714,10 @@ class Worker:
 
     def _drop(self, tp: TopicPartition) -> None:
         self._states.pop(tp, None)
+        if self.accuracy is not None:
+            self.accuracy.drop(tp.partition)
+        if self.shadow is not None:
+            self.shadow.drop(tp.partition)
 
     async def _reset(self, tp: TopicPartition) -> None:
         """Forget a partition's memory and rewind it to the committed offset; it is reloaded

@@ -3,8 +3,8 @@ rules query is one the code really exports, the provisioning matches docker-comp
 Dockerfile builds a slim non-root image in CPU and CUDA variants.
 
 Exported names are read from the live registries of the worker (``stream.metrics.Metrics``), the
-HTTP service (``deploy.serve``) and the online-accuracy scorer (``deploy.accuracy``), not from a
-hand-kept list.
+HTTP service (``deploy.serve``) and the online-accuracy scorer (``deploy.accuracy``, the sidecar
+form of the worker's own ``stream.accuracy``), not from a hand-kept list.
 """
 
 from __future__ import annotations
@@ -101,13 +101,16 @@ def test_worker_panels_and_alerts_use_only_worker_metrics() -> None:
                 assert set(NAME.findall(r["expr"])) <= worker, r["alert"]
 
 
-@pytest.mark.xfail(
-    reason="the worker does not yet feed deploy.accuracy.OnlineAccuracy into its registry "
-    "(design note in docs/operations.md); the drift alert and accuracy panels wait for it",
-    strict=False,
-)
 def test_online_accuracy_metrics_are_exported_by_the_worker() -> None:
+    """The worker's registry carries the online-accuracy metrics (stream/accuracy.py) that the
+    drift alerts and accuracy panels query, and the shadow-version metrics."""
     assert accuracy_names() <= worker_names()
+    queried = {n for e in dashboard_exprs() + [r["expr"] for r in alert_rules()]
+               for n in NAME.findall(e) if n.startswith("eventcast_online_")}  # fmt: skip
+    assert queried and queried <= worker_names()
+    shadow = {"eventcast_shadow_forecasts_published_total", "eventcast_shadow_failures_total",
+              "eventcast_shadow_dropped_total", "eventcast_shadow_info"}  # fmt: skip
+    assert shadow <= worker_names()
 
 
 def test_dashboard_has_the_required_panels_and_one_datasource() -> None:
