@@ -265,3 +265,17 @@ def test_memory_mapped_training(
     # The store itself is a valid --data source, opened memory-mapped.
     code, out, err = run(retrain_args(data=store), capsys)
     assert code == 0, err
+
+
+def test_evaluate_and_predict_without_a_model_exit_3(
+    tmp_path: Path, synthetic_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (
+        ["evaluate", "--data", str(synthetic_csv), "--model-dir", str(tmp_path / "empty")],
+        ["predict", "--data", str(synthetic_csv), "--model-dir", str(tmp_path / "empty"),
+         "--out", str(tmp_path / "p.jsonl")],
+    ):  # fmt: skip
+        code, _, err = run(argv, capsys)
+        assert code == 3 and "worker retrain" in err
+    code, _, err = run(["evaluate", "--model-dir", str(tmp_path)], capsys)
+    assert code == 2 and "--data" in err
