@@ -48,6 +48,9 @@ def register(subparsers: Any) -> None:
     create.add_argument("--dlq-topic", default="events.dlq")
     create.add_argument("--partitions", type=int, default=6, help="input and output partitions")
     create.add_argument("--replication-factor", type=int, default=1)
+    create.add_argument(
+        "--shadow-topic", default=None, help="also this topic for shadow-version forecasts"
+    )
     create.set_defaults(func=cmd_topics_create)
 
     status = subparsers.add_parser("status", help="lag, throughput, model version, group members")
@@ -116,6 +119,8 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
         args.output_topic: args.partitions,
         args.dlq_topic: 1,
     }
+    if args.shadow_topic:  # worker start --shadow-version ... --shadow-topic
+        wanted[args.shadow_topic] = args.partitions
     created = asyncio.run(create_topics(kafka, wanted, args.replication_factor))
     for name, n in wanted.items():
         state = "created" if name in created else "exists"
