@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import (
 )
 
 from model.config import ModelConfig
+from model.errors import ConfigError
 from model.module import EventForecaster
 from model.weights import load_checkpoint_weights
 from train.data import VAL, EventDataModule
@@ -196,7 +197,31 @@ def make_trainer(
         callbacks.append(RichProgressBar())
     else:
         callbacks.append(EpochLogCallback())
-    trainer = L.Trainer(
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        trainer = _trainer(settings, run_dir, loggers, callbacks, checkpoint, tty)
+    except (MisconfigurationException, ValueError, RuntimeError) as exc:
+        # e.g. --accelerator gpu without a GPU, --devices 4 on a 2-device machine, a strategy
+        # that this accelerator cannot run: a usage error, exit 2.
+        raise ConfigError(
+            f"--accelerator/--devices/--strategy/--precision: Lightning refused "
+            f"accelerator={hw.accelerator} devices={hw.devices} strategy={hw.strategy} "
+            f"precision={hw.precision}: {exc}"
+        ) from exc
+    return trainer, ckpt, early
+
+
+def _trainer(
+    settings: RetrainSettings,
+    run_dir: Path,
+    loggers: Sequence[Any],
+    callbacks: list[Callback],
+    checkpoint: bool,
+    tty: bool,
+) -> L.Trainer:
+    tr, hw = settings.training, settings.hardware
+    return L.Trainer(
         accelerator=hw.accelerator,
         devices=hw.devices,
         strategy=hw.strategy,
@@ -217,7 +242,6 @@ def make_trainer(
         log_every_n_steps=10,
         num_sanity_val_steps=0,
     )
-    return trainer, ckpt, early
 
 
 def _tune(

@@ -174,20 +174,21 @@ class LoggingSettings:
         if bad:
             raise ConfigError(f"--logger: unknown {', '.join(bad)} (use {', '.join(LOGGERS)})")
         if "wandb" in self.loggers:
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
                 raise ConfigError(
                     "--logger: wandb requested but the wandb package is not installed "
                     "(pip install wandb)"
-                ) from None
+                )
         if "mlflow" in self.loggers and not self.mlflow_tracking_uri:
             raise ConfigError("--mlflow-tracking-uri: required with --logger mlflow")
-        try:
-            import mlflow  # noqa: F401
-        except ImportError:
-            if self.mlflow_tracking_uri:
-                raise ConfigError("--mlflow-tracking-uri: mlflow is not installed") from None
+        if self.mlflow_tracking_uri:
+            import importlib.util
+
+            # find_spec, not import: mlflow takes seconds to import and is used only at the end.
+            if importlib.util.find_spec("mlflow") is None:
+                raise ConfigError("--mlflow-tracking-uri: mlflow is not installed")
 
 
 @dataclass(frozen=True)

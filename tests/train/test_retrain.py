@@ -215,6 +215,10 @@ def test_tuner_csv_logger_and_tensorboard_forecast_plots(
         (["--time-budget", "soon"], "--time-budget"),
         (["--strategy", "deepspeed"], "deepspeed"),
         (["--hidden-size", "15"], "attention_heads"),
+        (
+            ["--accelerator", "gpu"] if not torch.cuda.is_available() else ["--devices", "99"],
+            "--accelerator",
+        ),
     ],
 )
 def test_bad_settings_exit_2_naming_the_setting(
