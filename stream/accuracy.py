@@ -45,7 +45,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from itertools import repeat
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -142,8 +143,8 @@ class _Ring:
         m = min(self.n, self.size)
         if m == 0:
             return Summary(version, 0, math.nan, {lvl: math.nan for lvl in LEVELS})
-        mae = math.fsum(self.err[:m].tolist()) / m
-        cov = self.hit[:m].sum(axis=0) / m
+        mae = float(self.err[:m].sum()) / m
+        cov = np.count_nonzero(self.hit[:m], axis=0) / m
         return Summary(version, m, mae, {LEVELS[0]: float(cov[0]), LEVELS[1]: float(cov[1])})
 
 
@@ -156,26 +157,38 @@ class Scoreboard:
         self.metrics = metrics
         self.window = window
         self._rings: dict[str, _Ring] = {}
+        self._children: dict[str, tuple[Any, ...]] = {}  # version -> its labelled metrics
+
+    def _labelled(self, version: str) -> tuple[Any, ...]:
+        c = self._children.get(version)
+        if c is None:
+            m = self.metrics
+            c = self._children[version] = (
+                m.abs_error.labels(version), m.scored.labels(version),
+                [m.hits.labels(version, lvl) for lvl in LEVELS], m.mae.labels(version),
+                [m.coverage.labels(version, lvl) for lvl in LEVELS],
+            )  # fmt: skip
+        return c
 
     def record(self, version: str, err: np.ndarray, hit: np.ndarray) -> None:
         """Add ``k`` scores of ``version``: ``err`` (k,) absolute errors, ``hit`` (k, 2) whether
         the actual was inside the 80 % and 95 % intervals."""
         if len(err) == 0:
             return
-        m = self.metrics
-        m.abs_error.labels(version).inc(math.fsum(err.tolist()))
-        m.scored.labels(version).inc(len(err))
-        counts = hit.sum(axis=0)
-        for j, lvl in enumerate(LEVELS):
-            m.hits.labels(version, lvl).inc(int(counts[j]))
+        abs_error, scored, hits, mae, coverage = self._labelled(version)
+        abs_error.inc(float(err.sum()))
+        scored.inc(len(err))
+        counts = np.count_nonzero(hit, axis=0).tolist()
+        for child, c in zip(hits, counts, strict=True):
+            child.inc(c)
         ring = self._rings.get(version)
         if ring is None:
             ring = self._rings[version] = _Ring(self.window)
         ring.extend(err, hit)
         s = ring.summary(version)
-        m.mae.labels(version).set(s.mae)
-        for lvl, c in s.coverage.items():
-            m.coverage.labels(version, lvl).set(c)
+        mae.set(s.mae)
+        for child, lvl in zip(coverage, LEVELS, strict=True):
+            child.set(s.coverage[lvl])
 
     def expire(self, version: str, n: int) -> None:
         if n:
@@ -230,9 +243,13 @@ class _PartitionState:
 
     def slots(self, series: Sequence[str]) -> np.ndarray:
         """Each series' slot, allocated for new series (:meth:`trim` bounds them later)."""
-        for sid in set(series).difference(self.index):
-            self._allocate(sid)
-        return np.fromiter(map(self.index.__getitem__, series), np.int64, len(series))
+        n = len(series)
+        slots = np.fromiter(map(self.index.get, series, repeat(-1)), np.int64, n)
+        if slots.min() < 0:
+            for sid in dict.fromkeys(series[i] for i in np.flatnonzero(slots < 0).tolist()):
+                self._allocate(sid)
+            slots = np.fromiter(map(self.index.__getitem__, series), np.int64, n)
+        return slots
 
     def _allocate(self, sid: str) -> None:
         if self.free:
@@ -312,14 +329,19 @@ class AccuracyLane:
     ) -> None:
         """:meth:`observe` for consecutive row ranges of one model call: ``parts`` are the
         partitions' windows in the order their rows were concatenated for ``fc``; partitions
-        for which ``keep`` is false are skipped."""
+        for which ``keep`` is false are skipped. The scores are recorded once for the batch."""
         steps = first_step(fc)
         row = 0
+        matched = []
         for partition, windows in parts:
             k = len(windows.series)
             if keep is None or keep(partition):
-                self.observe(partition, windows, steps[row : row + k], version)
+                m = self._join(partition, windows, steps[row : row + k], version)
+                if m is not None:
+                    matched.append(m)
             row += k
+        if matched:
+            self._score(*(np.concatenate(a) for a in zip(*matched, strict=True)))
 
     def observe(
         self, partition: int, windows: WindowsLike, steps: np.ndarray | None, version: str
@@ -328,9 +350,18 @@ class AccuracyLane:
         order) and keep the newest forecast of each series. ``steps``: ``(R, 5)`` first steps of
         this lane's forecasts of these rows (:func:`first_step`), or None when the lane made none
         for them (its pending forecasts are still answered)."""
+        m = self._join(partition, windows, steps, version)
+        if m is not None:
+            self._score(*m)
+
+    def _join(
+        self, partition: int, windows: WindowsLike, steps: np.ndarray | None, version: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """Pair forecasts with their answers; returns ``(actual (n,), first steps (n, 5),
+        version codes (n,), answered (n,) bool)`` (not answered: expired), or None."""
         series = windows.series
         if not series:
-            return
+            return None
         st = self._states.get(partition)
         if st is None:
             st = self._states[partition] = _PartitionState(self.max_series)
@@ -340,7 +371,7 @@ class AccuracyLane:
         fresh = t_new > st.seen[slots]
         rows = np.flatnonzero(fresh) if not fresh.all() else np.arange(len(series))
         if len(rows) == 0:
-            return
+            return None
         rslots = slots[rows]
         order = np.argsort(rslots, kind="stable")  # rows of one series together, input order kept
         grouped = rows[order]  # (n,) row indices
@@ -357,58 +388,60 @@ class AccuracyLane:
         a_rows, a_slots = grouped[first], gslots[first]
         had = ~np.isnan(st.ts[a_slots])
         a_rows, a_slots = a_rows[had], a_slots[had]
-        f_ts = [st.ts[a_slots]]
-        f_fc = [st.fc[a_slots]]
-        f_ver = [st.ver[a_slots]]
+        f_ts, f_fc, f_ver = [st.ts[a_slots]], [st.fc[a_slots]], [st.ver[a_slots]]
         answer = [a_rows]
         st.ts[a_slots] = np.nan
         st.pending -= len(a_slots)
         # (b) each later row of a series answers the row before it
         if steps is not None:
+            code = self._code(version)
             later = np.flatnonzero(~first)
             src = grouped[later - 1]
             answer.append(grouped[later])
             f_ts.append(t_new[src])
             f_fc.append(steps[src])
-            f_ver.append(np.full(len(src), self._code(version), np.int32))
+            f_ver.append(np.full(len(src), code, np.int32))
             keep_rows, keep_slots = grouped[last], gslots[last]
             st.pending += int(np.isnan(st.ts[keep_slots]).sum())
             st.ts[keep_slots] = t_new[keep_rows]
             st.fc[keep_slots] = steps[keep_rows]
-            st.ver[keep_slots] = self._code(version)
+            st.ver[keep_slots] = code
         st.seen[gslots[last]] = t_new[grouped[last]]
-        self._score(ts, values, np.concatenate(answer), np.concatenate(f_ts),
-                    np.concatenate(f_fc), np.concatenate(f_ver))  # fmt: skip
         st.trim(self._expire_codes)
 
+        rows = np.concatenate(answer)
+        fts = np.concatenate(f_ts)
+        # The answer is the first point after the forecast's ts. Usually (every event forecast)
+        # that is the answering window's newest point; search the window only otherwise.
+        actual = values[rows, -1]
+        ok = np.ones(len(rows), bool)
+        other = np.flatnonzero(ts[rows, -2] != fts)
+        if len(other):
+            r, ft = rows[other], fts[other]
+            w = ts[r]  # (m, T)
+            k = (w > ft[:, None]).argmax(axis=1)  # first point after the forecast's ts
+            actual[other] = values[r, k]
+            ok[other] = w[:, 0] <= ft  # else that point has left the window: expired
+        return actual, np.concatenate(f_fc), np.concatenate(f_ver), ok
+
     def _score(
-        self,
-        ts: np.ndarray,
-        values: np.ndarray,
-        rows: np.ndarray,
-        f_ts: np.ndarray,
-        f_fc: np.ndarray,
-        f_ver: np.ndarray,
+        self, actual: np.ndarray, f_fc: np.ndarray, f_ver: np.ndarray, ok: np.ndarray
     ) -> None:
-        if len(rows) == 0:
+        if len(actual) == 0:
             return
-        w = ts[rows]  # (n, T)
-        ok = w[:, 0] <= f_ts  # the point right after f_ts is still in the window
-        after = w > f_ts[:, None]  # (n, T); row-wise True from the answer on
-        k = after.argmax(axis=1)  # (n,) first point after the forecast's ts
-        actual = values[rows, k]
         err = np.abs(actual - f_fc[:, _MEAN])
         hit = np.stack(
             [(f_fc[:, _LO80] <= actual) & (actual <= f_fc[:, _UP80]),
              (f_fc[:, _LO95] <= actual) & (actual <= f_fc[:, _UP95])],
             axis=1,
         )  # fmt: skip
-        for code in np.unique(f_ver).tolist():
-            mine = f_ver == code
+        codes = [int(f_ver[0])] if (f_ver == f_ver[0]).all() else np.unique(f_ver).tolist()
+        for code in codes:
             version = self._versions[code]
-            sel = mine & ok
+            sel = ok if len(codes) == 1 else ok & (f_ver == code)
             self.board.record(version, err[sel], hit[sel])
-            self.board.expire(version, int((mine & ~ok).sum()))
+            expired = ~ok if len(codes) == 1 else ~ok & (f_ver == code)
+            self.board.expire(version, int(np.count_nonzero(expired)))
 
     def _expire_codes(self, codes: np.ndarray) -> None:
         for code, n in zip(*np.unique(codes, return_counts=True), strict=True):
