@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 REPO = Path(__file__).resolve().parent.parent
 KAFKA_POM = REPO / "deploy" / "kafka" / "pom.xml"
@@ -184,14 +185,55 @@ def _java() -> str:
     return java
 
 
+class _ManagedProcess:
+    """What Kafka and Redis share: a pid file, a log file, running checks, stop and kill.
+
+    Subclasses are dataclasses with ``dir`` and ``port`` and set ``name``.
+    """
+
+    name: ClassVar[str]
+    dir: Path
+    port: int
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "logs" / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        pid = _read_pid(self.pid_file)
+        return pid if pid is not None and _pid_alive(pid) else None
+
+    def running(self) -> bool:
+        return self.pid() is not None and port_open(self.port)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Graceful stop (SIGTERM, then SIGKILL after ``timeout``). Safe to call twice."""
+        pid = self.pid()
+        if pid is not None:
+            _terminate(pid, timeout)
+        self.pid_file.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """``kill -9`` the process, as a crash would."""
+        pid = self.pid()
+        if pid is not None:
+            _terminate(pid, 10, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+
+
 @dataclass
-class KafkaServer:
+class KafkaServer(_ManagedProcess):
     """One single-node KRaft broker (combined broker + controller) on 127.0.0.1.
 
     ``scram_users`` (name → password) adds a ``SASL_PLAINTEXT`` listener on ``sasl_port`` with
     SCRAM-SHA-256, the credentials written into the storage at format time.
     """
 
+    name: ClassVar[str] = "kafka"
     dir: Path
     port: int = 9092
     controller_port: int | None = None
@@ -208,14 +250,6 @@ class KafkaServer:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def pid_file(self) -> Path:
-        return self.dir / "kafka.pid"
-
-    @property
-    def log_file(self) -> Path:
-        return self.dir / "logs" / "kafka.log"
-
     def _saved_controller_port(self) -> int | None:
         props = self.dir / "kafka" / "server.properties"
         if props.exists():
@@ -223,13 +257,6 @@ class KafkaServer:
                 if line.startswith("controller.quorum.voters="):
                     return int(line.rsplit(":", 1)[1])
         return None
-
-    def pid(self) -> int | None:
-        pid = _read_pid(self.pid_file)
-        return pid if pid is not None and _pid_alive(pid) else None
-
-    def running(self) -> bool:
-        return self.pid() is not None and port_open(self.port)
 
     def _properties(self) -> str:
         listeners = [
@@ -356,20 +383,6 @@ class KafkaServer:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Controlled shutdown (SIGTERM, then SIGKILL after ``timeout``). Safe to call twice."""
-        pid = self.pid()
-        if pid is not None:
-            _terminate(pid, timeout)
-        self.pid_file.unlink(missing_ok=True)
-
-    def kill(self) -> None:
-        """``kill -9`` the broker, as a crash would."""
-        pid = self.pid()
-        if pid is not None:
-            _terminate(pid, 10, signal.SIGKILL)
-        self.pid_file.unlink(missing_ok=True)
-
     def restart(self, timeout: float = 90.0) -> None:
         self.stop()
         self.start(timeout)
@@ -391,12 +404,13 @@ def _redis_ping(port: int, password: str | None = None, timeout: float = 0.5) ->
 
 
 @dataclass
-class RedisServer:
+class RedisServer(_ManagedProcess):
     """The system's ``redis-server`` with AOF persistence in ``dir``.
 
     ``extra_args`` are passed through (e.g. ``["--aclfile", path]`` or TLS options).
     """
 
+    name: ClassVar[str] = "redis"
     dir: Path
     port: int = 6379
     extra_args: tuple[str, ...] = ()
@@ -408,21 +422,6 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.dir / "redis.pid"
-
-    @property
-    def log_file(self) -> Path:
-        return self.dir / "logs" / "redis.log"
-
-    def pid(self) -> int | None:
-        pid = _read_pid(self.pid_file)
-        return pid if pid is not None and _pid_alive(pid) else None
-
-    def running(self) -> bool:
-        return self.pid() is not None and port_open(self.port)
 
     def start(self, timeout: float = 20.0) -> None:
         """Start redis-server, or reuse it when it already runs; return once it answers PING."""
@@ -469,19 +468,6 @@ class RedisServer:
                 return
             time.sleep(0.1)
         raise StackError(f"Redis did not answer PING within {timeout:.0f}s; see {self.log_file}")
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (Redis flushes its AOF), SIGKILL after ``timeout``. Safe to call twice."""
-        pid = self.pid()
-        if pid is not None:
-            _terminate(pid, timeout)
-        self.pid_file.unlink(missing_ok=True)
-
-    def kill(self) -> None:
-        pid = self.pid()
-        if pid is not None:
-            _terminate(pid, 5, signal.SIGKILL)
-        self.pid_file.unlink(missing_ok=True)
 
 
 # --- topics ------------------------------------------------------------------------------------
