@@ -55,6 +55,7 @@ class RetrainResult:
             "run_dir": str(self.run_dir) if self.run_dir else None,
             "quality": self.report.get("quality"),
             "training": self.report.get("training"),
+            "total_seconds": self.report.get("total_seconds"),
         }
 
 
