@@ -293,8 +293,8 @@ class FaustEngine:
             allow_empty=True,
         )
         app.agent(topic, name=f"eventcast-{s.input_topic}")(self._agent)
-        app.on_partitions_revoked.connect(self._on_revoked)
-        app.on_partitions_assigned.connect(self._on_assigned)
+        app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+        app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
         return app
 
     def request_stop(self) -> None:
