@@ -27,8 +27,9 @@ class Batcher:
         self.settings = settings
         self.poll = poll
 
-    async def next(self) -> Batch:
-        """The next batch; empty after ``poll`` seconds without records."""
+    async def next(self, max_delay: float | None = None) -> Batch:
+        """The next batch; empty after ``poll`` seconds without records. ``max_delay`` overrides
+        the configured one for this batch (0: take what the first fetch returns)."""
         limit = self.settings.max_batch
         batch: Batch = await self.consumer.getmany(
             timeout_ms=int(self.poll * 1000), max_records=limit
@@ -36,7 +37,8 @@ class Batcher:
         n = sum(len(v) for v in batch.values())
         if n == 0:
             return {}
-        deadline = time.monotonic() + self.settings.max_delay
+        delay = self.settings.max_delay if max_delay is None else max_delay
+        deadline = time.monotonic() + delay
         while n < limit:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

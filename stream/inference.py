@@ -24,9 +24,10 @@ class InferenceRunner:
     """Forecasts for :class:`WindowBatch` rows with the serving model; ``swap`` replaces it
     (between batches only: the caller guarantees no call is in flight)."""
 
-    def __init__(self, model: LoadedModel, metrics: Metrics) -> None:
+    def __init__(self, model: LoadedModel, metrics: Metrics, cpu_chunk: int = 256) -> None:
         self.model = model
         self.metrics = metrics
+        self.cpu_chunk = cpu_chunk
 
     @property
     def version(self) -> str:
@@ -38,9 +39,20 @@ class InferenceRunner:
 
     def _run(self, model: LoadedModel, windows: WindowBatch) -> Forecast:
         x = build_inputs(windows.ts, windows.values, windows.features, model.config)  # (B, T, C)
+        p = model.predictor
         start = time.perf_counter()
-        fc = model.predictor.predict(x)
-        self.metrics.inference.labels(model.predictor.backend).observe(time.perf_counter() - start)
+        step = self.cpu_chunk if p.device == "cpu" else len(x)
+        if len(x) <= step:
+            fc = p.predict(x)
+        else:
+            parts = [p.predict(x[i : i + step]) for i in range(0, len(x), step)]
+            fc = Forecast(
+                np.concatenate([f.mean for f in parts]),
+                np.concatenate([f.std for f in parts]),
+                {k: np.concatenate([f.lower[k] for f in parts]) for k in parts[0].lower},
+                {k: np.concatenate([f.upper[k] for f in parts]) for k in parts[0].upper},
+            )
+        self.metrics.inference.labels(p.backend).observe(time.perf_counter() - start)
         return fc
 
     async def forecast(self, windows: WindowBatch) -> Forecast:

@@ -118,20 +118,21 @@ def _producer_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
 
 class _Partitioner:
     """murmur2 partition of each key (as Java clients and aiokafka place them), cached per key:
-    the pure-Python hash would otherwise cost more than the rest of the send."""
+    the pure-Python hash would otherwise cost more than the rest of the send. Records without a
+    key go round-robin."""
 
     def __init__(self) -> None:
         self._counts: dict[str, int] = {}
         self._cache: dict[tuple[str, bytes], int] = {}
+        self._next = 0
 
-    async def partition(
-        self, producer: AIOKafkaProducer, topic: str, key: bytes | None
-    ) -> int | None:
-        if key is None:
-            return None
+    async def partition(self, producer: AIOKafkaProducer, topic: str, key: bytes | None) -> int:
         n = self._counts.get(topic)
         if n is None:
             n = self._counts[topic] = len(await producer.partitions_for(topic))
+        if key is None:
+            self._next += 1
+            return self._next % n
         hit = self._cache.get((topic, key))
         if hit is None:
             if len(self._cache) > 1_000_000:
@@ -147,14 +148,35 @@ class _Partitioner:
 async def _send_all(
     producer: AIOKafkaProducer, parts: _Partitioner, messages: Sequence[OutMessage]
 ) -> list[asyncio.Future[Any]]:
-    futures = []
+    """Queue ``messages`` for sending; one future per record batch (it fails if any record of
+    the batch is refused). Records are packed into record batches per partition here, in order,
+    rather than one ``send()`` each: the per-message future and accumulator bookkeeping of
+    ``send()`` cost more than encoding the forecast."""
+    futures: list[asyncio.Future[Any]] = []
+    open_batches: dict[tuple[str, int], Any] = {}
+
+    async def submit(topic: str, partition: int, builder: Any) -> None:
+        builder.close()  # nothing else may join it once queued
+        futures.append(await producer.send_batch(builder, topic, partition=partition))
+
     for m in messages:
         p = await parts.partition(producer, m.topic, m.key)
-        futures.append(
-            await producer.send(
-                m.topic, m.value, m.key, partition=p, timestamp_ms=m.timestamp_ms, headers=m.headers
-            )
-        )
+        builder = open_batches.get((m.topic, p))
+        if builder is None:
+            builder = open_batches[(m.topic, p)] = producer.create_batch()
+        args = {"timestamp": m.timestamp_ms, "key": m.key, "value": m.value, "headers": m.headers}
+        if builder.append(**args) is None:  # full
+            await submit(m.topic, p, builder)
+            builder = open_batches[(m.topic, p)] = producer.create_batch()
+            if builder.append(**args) is None:  # larger than a whole batch: on its own
+                del open_batches[(m.topic, p)]
+                fut = await producer.send(
+                    m.topic, m.value, m.key, partition=p, timestamp_ms=m.timestamp_ms,
+                    headers=m.headers,
+                )  # fmt: skip
+                futures.append(fut)
+    for (topic, p), builder in open_batches.items():
+        await submit(topic, p, builder)
     return futures
 
 

@@ -338,16 +338,20 @@ def add_ab_arguments(parser: argparse.ArgumentParser) -> None:
 class BatchSettings:
     """Micro-batching: a batch closes at ``max_batch`` events or ``max_delay`` seconds after its
     first event; at most ``queue_size`` fetched batches wait for inference before fetching
-    pauses."""
+    pauses. On the CPU the model runs on chunks of at most ``infer_batch`` windows (small batches
+    keep the recurrent state in the cache: faster per window than one large call); on a GPU the
+    whole batch goes in one call."""
 
     max_batch: int = 2048
     max_delay: float = 0.02
     queue_size: int = 2
+    infer_batch: int = 256
 
     def __post_init__(self) -> None:
         _positive("--max-batch", self.max_batch)
         _positive("--max-delay-ms", self.max_delay, allow_zero=True)
         _positive("--queue-size", self.queue_size)
+        _positive("--infer-batch", self.infer_batch)
 
 
 @dataclass(frozen=True)
@@ -505,6 +509,7 @@ class WorkerSettings:
                 max_batch=args.max_batch,
                 max_delay=args.max_delay_ms / 1000.0,
                 queue_size=args.queue_size,
+                infer_batch=getattr(args, "infer_batch", BatchSettings.infer_batch),
             ),
             limits=LimitSettings(
                 max_series=args.max_series_per_partition,
@@ -571,6 +576,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--max-batch", type=int, default=BatchSettings.max_batch)
     b.add_argument("--max-delay-ms", type=float, default=BatchSettings.max_delay * 1000)
     b.add_argument("--queue-size", type=int, default=BatchSettings.queue_size)
+    b.add_argument(
+        "--infer-batch", type=int, default=BatchSettings.infer_batch,
+        help="most windows per model call on the CPU (default %(default)s)",
+    )  # fmt: skip
     b.add_argument("--max-series-per-partition", type=int, default=LimitSettings.max_series)
     b.add_argument(
         "--series-ttl",

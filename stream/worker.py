@@ -67,7 +67,7 @@ from stream.retry import RetryPolicy
 from stream.settings import WorkerSettings
 from stream.shadow import ShadowRunner
 from stream.store import WindowStore
-from stream.windows import ApplyResult, PartitionWindows, WindowBatch
+from stream.windows import ApplyResult, PartitionWindows, Snapshot, WindowBatch
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,21 @@ _REVOKE_WAIT = 10.0
 class _Partition:
     windows: PartitionWindows
     expected: int | None  # applied offset Redis holds as far as we know (None: nothing)
+
+
+@dataclass
+class _Prepared:
+    """A batch between the stages of the pipeline: its partitions' state objects (a partition
+    reset meanwhile has another one, or none), what applying its records produced, the
+    snapshots to persist, the windows to forecast and the offsets to commit."""
+
+    parts: dict[TopicPartition, _Partition]
+    results: dict[TopicPartition, ApplyResult]
+    snaps: dict[TopicPartition, Snapshot]
+    combined: WindowBatch
+    next_offsets: dict[TopicPartition, int]
+    fc: Forecast | None = None
+    version: str = ""
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -123,7 +138,14 @@ class Worker:
         self.registry = ModelRegistry(settings.model_dir)
         self.topic = settings.input_topic
         self._stop_event = asyncio.Event()
-        self._lock = asyncio.Lock()  # held while a batch is processed; revoke waits for it
+        self._lock = asyncio.Lock()  # held while a batch is prepared or completed
+        self._inflight = 0  # batches prepared and not yet completed (the pipeline of run())
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._hold = asyncio.Event()  # cleared while a rebalance waits for the pipeline
+        self._hold.set()
+        self._pipelined = False  # run()'s pipeline is running (rewinds go to its fetch stage)
+        self._rewind: set[TopicPartition] = set()  # reset partitions the fetch stage rewinds
         self._abandon = False
         self._states: dict[TopicPartition, _Partition] = {}
         self._assigned: set[TopicPartition] = set()
@@ -194,7 +216,7 @@ class Worker:
             self.health = HealthServer(self.metrics, self.ready, s.metrics_host, s.metrics_port)
             await self.health.start()
         self.model = await self._first_model()
-        self.runner = InferenceRunner(self.model, self.metrics)
+        self.runner = InferenceRunner(self.model, self.metrics, s.batch.infer_batch)
         self.runner.swap(self.model)
 
         self._redis = s.redis.client()
@@ -321,21 +343,105 @@ class Worker:
     # ---- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Process batches until :meth:`request_stop`; the batch in flight is finished first."""
+        """Process batches until :meth:`request_stop`; the batches in flight are finished first.
+
+        Three stages run concurrently, joined by bounded FIFO queues (DESIGN.md "Worker loop"):
+        fetch + decode + window update (:meth:`_prepare`, on the event loop) → inference (a
+        thread) → publish, persist, commit (:meth:`_complete`). While the model works on one
+        batch, the next is fetched and applied and the previous one is published and committed.
+        Every stage takes batches in fetch order, so per-partition order and commit-last hold:
+        a batch's offsets are committed only after its forecasts are acknowledged and its
+        snapshot (taken right after its records were applied) is persisted. When the inference
+        queue is full, fetching stops (aiokafka keeps at most one prefetched response per
+        partition), so memory stays bounded.
+        """
         assert self._batcher is not None and self.consumer is not None
         self.metrics.ready.set(1)
+        self._pipelined = True
+        depth = self.settings.batch.queue_size
+        to_infer: asyncio.Queue[_Prepared | None] = asyncio.Queue(depth)
+        to_finish: asyncio.Queue[_Prepared | None] = asyncio.Queue(depth)
+        stages = [
+            asyncio.create_task(self._fetch_stage(to_infer), name="fetch"),
+            asyncio.create_task(self._infer_stage(to_infer, to_finish), name="infer"),
+            asyncio.create_task(self._finish_stage(to_finish), name="finish"),
+        ]
+        try:
+            done, _ = await asyncio.wait(stages, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in stages:
+                task.cancel()
+            await asyncio.gather(*stages, return_exceptions=True)
+            self._pipelined = False
+            self.metrics.ready.set(0)
+
+    async def _fetch_stage(self, out: asyncio.Queue[_Prepared | None]) -> None:
+        assert self._batcher is not None
         while not self._stop_event.is_set():
-            self._maybe_swap_model()
-            batch = await self._batcher.next()
-            if not batch:
-                await self._idle()
-                continue
-            async with self._lock:
-                self._abandon = False
-                await self._process(batch)
-                self.batches += 1
+            if not self._inflight:
+                self._maybe_swap_model()  # idle: no inference in flight (else the infer stage)
+            await self._rewind_pending({})
+            # Dynamic batching: while the model is busy, records pile up into the next batch
+            # (up to max_batch / max_delay); when it is idle, waiting would only add latency.
+            batch = await self._batcher.next(None if self._inflight else 0.0)
+            await self._hold.wait()  # a rebalance is waiting for the batches in flight
+            if any(batch.values()):
+                self._begin()
+                try:
+                    async with self._lock:
+                        # Partitions reset by a later stage while these records were fetched:
+                        # the records predate the rewind and are read again.
+                        await self._rewind_pending(batch)
+                        prep = await self._prepare(batch)
+                except BaseException:
+                    self._end()
+                    raise
+                if prep is None:
+                    self._end()
+                else:
+                    await out.put(prep)
             await self._idle()
-        self.metrics.ready.set(0)
+        await out.put(None)
+
+    async def _rewind_pending(self, batch: Batch) -> None:
+        """Seek the partitions reset since the last fetch back to their committed offsets and
+        drop their records from ``batch``. Runs in the fetch stage between two fetches, so no
+        fetch in flight can return records from before the seek."""
+        while self._rewind:
+            tp = self._rewind.pop()
+            batch.pop(tp, None)
+            await self._seek_committed(tp)
+
+    async def _infer_stage(
+        self, inp: asyncio.Queue[_Prepared | None], out: asyncio.Queue[_Prepared | None]
+    ) -> None:
+        assert self.runner is not None
+        while (prep := await inp.get()) is not None:
+            self._maybe_swap_model()  # between batches: a batch never mixes versions
+            await self._infer(prep)
+            await out.put(prep)
+        await out.put(None)
+
+    async def _finish_stage(self, inp: asyncio.Queue[_Prepared | None]) -> None:
+        while (prep := await inp.get()) is not None:
+            try:
+                async with self._lock:
+                    await self._complete(prep)
+                    self.batches += 1
+            finally:
+                self._end()
+
+    def _begin(self) -> None:
+        self._inflight += 1
+        self._drained.clear()
+
+    def _end(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._drained.set()
 
     def _maybe_swap_model(self) -> None:
         if self.reloader is None or self.runner is None:
@@ -372,11 +478,21 @@ class Worker:
             log.debug("status announcement failed: %s", exc)
 
     async def _process(self, batch: Batch) -> None:
-        assert self.consumer is not None and self.runner is not None
+        """One batch through every stage in sequence (the faust engine's path; the native loop
+        runs the same stages as a pipeline, see :meth:`run`)."""
+        prep = await self._prepare(batch)
+        if prep is not None:
+            await self._infer(prep)
+            await self._complete(prep)
+
+    async def _prepare(self, batch: Batch) -> _Prepared | None:
+        """Decode and apply the records of assigned partitions to their windows and take each
+        partition's snapshot; None when nothing is left to do (or the batch was abandoned)."""
+        assert self.runner is not None
         m = self.metrics
         batch = {tp: recs for tp, recs in batch.items() if tp in self._assigned and recs}
         if not batch:
-            return
+            return None
         n = sum(len(r) for r in batch.values())
         m.consumed.inc(n)
         m.batch_size.observe(n)
@@ -388,60 +504,77 @@ class Worker:
                 # record is skipped should the partition stay ours.
                 for other in batch:
                     await self._reset(other)
-                return
+                return None
         results: dict[TopicPartition, ApplyResult] = {}
+        parts: dict[TopicPartition, _Partition] = {}
+        snaps: dict[TopicPartition, Snapshot] = {}
         latest = self.settings.emit == "latest"
         for tp, recs in batch.items():
-            res = self._states[tp].windows.apply(recs, latest=latest)
+            part = self._states[tp]
+            res = part.windows.apply(recs, latest=latest)
+            parts[tp] = part
             results[tp] = res
+            snaps[tp] = part.windows.snapshot()
             m.accepted.inc(res.accepted)
             m.warming.inc(res.warming)
             m.redelivered.inc(res.redelivered)
             m.not_reemitted.inc(res.not_reemitted)
             for _, rej in res.rejected:
                 m.rejected.labels(rej.reason).inc()
-        t1 = time.perf_counter()
-        m.stage.labels("apply").observe(t1 - t0)
-
         cfg = self.runner.model.config
-        parts = [res.windows for res in results.values()]
-        combined = WindowBatch.concat(-1, parts, cfg.sequence_length, cfg.features)
-        fc = await self.runner.forecast(combined)
-        version = self.runner.version
-        t2 = time.perf_counter()
-        m.stage.labels("infer").observe(t2 - t1)
+        combined = WindowBatch.concat(
+            -1, [res.windows for res in results.values()], cfg.sequence_length, cfg.features
+        )
+        m.stage.labels("apply").observe(time.perf_counter() - t0)
+        next_offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
+        return _Prepared(parts, results, snaps, combined, next_offsets)
 
+    async def _infer(self, prep: _Prepared) -> None:
+        assert self.runner is not None
+        t0 = time.perf_counter()
+        model = self.runner.model
+        prep.fc = await self.runner.forecast(prep.combined)
+        prep.version = model.version
+        self.metrics.stage.labels("infer").observe(time.perf_counter() - t0)
+
+    async def _complete(self, prep: _Prepared) -> None:
+        """Encode, publish, persist the snapshots, commit. A partition reset or reloaded since
+        the batch was prepared is left out: its records are read again from the committed
+        offset."""
+        assert self.consumer is not None and prep.fc is not None
+        m = self.metrics
+        t2 = time.perf_counter()
         s = self.settings
+        fc, version = prep.fc, prep.version
+        live = {tp for tp, part in prep.parts.items() if self._states.get(tp) is part}
         messages: dict[TopicPartition, list[OutMessage]] = {}
         row = 0
-        for tp, res in results.items():
+        for tp, res in prep.results.items():
             k = len(res.windows)
-            out = encode_forecasts(
-                res.windows, _slice_forecast(fc, row, row + k),
-                version=version, input_topic=self.topic, output_topic=s.output_topic,
-            )  # fmt: skip
-            row += k
-            out.extend(
-                dead_letter(
-                    rec, rej, input_topic=self.topic, partition=tp.partition, dlq_topic=s.dlq_topic
+            if tp in live:
+                out = encode_forecasts(
+                    res.windows, _slice_forecast(fc, row, row + k),
+                    version=version, input_topic=self.topic, output_topic=s.output_topic,
+                )  # fmt: skip
+                topic, dlq = self.topic, s.dlq_topic
+                out.extend(
+                    dead_letter(rec, rej, input_topic=topic, partition=tp.partition, dlq_topic=dlq)
+                    for rec, rej in res.rejected
                 )
-                for rec, rej in res.rejected
-            )
-            messages[tp] = out
-        t3 = time.perf_counter()
-        m.stage.labels("encode").observe(t3 - t2)
+                messages[tp] = out
+            row += k
+        m.stage.labels("encode").observe(time.perf_counter() - t2)
 
-        next_offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
         if s.exactly_once:
-            await self._finish_exactly_once(messages, next_offsets, results)
+            await self._finish_exactly_once(messages, prep)
         else:
-            await self._finish_at_least_once(messages, next_offsets, results)
-        self._observe_latency(combined)
-        self._after_batch(results, fc, version, combined)
-        for tp in batch:
+            await self._finish_at_least_once(messages, prep)
+        self._observe_latency(prep.combined)
+        self._after_batch(prep.results, fc, version, prep.combined, prep.parts)
+        for tp, nxt in prep.next_offsets.items():
             hw = self.consumer.highwater(tp)
             if hw is not None:
-                m.lag.labels(str(tp.partition)).set(max(0, hw - next_offsets[tp]))
+                m.lag.labels(str(tp.partition)).set(max(0, hw - nxt))
 
     def _after_batch(
         self,
@@ -449,6 +582,7 @@ class Worker:
         fc: Forecast,
         version: str,
         combined: WindowBatch,
+        prepared: dict[TopicPartition, _Partition] | None = None,
     ) -> None:
         """Online accuracy and shadow version (stream/accuracy.py, stream/shadow.py): score the
         batch's forecasts and hand its windows to the shadow; nothing when both are off.
@@ -459,7 +593,11 @@ class Worker:
         if self.shadow is not None:
             self.shadow.submit(combined, parts, version)
         if self.accuracy is not None:
-            live = {tp.partition for tp in results if tp in self._states}
+            live = {
+                tp.partition
+                for tp in results
+                if tp in self._states and (prepared is None or self._states[tp] is prepared[tp])
+            }
             self.accuracy.serving.observe_batch(parts, fc, version, live.__contains__)
             self.accuracy.update_pending()
 
@@ -480,10 +618,7 @@ class Worker:
         self.metrics.forecasts.inc(n_all - n_dlq)
 
     async def _finish_at_least_once(
-        self,
-        messages: dict[TopicPartition, list[OutMessage]],
-        next_offsets: dict[TopicPartition, int],
-        results: dict[TopicPartition, ApplyResult],
+        self, messages: dict[TopicPartition, list[OutMessage]], prep: _Prepared
     ) -> None:
         assert self.publisher is not None and self.consumer is not None
         m = self.metrics
@@ -500,12 +635,12 @@ class Worker:
         m.stage.labels("publish").observe(t1 - t0)
         self.faults.hit("after_publish")
 
-        persisted = await self._persist_all(list(messages))
+        persisted = await self._persist_all(list(messages), prep)
         t2 = time.perf_counter()
         m.stage.labels("persist").observe(t2 - t1)
         self.faults.hit("after_window_write")
         self.faults.hit("before_commit")
-        offsets = {tp: next_offsets[tp] for tp in persisted}
+        offsets = {tp: prep.next_offsets[tp] for tp in persisted}
         if offsets:
             try:
                 await self.consumer.commit(offsets)
@@ -516,10 +651,7 @@ class Worker:
         m.stage.labels("commit").observe(time.perf_counter() - t2)
 
     async def _finish_exactly_once(
-        self,
-        messages: dict[TopicPartition, list[OutMessage]],
-        next_offsets: dict[TopicPartition, int],
-        results: dict[TopicPartition, ApplyResult],
+        self, messages: dict[TopicPartition, list[OutMessage]], prep: _Prepared
     ) -> None:
         txn = self.txn
         assert txn is not None
@@ -532,7 +664,9 @@ class Worker:
 
         async def one(tp: TopicPartition) -> TopicPartition | None:
             try:
-                await txn.publish_and_commit(tp.partition, messages[tp], next_offsets[tp], hook)
+                await txn.publish_and_commit(
+                    tp.partition, messages[tp], prep.next_offsets[tp], hook
+                )
                 return tp
             except KafkaError as exc:
                 log.error(
@@ -547,7 +681,7 @@ class Worker:
         m.commits.inc(len(done))
         t1 = time.perf_counter()
         m.stage.labels("publish").observe(t1 - t0)
-        await self._persist_all(done)
+        await self._persist_all(done, prep)
         self.faults.hit("after_window_write")
         m.stage.labels("persist").observe(time.perf_counter() - t1)
 
@@ -587,14 +721,17 @@ class Worker:
                 self._redis_ok = True
                 self.metrics.ready.set(1)
 
-    async def _persist_all(self, tps: list[TopicPartition]) -> list[TopicPartition]:
-        """Persist each partition's changes; returns those persisted (safe to commit)."""
+    async def _persist_all(
+        self, tps: list[TopicPartition], prep: _Prepared
+    ) -> list[TopicPartition]:
+        """Persist each partition's snapshot of ``prep``; returns those persisted (safe to
+        commit). A partition reset since (another state object, or none) is not persisted."""
 
         async def one(tp: TopicPartition) -> TopicPartition | None:
             part = self._states.get(tp)
-            if part is None:
+            if part is None or part is not prep.parts[tp]:
                 return None
-            snap = part.windows.snapshot()
+            snap = prep.snaps[tp]
             if snap.applied == part.expected and not snap.set and not snap.delete:
                 return tp
             try:
@@ -721,9 +858,18 @@ class Worker:
 
     async def _reset(self, tp: TopicPartition) -> None:
         """Forget a partition's memory and rewind it to the committed offset; it is reloaded
-        (and rebuilt if needed) before its next records are processed."""
-        assert self.consumer is not None
+        (and rebuilt if needed) before its next records are processed. While the pipeline of
+        :meth:`run` runs, the rewind is left to its fetch stage (see :meth:`_rewind_pending`)."""
         self._drop(tp)
+        if tp not in self._assigned:
+            return
+        if self._pipelined:
+            self._rewind.add(tp)
+        else:
+            await self._seek_committed(tp)
+
+    async def _seek_committed(self, tp: TopicPartition) -> None:
+        assert self.consumer is not None
         if tp not in self._assigned:
             return
         try:
@@ -740,25 +886,38 @@ class Worker:
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         if not revoked:
             return
-        # Let the batch in flight finish (and commit) while we still own the partitions; if Redis
-        # keeps it from finishing, abandon it: its offsets stay uncommitted for the next owner.
+        # Let the batches in flight finish (and commit) while we still own the partitions; if
+        # Redis keeps them from finishing, abandon them: their offsets stay uncommitted for the
+        # next owner. No new batch is prepared meanwhile.
+        self._hold.clear()
         try:
-            await asyncio.wait_for(self._lock.acquire(), timeout=_REVOKE_WAIT)
-        except TimeoutError:
-            self._abandon = True
-            await self._lock.acquire()
-        try:
-            for tp in revoked:
-                self._drop(tp)
-                self._assigned.discard(tp)
-                with contextlib.suppress(KeyError):
-                    self.metrics.lag.remove(str(tp.partition))
-                if self.txn is not None:
-                    await self.txn.close(tp.partition)
+            try:
+                await asyncio.wait_for(self._quiesce(), timeout=_REVOKE_WAIT)
+            except TimeoutError:
+                self._abandon = True
+                await self._quiesce()
+            try:
+                for tp in revoked:
+                    self._drop(tp)
+                    self._assigned.discard(tp)
+                    self._rewind.discard(tp)
+                    with contextlib.suppress(KeyError):
+                        self.metrics.lag.remove(str(tp.partition))
+                    if self.txn is not None:
+                        await self.txn.close(tp.partition)
+            finally:
+                self._abandon = False
+                self._lock.release()
         finally:
-            self._lock.release()
+            self._hold.set()
         self.metrics.assigned.set(len(self._assigned))
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+    async def _quiesce(self) -> None:
+        """Wait until no batch is in flight, then take the batch lock."""
+        while self._inflight:
+            await self._drained.wait()
+        await self._lock.acquire()
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._assigned |= assigned
