@@ -109,7 +109,7 @@ def _producer_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
         **kafka.client_kwargs(),
         "acks": "all",
         "enable_idempotence": True,
-        "linger_ms": 5,
+        "linger_ms": 0,  # record batches are packed by _send_all: waiting adds only latency
         "max_batch_size": 256 * 1024,
         "max_request_size": 4 * 1024 * 1024,
         "request_timeout_ms": 30_000,
