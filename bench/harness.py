@@ -159,12 +159,18 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """The group's committed offsets on ``topic`` (partitions without a commit are absent)."""
     from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import CoordinatorNotAvailableError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        got = await admin.list_consumer_group_offsets(group)
-        return {tp.partition: m.offset for tp, m in got.items() if tp.topic == topic}
+        for _ in range(20):  # the group's coordinator may still be loading
+            try:
+                got = await admin.list_consumer_group_offsets(group)
+                return {tp.partition: m.offset for tp, m in got.items() if tp.topic == topic}
+            except CoordinatorNotAvailableError:
+                await asyncio.sleep(0.5)
+        return {}
     finally:
         await admin.close()
 
@@ -191,14 +197,20 @@ class Proc:
     """A worker-like subprocess with its output in a log file; ``stop()`` sends SIGTERM to it
     (and only it), SIGKILL after a grace period."""
 
-    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+    ) -> None:
         self.argv = argv
         self.log_path = log_path
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTCAST_")}
         full_env.update(env or {})
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            argv, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+            argv, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     @property
@@ -234,6 +246,7 @@ def worker_argv(
     backend: str = "onnx",
     threads: int = 2,
     extra: tuple[str, ...] = (),
+    metrics_port: int = 0,
 ) -> list[str]:
     return [
         sys.executable, "-m", "stream.cli", "--log-level", "WARNING", "start",
@@ -248,7 +261,7 @@ def worker_argv(
         "--device", "cpu",
         "--threads", str(threads),
         "--auto-offset-reset", "earliest",
-        "--metrics-port", "0",
+        "--metrics-port", str(metrics_port),
         *extra,
     ]  # fmt: skip
 
@@ -297,3 +310,20 @@ def dumps(obj: Any) -> bytes:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def stage_means(port: int) -> dict[str, float]:
+    """Mean seconds per batch of each worker stage, and the mean batch size, from /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        for name, store in (("_sum", sums), ("_count", counts)):
+            if line.startswith("eventcast_stage_seconds" + name + "{"):
+                stage = line.split('stage="', 1)[1].split('"', 1)[0]
+                store[stage] = float(line.rsplit(" ", 1)[1])
+            elif line.startswith("eventcast_batch_size" + name + " "):
+                store["batch size"] = float(line.rsplit(" ", 1)[1])
+    return {k: sums[k] / counts[k] for k in sums if counts.get(k)}

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ import orjson
 from bench import ceilings
 from bench.harness import (
     PARTITIONS,
+    REPO,
     BenchStack,
     Proc,
     backlog_file,
@@ -46,11 +48,13 @@ from bench.harness import (
     dumps,
     end_offsets,
     flush_db,
+    free_port,
     kcat_produce,
     loadavg,
     percentiles,
     rss_bytes,
     series_name,
+    stage_means,
     total,
     unique,
     workdir,
@@ -143,7 +147,7 @@ class Bench:
 
     # ---- drains --------------------------------------------------------------------------------
 
-    def drain(self, label: str, argv_for: Any) -> dict[str, Any]:
+    def drain(self, label: str, argv_for: Any, cwd: Path = REPO) -> dict[str, Any]:
         """Run one worker-like process over the backlog; rates over the measured window."""
         a = self.args
         st = self.stack
@@ -152,7 +156,8 @@ class Bench:
         st.topics({out: PARTITIONS, f"{out}.dlq": 1})
         flush_db(st, db)
         argv = argv_for(out=out, group=group, db=db)
-        proc = Proc(argv, self.root / f"{label.replace(' ', '_').replace('/', '-')}.log")
+        name = label.replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "")
+        proc = Proc(argv, self.root / f"{name}.log", cwd=cwd)
         row: dict[str, Any] = {"label": label}
         try:
             deadline = time.monotonic() + 180
@@ -254,12 +259,37 @@ class Bench:
                     rows[key] = self.drain(key, self.worker_for(model, backend, *flags))
         key = f"small {a.backend} emit=latest"
         if want(key):
-            rows[key] = self.drain(
-                key, self.worker_for("small", a.backend, *flags, "--emit", "latest")
-            )
+            latest = (*flags, "--emit", "latest", *a.latest_flags.split())
+            rows[key] = self.drain(key, self.worker_for("small", a.backend, *latest))
         key = f"small {a.backend} naive per-event worker"
         if want(key):
             rows[key] = self.drain(key, self.naive_for("small", a.backend))
+        if a.before:
+            # The same drains with the worker of an earlier commit (a git worktree of it).
+            tree = self.root / "before"
+            subprocess.run(
+                ["git", "worktree", "add", "--detach", str(tree), a.before],
+                cwd=REPO, check=True, capture_output=True,
+            )  # fmt: skip
+            # Only the worker differs: both runs load the model with today's model/ package.
+            shutil.copytree(REPO / "model", tree / "model", dirs_exist_ok=True)
+            try:
+                for model in ("small",):
+                    key = f"{model} {a.backend} emit=every (before: {a.before})"
+                    if want(key):
+                        argv = self.worker_for(model, a.backend)
+                        rows[key] = self.drain(key, argv, cwd=tree)
+                key = f"small {a.backend} emit=latest (before: {a.before})"
+                if want(key):
+                    argv = self.worker_for(
+                        "small", a.backend, "--emit", "latest", *a.latest_flags.split()
+                    )
+                    rows[key] = self.drain(key, argv, cwd=tree)
+            finally:
+                subprocess.run(
+                    ["git", "worktree", "remove", "--force", str(tree)],
+                    cwd=REPO, capture_output=True,
+                )  # fmt: skip
         key = f"small {a.backend} faust engine"
         if not a.no_faust and want(key):
             try:
@@ -284,15 +314,17 @@ class Bench:
         st = self.stack
         assert st is not None
         topic, out, group, db = unique("lat"), unique("latfc"), unique("g"), self.next_db()
-        st.topics({topic: PARTITIONS, out: PARTITIONS, f"{out}.dlq": 1})
+        await asyncio.to_thread(st.topics, {topic: PARTITIONS, out: PARTITIONS, f"{out}.dlq": 1})
         flush_db(st, db)
         series = a.latency_series
         names = [series_name(i) for i in range(series)]
         keys = [n.encode() for n in names]
+        port = free_port()
         proc = Proc(
             worker_argv(
                 st, self.models[model], input_topic=topic, output_topic=out, group=group, db=db,
                 backend=a.backend, threads=a.threads, extra=tuple(a.latency_flags.split()),
+                metrics_port=port,
             ),
             self.root / f"{label}.log",
         )  # fmt: skip
@@ -324,6 +356,7 @@ class Bench:
 
         reader = asyncio.create_task(read())
         samples: list[tuple[float, int]] = []
+        stages: dict[str, float] = {}
         try:
             # Warm-up: 48 points per series, one second apart, ending just before now.
             base = time.time() - 60.0
@@ -368,6 +401,8 @@ class Bench:
                 await asyncio.sleep(0.002)
             await producer.flush()
             await asyncio.sleep(2.0)  # the last forecasts arrive
+            with contextlib.suppress(Exception):
+                stages = await asyncio.to_thread(stage_means, port)
         finally:
             stop.set()
             with contextlib.suppress(Exception):
@@ -381,6 +416,7 @@ class Bench:
         row: dict[str, Any] = {
             "label": label, "rate": rate, "sent": sent, "received": len(lat),
             "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "load": loadavg(), "exit": rc,
+            "stage_means": stages,
         }  # fmt: skip
         if soak:
             per_min: list[dict[str, float]] = []
@@ -418,6 +454,9 @@ class Bench:
                 f"| {model} ({a.backend}) | {rate:,.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
                 f"{r['p99_ms']:.1f} | {r['load']} |"
             )
+            stages = ", ".join(f"{k} {v * 1000:.2f} ms" if k != "batch size" else f"{k} {v:.0f}"
+                               for k, v in r["stage_means"].items())  # fmt: skip
+            self.say(f"|   mean per batch: {stages} | | | | | |")
         self.results["latency"] = rows
 
     def run_soak(self) -> None:
@@ -484,13 +523,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-faust", action="store_true")
     ap.add_argument("--drains", default="", help="comma-separated substrings: drains to run")
     ap.add_argument("--worker-flags", default="", help="extra flags of every worker drain")
+    ap.add_argument(
+        "--latest-flags", default="--max-batch 8192",
+        help="extra flags of the --emit latest drains (default %(default)s: with 1000 series, "
+        "a batch of 8192 events coalesces into at most 1000 forecasts)",
+    )  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="py-spy the workers (raw stacks)")
+    ap.add_argument(
+        "--before", default="", help="git ref: also drain with the worker of that commit"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     q = args.quick
-    args.backlog = args.backlog or (400_000 if q else 4_000_000)
-    args.warmup = args.warmup if args.warmup is not None else (3.0 if q else 10.0)
+    args.backlog = args.backlog or (600_000 if q else 7_000_000)
+    args.warmup = args.warmup if args.warmup is not None else (5.0 if q else 15.0)
     args.duration = args.duration if args.duration is not None else (12.0 if q else 60.0)
     args.soak = args.soak if args.soak is not None else (60.0 if q else 600.0)
     args.latency_duration = args.latency_duration or (15.0 if q else 40.0)
