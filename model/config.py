@@ -17,6 +17,12 @@ from model.errors import ConfigError
 
 DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "student_t")
 
+# Values that fields added after the first release take when a *saved* config (a version's
+# config.json, a checkpoint's hyperparameters) lacks them: the behaviour those versions were
+# trained and exported with. New configs (the constructor, ``as_config``, the trainer's YAML and
+# flags) use the dataclass defaults instead.
+SAVED_CONFIG_DEFAULTS: dict[str, Any] = {"ar_skip": False, "interval_scale": 1.0}
+
 # Number of calendar channels: sin/cos of the time of day and of the week phase.
 CALENDAR_CHANNELS = 4
 
@@ -41,6 +47,12 @@ class ModelConfig:
     features: tuple[str, ...] = ()  # exogenous feature names, in channel order
     calendar: bool = True  # 4 channels: sin/cos of time of day and of day of week
     distribution: str = "gaussian"  # or "student_t"
+    # Linear autoregressive skip: a Linear(T -> H) on the normalised value channel is added to the
+    # location (initialised to persistence). False = the location is last value + head output.
+    ar_skip: bool = True
+    # Interval calibration: the predictive scale is multiplied by this factor in the graph (fitted
+    # on the validation split after training; 1.0 = uncalibrated).
+    interval_scale: float = 1.0
 
     def __post_init__(self) -> None:
         feats = self.features
@@ -65,6 +77,12 @@ class ModelConfig:
             )
         if not isinstance(self.calendar, bool):
             raise ConfigError(f"calendar: expected true or false, got {self.calendar!r}")
+        if not isinstance(self.ar_skip, bool):
+            raise ConfigError(f"ar_skip: expected true or false, got {self.ar_skip!r}")
+        _check_float("interval_scale", self.interval_scale, low=0.0, low_open=True)
+        if self.interval_scale > 1e3:
+            raise ConfigError(f"interval_scale: must be <= 1000, got {self.interval_scale}")
+        object.__setattr__(self, "interval_scale", float(self.interval_scale))
         if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(
                 f"distribution: expected one of {', '.join(DISTRIBUTIONS)}, "
@@ -99,13 +117,21 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Any) -> ModelConfig:
-        """Build from a mapping; unknown keys or bad values raise ConfigError naming the key."""
+        """Build from a *saved* mapping (``config.json``, checkpoint hyperparameters); unknown keys
+        or bad values raise ConfigError naming the key.
+
+        Keys missing from ``d`` take the dataclass defaults, except those of
+        ``SAVED_CONFIG_DEFAULTS`` (fields added later), which take the value that reproduces what
+        a config written before them meant: a version saved without ``ar_skip`` has no AR path.
+        To build a *new* config from a partial mapping use :func:`as_config`.
+        """
         if not isinstance(d, dict):
             raise ConfigError(f"model config: expected a mapping, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         for key in d:
             if key not in known:
                 raise ConfigError(f"{key}: unknown model config key")
+        d = {**SAVED_CONFIG_DEFAULTS, **d}
         try:
             return cls(**d)
         except TypeError as e:  # pragma: no cover - defensive, every field has a default
@@ -126,7 +152,8 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, path: Path | str, *, section: str | None = None) -> ModelConfig:
-        """Read a YAML file (optionally one top-level ``section`` of it, e.g. ``model``).
+        """Read a YAML file (optionally one top-level ``section`` of it, e.g. ``model``): a new
+        config, so keys it leaves out take the dataclass defaults (``ar_skip`` on).
 
         Needs PyYAML (imported here, not at module import). Unreadable or invalid -> ConfigError.
         """
@@ -142,6 +169,8 @@ class ModelConfig:
             if not isinstance(data, dict) or section not in data:
                 raise ConfigError(f"{section}: section missing from {path}")
             data = data[section] or {}
+        if isinstance(data, dict):  # a hand-written file: missing keys take the new defaults
+            data = {**cls().to_dict(), **data}
         return cls.from_dict(data)
 
 
@@ -170,14 +199,17 @@ def _check_float(
 
 
 def as_config(config: ModelConfig | dict[str, Any] | None = None, **overrides: Any) -> ModelConfig:
-    """Normalise the ways callers pass a config: an instance, a dict, or None (defaults),
-    with keyword ``overrides`` applied on top. Invalid values raise ConfigError."""
+    """Normalise the ways callers pass a *new* config: an instance, a dict, or None (defaults),
+    with keyword ``overrides`` applied on top. Keys missing from a dict take the dataclass
+    defaults (``ar_skip=True``), unlike :meth:`ModelConfig.from_dict`, which reads saved configs.
+    Invalid values raise ConfigError."""
+    base: dict[str, Any] = ModelConfig().to_dict()
     if config is None:
-        base: dict[str, Any] = {}
+        pass
     elif isinstance(config, ModelConfig):
         base = config.to_dict()
     elif isinstance(config, dict):
-        base = dict(config)
+        base.update(config)
     else:
         raise ConfigError(
             f"config: expected ModelConfig, dict or None, got {type(config).__name__}"

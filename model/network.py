@@ -8,7 +8,14 @@
       -> multi-head attention, query = last LSTM output, keys = all     (B, Hd)
       -> MLP on [last, context]                                         (B, Hd)
       -> head: location, scale (softplus + eps) [, degrees of freedom] for H steps
+      -> location += linear AR skip: Linear(T -> H) on the normalised value channel  (ar_skip)
+         (else += the last normalised value, i.e. persistence)
+      -> scale *= interval_scale (calibrated on the validation split after training)
       -> undo the normalisation; 80 % and 95 % bounds computed in the graph
+
+The AR skip (DLinear / N-BEATS-style residual) starts as persistence (weight 1 on the last value),
+so an untrained net forecasts like the naive baseline and a linear autoregression is in its reach
+from the first step; the LSTM/attention path then learns the non-linear correction.
 
 Because the window's own mean and standard deviation are divided out on the way in and multiplied
 back on the way out, one model serves series of any scale: multiplying a window by ``k > 0``
@@ -78,6 +85,14 @@ class ForecastNet(nn.Module):
             nn.Dropout(config.dropout),
         )
         self.head = nn.Linear(hd, self.n_params * h)
+        # Linear autoregressive skip over the normalised value channel: (B, T) -> (B, H).
+        self.ar: nn.Linear | None = None
+        if config.ar_skip:
+            self.ar = nn.Linear(config.sequence_length, h)
+            with torch.no_grad():  # start as persistence: every step = the last value
+                self.ar.weight.zero_()
+                self.ar.weight[:, -1] = 1.0
+                self.ar.bias.zero_()
         # Which channels get per-window normalisation: the value and the exogenous features, not
         # the calendar sin/cos (already in [-1, 1], and constant within short windows).
         mask = torch.ones(c)
@@ -111,10 +126,22 @@ class ForecastNet(nn.Module):
         # .float(): under bf16 autocast the distribution arithmetic below still runs in fp32.
         p = self.head(z).float().reshape(b, self.n_params, self.config.horizon)  # (B, P, H)
 
-        # The location is a correction to the last observed value: persistence is the natural
-        # starting point, so an untrained net is already a sane forecaster and training is fast.
-        loc = xn[:, -1, 0:1] + p[:, 0, :]  # (B, H)
+        # The location is a correction to a linear forecast: persistence (the last observed
+        # value) or the learnt AR skip, which starts as persistence. Either way an untrained net
+        # is already a sane forecaster and training is fast.
+        if self.ar is not None:
+            v = xn[:, :, 0]  # (B, T) normalised values
+            # Broadcast multiply + sum instead of a matmul: stays float32 under bf16/fp16
+            # autocast (the linear path carries most of the signal; bf16 would cost accuracy).
+            # Cost B·H·T, negligible beside the LSTM.
+            w: Tensor = self.ar.weight  # (H, T)
+            base = (v.unsqueeze(1) * w.float()).sum(dim=-1) + self.ar.bias.float()  # (B, H)
+        else:
+            base = xn[:, -1, 0:1]  # (B, 1), broadcast over H
+        loc = base + p[:, 0, :]  # (B, H)
         scale = F.softplus(p[:, 1, :]) + STD_EPS  # (B, H)
+        if self.config.interval_scale != 1.0:  # a constant in the traced / exported graph
+            scale = scale * self.config.interval_scale  # (B, H)
         df = DF_MIN + F.softplus(p[:, 2, :]) if self.n_params == 3 else None  # (B, H)
         return DistParams(loc, scale, df, mu[:, :, 0], sd[:, :, 0])
 

@@ -2,6 +2,8 @@
 
     load_data ──► SeriesArrays (optionally memory-mapped) ──► EventDataModule
         ──► fit_model (Lightning Trainer) or run_sweep (Optuna) ──► best weights
+        ──► interval calibration on the validation split (train.calibrate: one scale factor,
+            stored as the config's interval_scale and applied in the graph)
         ──► evaluate on the held-out split, beside the baselines (report + PNG)
         ──► evaluate the serving version on the very same windows (the gate)
         ──► ModelRegistry.write_version (atomic: a hidden temp folder renamed into place)
@@ -171,6 +173,13 @@ def retrain_once(settings: RetrainSettings) -> RetrainResult:
         return RetrainResult(None, False, "not the global-zero process", run_dir=run_dir)
     config = fit.config
 
+    # Interval calibration on the validation split, before the held-out evaluation and the
+    # registry write: the factor lives in the config (interval_scale) and in the graph.
+    from train.calibrate import calibrate_intervals
+
+    config, calibration = calibrate_intervals(fit.module, dm, config, seed=settings.training.seed)
+    fit.config = config
+
     report, ho, fc = evaluate(fit.module, arrays, config, season=settings.season, version=version)
     report["data"] = {**data_report.to_dict(), **describe(arrays, dm.window_counts())}
     report["training"] = {
@@ -183,6 +192,7 @@ def retrain_once(settings: RetrainSettings) -> RetrainResult:
         "precision": settings.hardware.precision,
         "seed": settings.training.seed,
     }
+    report["calibration"] = calibration
     if sweep_info is not None:
         report["sweep"] = sweep_info
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from model.config import ModelConfig
+from model.config import ModelConfig, as_config
 from model.errors import ConfigError
 from train.data import SplitSettings
 from train.sources import DataSettings
@@ -258,7 +258,9 @@ def model_config_from(args: argparse.Namespace, features: tuple[str, ...] | None
         section["features"] = list(features)
     if isinstance(section.get("features"), str):
         section["features"] = [f for f in section["features"].replace(",", " ").split() if f]
-    return ModelConfig.from_dict(section)
+    # as_config, not from_dict: keys the YAML leaves out take the defaults of a *new* model
+    # (ar_skip on), not the values that mean "saved before the field existed".
+    return as_config(section)
 
 
 def _is_file_store(uri: str) -> bool:

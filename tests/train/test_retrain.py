@@ -43,6 +43,11 @@ def test_retrain_writes_promotes_and_evaluates(
     assert stored["training"]["epochs"] >= 1 and stored["data"]["series"] == 2
     loaded = reg.load(backend="onnx")  # every check of the worker passes
     assert loaded.config.horizon == 2 and loaded.config.hidden_size == 16
+    # AR skip on (a new config), interval scale fitted on validation, stored and in the graph.
+    cal = stored["calibration"]
+    assert loaded.config.ar_skip is True and cal["fitted"] is True
+    assert loaded.config.interval_scale == cal["interval_scale"] > 0
+    assert stored["training"]["config"]["interval_scale"] == cal["interval_scale"]
     run_dir = Path(result["run_dir"])
     assert (run_dir / "evaluation.json").is_file() and (run_dir / "forecast.png").is_file()
     assert list((run_dir / "checkpoints").glob("event-forecaster-epoch=00-val_loss=*.ckpt"))
@@ -245,6 +250,7 @@ def test_yaml_sections_set_flags_and_typos_are_refused(
     s = settings_from_args(args, args._dests)
     assert s.model.horizon == 3  # the flag wins
     assert s.model.distribution == "student_t" and s.model.attention_heads == 4
+    assert s.model.ar_skip is True and s.model.interval_scale == 1.0  # new-config defaults
     assert s.training.time_budget.total_seconds() == 120
     assert s.training.accumulate_grad_batches == 2 and s.training.gradient_clip_val == 0.5
     assert s.hardware.precision == "bf16-mixed" and s.hardware.devices == 1
