@@ -144,7 +144,7 @@ class ModelRegistry:
         return self.root / version
 
     def versions(self) -> list[VersionInfo]:
-        """Every version folder, oldest first (names sort by time). Hidden folders (versions being
+        """Every version folder, oldest first (by creation time). Hidden folders (versions being
         written, or left behind by a crashed writer) and stray files are not listed."""
         if not self.root.is_dir():
             return []
@@ -164,7 +164,12 @@ class ModelRegistry:
             with contextlib.suppress(Exception):
                 m = json.loads((p / METRICS).read_text())
                 metrics = m if isinstance(m, dict) else {}
+            if created.tzinfo is None:
+                created = created.replace(tzinfo=dt.UTC)
             out.append(VersionInfo(p.name, p, created, p.name == cur, metrics))
+        # Names sort by time only to the second; two versions written within one second (a
+        # retrain loop, a test) are ordered by their recorded creation time instead.
+        out.sort(key=lambda v: (v.created, v.name))
         return out
 
     def history(self) -> list[str]:

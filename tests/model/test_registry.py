@@ -338,3 +338,16 @@ def test_tampered_canary_outputs(reg: ModelRegistry) -> None:
 
     _edit(reg, "canary.json", shift, rehash=True)
     _refused(reg, "canary")
+
+
+def test_versions_written_in_one_second_keep_their_creation_order(tmp_path: Path) -> None:
+    """Version names sort by time only to the second; within one second the registry orders by
+    the recorded creation time, so prune and rollback never take the newer one for the older."""
+    cfg = tiny_config()
+    net = ForecastNet(cfg).eval()
+    canary = random_windows(np.random.default_rng(0), 8, 48, cfg.input_size)
+    reg = ModelRegistry(tmp_path / "models")
+    older = reg.write_version(net, cfg, {}, canary, version="20261126T150000-ffff")
+    newer = reg.write_version(net, cfg, {}, canary, version="20261126T150000-0000")
+    assert [v.name for v in reg.versions()] == [older, newer]
+    assert reg.prune(1) == [older]
