@@ -6,9 +6,15 @@
    staging and copies included) at batch sizes up to 8192, for the default model (hidden 256,
    3 layers) and the small one (hidden 64, 2 layers), CUDA graphs on and off.
 
-Exits 0 with a message when no GPU is visible, 1 when an output check fails.
+3. The worker's in-process path without Kafka or Redis (``--pipeline``, on by default): encoded
+   events decoded and applied to :class:`~stream.windows.PartitionWindows`, windows gathered,
+   inputs built, the predictor on the GPU (bf16 + CUDA graphs), forecasts encoded to JSON — the
+   forecasts/s one worker process could feed a GPU with, i.e. where the CPU side becomes the limit.
 
-    python bench/gpu_check.py [--quick] [--json out.json]
+Exits 0 with a message when no GPU is visible, 1 when an output check fails. ``--device cpu``
+runs only the pipeline part on the CPU (a dry run of the script on a machine without a GPU).
+
+    python bench/gpu_check.py [--quick] [--no-pipeline] [--device cpu] [--json out.json]
 """
 
 from __future__ import annotations
@@ -100,12 +106,106 @@ def throughput(p: TorchPredictor, x: np.ndarray, min_time: float) -> float:
     return reps * len(x) / (time.perf_counter() - t0)
 
 
+class _Rec:
+    """What the worker reads of a Kafka record."""
+
+    __slots__ = ("key", "offset", "timestamp", "value")
+
+    def __init__(self, offset: int, key: bytes, value: bytes) -> None:
+        self.offset, self.key, self.value, self.timestamp = offset, key, value, 0
+
+
+def pipeline(device: str, series: int, batch: int, min_time: float) -> list[dict[str, Any]]:
+    """Forecasts/s of decode → windows → inputs → predictor → JSON, in one process, per model.
+
+    Every series is warmed with 48 points first; then batches of ``batch`` events (a new point for
+    ``batch`` distinct series each) go through the worker's own functions. Timings per stage are
+    reported so that the CPU-side limit is visible next to the model's."""
+    from model.features import build_inputs
+    from stream.publisher import encode_forecasts
+    from stream.settings import LimitSettings
+    from stream.windows import PartitionWindows
+
+    rows = []
+    for label, arch in MODELS.items():
+        cfg = ModelConfig(**arch)
+        torch.manual_seed(0)
+        cuda = device == "cuda"
+        p = TorchPredictor(
+            ForecastNet(cfg).eval(), device, bf16=cuda, cuda_graphs=cuda, buckets=BUCKETS
+        )
+        wins = PartitionWindows(
+            "events", 0, sequence_length=cfg.sequence_length, features=(),
+            limits=LimitSettings(max_series=series + 1),
+        )  # fmt: skip
+        keys = [f"sensor-{i:06d}".encode() for i in range(series)]
+        offset = 0
+        step = 0
+
+        def records(n: int, keys: list[bytes] = keys) -> list[_Rec]:
+            nonlocal offset, step
+            out = []
+            for _ in range(n):
+                k = keys[offset % series]
+                if offset % series == 0:
+                    step += 1
+                v = b'{"ts":%d,"value":%.3f}' % (1_700_000_000 + 60 * step, 50 + (offset % 17))
+                out.append(_Rec(offset, k, v))
+                offset += 1
+            return out
+
+        wins.apply(records(48 * series), emit=False)
+        t = {"apply": 0.0, "inputs": 0.0, "model": 0.0, "encode": 0.0}
+        n = 0
+        t_all = time.perf_counter()
+        while time.perf_counter() - t_all < min_time:
+            recs = records(batch)
+            t0 = time.perf_counter()
+            res = wins.apply(recs)
+            t1 = time.perf_counter()
+            x = build_inputs(res.windows.ts, res.windows.values, None, cfg)
+            t2 = time.perf_counter()
+            fc = p.predict(x)
+            t3 = time.perf_counter()
+            encode_forecasts(res.windows, fc, version="v", input_topic="e", output_topic="f")
+            t4 = time.perf_counter()
+            for k, a, b in (("apply", t0, t1), ("inputs", t1, t2), ("model", t2, t3),
+                            ("encode", t3, t4)):  # fmt: skip
+                t[k] += b - a
+            n += len(res.windows)
+        wall = time.perf_counter() - t_all
+        row = {"model": label, "device": device, "batch": batch, "forecasts_per_s": n / wall}
+        row.update({f"{k}_us_per_forecast": 1e6 * v / max(n, 1) for k, v in t.items()})
+        rows.append(row)
+        print(
+            f"| {label} | {device} | {batch} | {n / wall:,.0f} | "
+            + " | ".join(f"{1e6 * v / max(n, 1):.1f}" for v in t.values()) + " |",
+            flush=True,
+        )  # fmt: skip
+    return rows
+
+
+def pipeline_header() -> None:
+    print("\n## In-process pipeline without Kafka/Redis (forecasts/s; µs per forecast by stage)")
+    print("| model | device | batch | forecasts/s | apply | inputs | model | encode |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--min-time", type=float, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-pipeline", action="store_true", help="skip the in-process pipeline")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--series", type=int, default=20_000, help="series in the pipeline part")
     args = ap.parse_args(argv)
+    if args.device == "cpu":  # dry run of the pipeline part
+        pipeline_header()
+        rows = pipeline("cpu", min(args.series, 2000), 256, args.min_time or 2.0)
+        if args.json:
+            args.json.write_text(json.dumps({"pipeline": rows}, indent=2))
+        return 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible to torch; nothing to check (this is not an error).")
         return 0
@@ -148,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
         del preds
         torch.cuda.empty_cache()
+    if not args.no_pipeline:
+        pipeline_header()
+        results["pipeline"] = [
+            row
+            for b in ((4096,) if args.quick else (1024, 4096, 8192))
+            for row in pipeline("cuda", args.series, b, min_time)
+        ]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print(
