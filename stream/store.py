@@ -76,6 +76,13 @@ def partition_for(series_id: str | bytes, num_partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % num_partitions
 
 
+def partition_keys(prefix: str, topic: str, partition: int) -> tuple[str, str]:
+    """The meta and window hash keys of one input partition, hash-tagged so that both (and one
+    batch's whole write) land on one Redis Cluster slot."""
+    tag = f"{{{prefix}:{topic}:{partition}}}"
+    return f"{tag}:meta", f"{tag}:win"
+
+
 @dataclass(frozen=True)
 class StoredPartition:
     """A partition as read from Redis."""
@@ -112,8 +119,7 @@ class WindowStore:
         self._persist = client.register_script(_PERSIST)
 
     def keys(self, partition: int) -> tuple[str, str]:
-        tag = f"{{{self.prefix}:{self.topic}:{partition}}}"
-        return f"{tag}:meta", f"{tag}:win"
+        return partition_keys(self.prefix, self.topic, partition)
 
     async def load(self, partition: int) -> StoredPartition | None:
         """The partition's stored state, or None when Redis holds no applied offset for it."""
@@ -171,14 +177,7 @@ class WindowStore:
             pipe.hget(meta_key, "features")
             pipe.hget(win_key, series_id)
             raw_features, blob = await pipe.execute()
-        if blob is None:
-            return None
-        names = tuple(orjson.loads(raw_features or b"[]"))
-        off, ts, val, feat = decode_series(blob, len(names))
-        return SeriesWindow(
-            series_id, p, off.copy(), ts.copy(), val.copy(),
-            {n: feat[:, j].copy() for j, n in enumerate(names)},
-        )  # fmt: skip
+        return _series_window(series_id, p, raw_features, blob)
 
     async def eviction_policy(self) -> str | None:
         """Redis's ``maxmemory-policy`` (None when CONFIG is not allowed, as on managed Redis)."""
@@ -203,14 +202,21 @@ def read_window_sync(
 ) -> SeriesWindow | None:
     """Synchronous :meth:`WindowStore.read_window` for a ``redis.Redis`` client."""
     p = partition_for(series_id, num_partitions)
-    tag = f"{{{prefix}:{topic}:{p}}}"
-    raw_features = client.hget(f"{tag}:meta", "features")
-    blob = client.hget(f"{tag}:win", series_id)
+    meta_key, win_key = partition_keys(prefix, topic, p)
+    return _series_window(
+        series_id, p, client.hget(meta_key, "features"), client.hget(win_key, series_id)
+    )
+
+
+def _series_window(
+    series_id: str, partition: int, raw_features: bytes | None, blob: bytes | None
+) -> SeriesWindow | None:
+    """Decode one stored series (``None`` when the store does not hold it)."""
     if blob is None:
         return None
     names = tuple(orjson.loads(raw_features or b"[]"))
     off, ts, val, feat = decode_series(blob, len(names))
     return SeriesWindow(
-        series_id, p, off.copy(), ts.copy(), val.copy(),
+        series_id, partition, off.copy(), ts.copy(), val.copy(),
         {n: feat[:, j].copy() for j, n in enumerate(names)},
     )  # fmt: skip

@@ -9,9 +9,7 @@ originals of events refused for their content must not. The HTTP answer validate
 
 from __future__ import annotations
 
-import asyncio
 import math
-import threading
 import warnings
 from datetime import timedelta, timezone
 from pathlib import Path
@@ -25,10 +23,9 @@ from hypothesis import strategies as st
 from deploy.schemas import NAMES, schema, validator
 from deploy.serve import ServeSettings, create_app
 from model.registry import ModelRegistry
-from stream.cli import parse
 from stream.decode import Event, decode_event
-from stream.settings import WorkerSettings
 from tests.helpers.kafka import consume_all, produce
+from tests.helpers.worker import ThreadWorker
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -69,52 +66,18 @@ BAD_CONTENT = [
 ]
 
 
-class _ThreadWorker:
-    """The real worker in its own event loop (as tests/stream run it)."""
-
-    def __init__(self, argv: list[str]) -> None:
-        from stream.worker import Worker
-
-        self.worker = Worker(WorkerSettings.from_args(parse(argv, environ={}), environ={}))
-        self.loop = asyncio.new_event_loop()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._main, daemon=True)
-        self.thread.start()
-
-    def _main(self) -> None:
-        async def body() -> None:
-            await self.worker.start()
-            try:
-                await self.worker.run()
-            finally:
-                await self.worker.stop()
-
-        try:
-            self.loop.run_until_complete(body())
-        except BaseException as exc:  # reported by stop()
-            self.error = exc
-        finally:
-            self.loop.close()
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.worker.request_stop)
-            self.thread.join(30)
-        assert not self.thread.is_alive() and self.error is None, self.error
-
-
 @pytest.mark.integration
 def test_real_worker_messages_match_the_schemas(
     stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path
 ) -> None:
     good = events(3, 52)  # 5 forecasts per series
     produce(stack.bootstrap, topics.input, good + BAD_CONTENT)
-    w = _ThreadWorker([
+    w = ThreadWorker([
         "start", "--bootstrap-servers", stack.bootstrap, "--redis-url", redis_url,
         "--model-dir", str(tiny_model_dir), "--input-topic", topics.input,
         "--output-topic", topics.output, "--dlq-topic", topics.dlq,
         "--group-id", f"g-{topics.input}", "--threads", "1", "--metrics-port", "0",
-    ])  # fmt: skip
+    ]).start()  # fmt: skip
     try:
         forecasts = consume_all(stack.bootstrap, topics.output, expected=15, timeout=90, idle=20)
         dead = consume_all(stack.bootstrap, topics.dlq, expected=len(BAD_CONTENT), timeout=60)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,48 +26,14 @@ import pytest
 from deploy.stack import KafkaServer, RedisServer, create_topics, free_port
 from model.errors import ModelLoadError
 from model.registry import ModelRegistry
-from stream.cli import parse
-from stream.settings import KafkaSettings, RedisSettings, WorkerSettings
+from stream.settings import KafkaSettings, RedisSettings
 from stream.store import WindowStore, partition_for
+from tests.helpers.worker import ThreadWorker
 
 T0 = 1_732_600_000.0
 USER, PASSWORD = "alice", "secret"
 REDIS_USER, REDIS_PASSWORD = "eventcast", "redis-s3cret"
 ADMIN_PASSWORD = "admin-s3cret"
-
-
-class ThreadWorker:
-    """The real worker (``stream.worker.Worker``) in its own event loop in a thread."""
-
-    def __init__(self, argv: list[str]) -> None:
-        from stream.worker import Worker
-
-        self.worker = Worker(WorkerSettings.from_args(parse(argv, environ={}), environ={}))
-        self.loop = asyncio.new_event_loop()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._main, daemon=True)
-        self.thread.start()
-
-    def _main(self) -> None:
-        async def body() -> None:
-            await self.worker.start()
-            try:
-                await self.worker.run()
-            finally:
-                await self.worker.stop()
-
-        try:
-            self.loop.run_until_complete(body())
-        except BaseException as exc:  # reported by stop()
-            self.error = exc
-        finally:
-            self.loop.close()
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.worker.request_stop)
-            self.thread.join(30)
-        assert not self.thread.is_alive() and self.error is None, self.error
 
 
 def events(n_series: int, n: int) -> list[tuple[bytes, bytes]]:
@@ -159,7 +124,7 @@ def test_worker_authenticates_with_scram(
         kafka.bootstrap_servers, redis_url, tiny_model_dir, topic,
         "--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", "SCRAM-SHA-256",
         "--sasl-username", USER, "--sasl-password", PASSWORD,
-    ))  # fmt: skip
+    )).start()  # fmt: skip
     try:
         out = asyncio.run(consume_with(kafka, f"{topic}.out", expected=6))
     finally:
@@ -352,7 +317,7 @@ def test_worker_runs_over_tls_with_the_acl_user(
             stack.bootstrap, url, tiny_model_dir, topic,
             "--redis-username", REDIS_USER, "--redis-password", REDIS_PASSWORD,
             "--redis-ssl-ca-certs", str(certs["ca"]),
-        ))  # fmt: skip
+        )).start()  # fmt: skip
         try:
             out = asyncio.run(consume_with(kafka, f"{topic}.out", expected=4))
         finally:

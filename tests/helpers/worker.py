@@ -1,0 +1,70 @@
+"""The real worker (:class:`stream.worker.Worker`) in its own event loop in a thread.
+
+For tests that need the worker in-process (its metrics objects, a fast start); kill and restart
+tests run it as a subprocess instead (``tests/stream/conftest.py``: ``ProcWorker``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from stream.cli import parse
+from stream.settings import WorkerSettings
+
+
+class ThreadWorker:
+    """A :class:`stream.worker.Worker` running in its own event loop in a thread."""
+
+    def __init__(self, argv: list[str], **worker_kwargs: Any) -> None:
+        from stream.worker import Worker
+
+        self.settings = WorkerSettings.from_args(parse(argv, environ={}), environ={})
+        self.worker = Worker(self.settings, **worker_kwargs)
+        self.loop = asyncio.new_event_loop()
+        self.error: BaseException | None = None
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def body() -> None:
+            try:
+                await self.worker.start()
+                self.started.set()
+                await self.worker.run()
+            finally:
+                await self.worker.stop()
+
+        try:
+            self.loop.run_until_complete(body())
+        except BaseException as exc:  # reported by stop()/check()
+            self.error = exc
+        finally:
+            self.started.set()
+            self.loop.close()
+
+    def start(self, timeout: float = 60) -> ThreadWorker:
+        self.thread.start()
+        assert self.started.wait(timeout), "worker did not start"
+        self.check()
+        return self
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def call(self, fn: Callable[[], Any]) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.worker.request_stop)
+            self.thread.join(timeout)
+        assert not self.thread.is_alive(), "worker did not stop"
+        self.check()
