@@ -6,6 +6,16 @@ factor ``s`` by which the predictive scale is multiplied so that the validation 
 intervals is as close as possible to 80 % and 95 % (it minimises the larger of the two absolute
 coverage errors). The factor becomes ``ModelConfig.interval_scale``, which the network applies in
 its graph, so the registry's weights, the ONNX export, the canary and every predictor include it.
+
+Modes (``--calibration``):
+
+- ``widen`` (the default): the fitted factor is applied only when it is above 1. The validation
+  split is the stretch right after the training data, where the network is at its best; the
+  held-out period and live traffic come later and see larger errors, so a factor that *narrows*
+  the intervals there tends to under-cover afterwards (measured: docs/training.md), while a factor
+  that widens them transfers. Under-coverage is the costlier mistake for users of the intervals.
+- ``fit``: the fitted factor as it is, narrowing included.
+- ``off``: no calibration (factor 1).
 """
 
 from __future__ import annotations
@@ -27,12 +37,14 @@ CALIBRATION_MAX_WINDOWS = 20_000
 MIN_POINTS = 50  # fewer validation points than this: no calibration (factor 1)
 SCALE_RANGE = (0.1, 10.0)
 LEVELS = (0.80, 0.95)
+MODES = ("widen", "fit", "off")
 
 
 def fit_interval_scale(
     y: np.ndarray,
     mean: np.ndarray,
     half_widths: dict[float, np.ndarray],
+    mode: str = "fit",
 ) -> tuple[float, dict[str, Any]]:
     """The factor ``s`` for the interval half-widths, and a summary.
 
@@ -40,7 +52,10 @@ def fit_interval_scale(
     half-width of the central ``level`` interval. Coverage at factor ``s`` is the share of points
     with ``|y - mean| <= s · half_width``; ``s`` minimises ``max_level |coverage(s) - level|``
     (searched between the factors that hit each level exactly, where that optimum lies).
+    ``mode`` ``widen`` keeps ``s`` at 1 when the fit is below 1; ``off`` returns 1 (module doc).
     """
+    if mode not in MODES:
+        raise ValueError(f"calibration mode must be one of {MODES}, got {mode!r}")
     err = np.abs(np.asarray(y, np.float64) - np.asarray(mean, np.float64)).ravel()
     ok = np.isfinite(err)
     hws = {}
@@ -50,9 +65,9 @@ def fit_interval_scale(
         hws[lv] = hw
     n = int(ok.sum())
     before = {f"coverage_{round(lv * 100)}": None for lv in LEVELS}
-    if n < MIN_POINTS:
-        return 1.0, {"scale": 1.0, "points": n, "fitted": False, "before": before,
-                     "after": before}  # fmt: skip
+    if n < MIN_POINTS or mode == "off":
+        return 1.0, {"mode": mode, "scale": 1.0, "points": n, "fitted": False,
+                     "before": before, "after": before}  # fmt: skip
     r = {lv: err[ok] / hws[lv][ok] for lv in LEVELS}  # (N,) per level: covered iff r <= s
 
     def cov(s: float) -> dict[float, float]:
@@ -66,11 +81,13 @@ def fit_interval_scale(
         c = cov(s)
         return max(abs(c[lv] - lv) for lv in LEVELS)
 
-    s = float(min(grid, key=worst))
-    s = float(np.clip(s, *SCALE_RANGE))
+    fitted = float(np.clip(float(min(grid, key=worst)), *SCALE_RANGE))
+    s = max(fitted, 1.0) if mode == "widen" else fitted
     c0, c1 = cov(1.0), cov(s)
     info = {
+        "mode": mode,
         "scale": s,
+        "fitted_scale": fitted,
         "points": n,
         "fitted": True,
         "exact_factors": dict(zip(("coverage_80", "coverage_95"), exact, strict=True)),
@@ -88,11 +105,13 @@ def calibrate_intervals(
     *,
     max_windows: int = CALIBRATION_MAX_WINDOWS,
     seed: int = 0,
+    mode: str = "widen",
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Fit the interval scale on (at most ``max_windows`` random) validation windows and set it
     on ``net`` (an EventForecaster or ForecastNet) in place. Returns the new config (``config``
     with ``interval_scale`` multiplied by the fitted factor) and a summary for ``metrics.json``
-    (``calibration``: factor, points, validation coverage before and after)."""
+    (``calibration``: mode, factor, points, validation coverage before and after). ``mode``:
+    see the module docstring."""
     from train.evaluate import net_forecast
 
     ds = dm.sets[VAL]
@@ -102,14 +121,15 @@ def calibrate_intervals(
     x, y, _ = ds.arrays_for(idx)
     fc = net_forecast(net, x)
     half = {0.80: fc["upper_80"] - fc["mean"], 0.95: fc["upper_95"] - fc["mean"]}
-    factor, info = fit_interval_scale(y, fc["mean"], half)
+    factor, info = fit_interval_scale(y, fc["mean"], half, mode)
     new = config.replace(interval_scale=round(config.interval_scale * factor, 6))
     set_config(net, new)
     info["interval_scale"] = new.interval_scale
     info["windows"] = len(idx)
     log.info(
-        "interval calibration on %d validation windows: factor %.4g, coverage 80/95 %s -> %s",
-        len(idx), factor, info["before"], info["after"],
+        "interval calibration (%s) on %d validation windows: factor %.4g (fitted %s), "
+        "coverage 80/95 %s -> %s", mode, len(idx), factor, info.get("fitted_scale"),
+        info["before"], info["after"],
     )  # fmt: skip
     return new, info
 

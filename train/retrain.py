@@ -177,7 +177,9 @@ def retrain_once(settings: RetrainSettings) -> RetrainResult:
     # registry write: the factor lives in the config (interval_scale) and in the graph.
     from train.calibrate import calibrate_intervals
 
-    config, calibration = calibrate_intervals(fit.module, dm, config, seed=settings.training.seed)
+    config, calibration = calibrate_intervals(
+        fit.module, dm, config, seed=settings.training.seed, mode=settings.training.calibration
+    )
     fit.config = config
 
     report, ho, fc = evaluate(fit.module, arrays, config, season=settings.season, version=version)

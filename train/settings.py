@@ -34,6 +34,7 @@ PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "bf16-mixed", 
               "bf16-true", "transformer-engine")  # fmt: skip
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb", "none")
 GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
+CALIBRATION_MODES = ("widen", "fit", "off")  # train/calibrate.py
 # Flags that set ModelConfig fields (None = not given on the command line or in YAML).
 MODEL_FLAGS = ("horizon", "hidden_size", "num_layers", "learning_rate", "batch_size",
                "distribution", "dropout", "sequence_length")  # fmt: skip
@@ -141,6 +142,7 @@ class TrainingSettings:
     scale_batch_size: bool = False
     plot_every_n_epochs: int = 5
     deterministic: bool = False
+    calibration: str = "widen"  # interval calibration mode (train/calibrate.py)
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:
@@ -155,6 +157,11 @@ class TrainingSettings:
             raise ConfigError("--train-windows-per-epoch: must be >= 1")
         if self.num_workers < 0:
             raise ConfigError("--num-workers: must be >= 0")
+        if self.calibration not in CALIBRATION_MODES:
+            raise ConfigError(
+                f"--calibration: expected one of {', '.join(CALIBRATION_MODES)}, "
+                f"got {self.calibration!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -350,6 +357,7 @@ def settings_from_args(
             scale_batch_size=bool(args.scale_batch_size),
             plot_every_n_epochs=int(args.plot_every_n_epochs),
             deterministic=bool(args.deterministic),
+            calibration=str(getattr(args, "calibration", "widen")),
         ),
         logging=LoggingSettings(
             loggers=loggers,

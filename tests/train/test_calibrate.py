@@ -46,6 +46,33 @@ def test_heavy_tails_get_both_levels_within_the_tolerance() -> None:
     assert abs(info["after"]["coverage_95"] - 0.95) <= 0.05
 
 
+@pytest.mark.parametrize("true_sd", [0.5, 1.5])
+def test_widen_mode_applies_only_factors_above_one_and_off_applies_none(true_sd: float) -> None:
+    """The default mode (``widen``): intervals too narrow on validation (errors of sd 1.5 for
+    intervals built for sd 1) are widened by the fitted factor; intervals too wide (sd 0.5) are
+    left as they are, the fitted factor recorded beside the one applied. ``off``: factor 1."""
+    rng = np.random.default_rng(2)
+    y = true_sd * rng.standard_normal((20_000, 2))
+    half = {0.80: np.full_like(y, Z80), 0.95: np.full_like(y, Z95)}
+    s, info = fit_interval_scale(y, np.zeros_like(y), half, "widen")
+    assert info["mode"] == "widen" and info["fitted_scale"] == pytest.approx(true_sd, rel=0.03)
+    assert s == (pytest.approx(true_sd, rel=0.03) if true_sd > 1 else 1.0)
+    assert info["after"] == (info["before"] if true_sd < 1 else info["after"])
+    s_off, off = fit_interval_scale(y, np.zeros_like(y), half, "off")
+    assert s_off == 1.0 and off["fitted"] is False and off["mode"] == "off"
+    with pytest.raises(ValueError, match="calibration mode"):
+        fit_interval_scale(y, np.zeros_like(y), half, "narrow")
+
+
+def test_calibration_flag_is_checked() -> None:
+    from model.errors import ConfigError
+    from train.settings import TrainingSettings
+
+    assert TrainingSettings().calibration == "widen"
+    with pytest.raises(ConfigError, match="--calibration"):
+        TrainingSettings(calibration="sometimes")
+
+
 def test_too_few_points_leave_the_scale_alone() -> None:
     y = np.ones((3, 2))
     s, info = fit_interval_scale(y, y, {0.80: y, 0.95: y})
@@ -68,7 +95,7 @@ def test_calibrate_intervals_sets_the_scale_in_the_network_and_its_config() -> N
     dm = EventDataModule(arrays, cfg)
     x, y, _ = dm.sets[VAL].arrays_for(np.arange(len(dm.sets[VAL])))
     before = net_forecast(net, x)
-    new, info = calibrate_intervals(net, dm, cfg)
+    new, info = calibrate_intervals(net, dm, cfg, mode="fit")
     assert info["fitted"] and info["windows"] == len(x) and info["points"] == y.size
     assert new.interval_scale == pytest.approx(info["scale"], rel=1e-5) and new.interval_scale != 1
     assert net.config == new and new.replace(interval_scale=1.0) == cfg
