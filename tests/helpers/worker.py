@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from stream.cli import parse
 from stream.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
 
 
 class ThreadWorker:
@@ -42,8 +45,9 @@ class ThreadWorker:
 
         try:
             self.loop.run_until_complete(body())
-        except BaseException as exc:  # reported by stop()/check()
-            self.error = exc
+        except BaseException as exc:  # reported by stop()/check(), and logged now, so that a
+            self.error = exc  # test that times out waiting shows why the worker ended
+            log.error("worker thread ended with %r", exc, exc_info=exc)
         finally:
             self.started.set()
             self.loop.close()
@@ -55,6 +59,7 @@ class ThreadWorker:
         return self
 
     def check(self) -> None:
+        """Raise the worker's error if it ended with one (a test waiting on it fails fast)."""
         if self.error is not None:
             raise self.error
 

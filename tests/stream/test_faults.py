@@ -35,13 +35,32 @@ def _flat(x: Any) -> list[float]:
 
 
 def wait_all_forecasts(
-    bootstrap: str, topic: str, truth: Truth, timeout: float, iso: str = "read_uncommitted"
+    bootstrap: str,
+    topic: str,
+    truth: Truth,
+    timeout: float,
+    iso: str = "read_uncommitted",
+    worker: Any = None,
 ) -> None:
-    def done() -> bool:
-        recs = consume_all(bootstrap, topic, idle=0.5, timeout=20, isolation_level=iso)
-        return set(forecasts_by_source(recs)) >= truth.expected_sources()
+    """Wait until every expected forecast is on ``topic``; an in-process ``worker`` that ended
+    with an error fails the wait at once with that error. On timeout, says what is missing."""
+    missing: set[Any] = set()
 
-    wait_for(done, timeout, "every expected forecast", every=1.0)
+    def done() -> bool:
+        if worker is not None:
+            worker.check()
+        recs = consume_all(bootstrap, topic, idle=0.5, timeout=20, isolation_level=iso)
+        missing.clear()
+        missing.update(truth.expected_sources() - set(forecasts_by_source(recs)))
+        return not missing
+
+    try:
+        wait_for(done, timeout, "every expected forecast", every=1.0)
+    except AssertionError as exc:
+        by_part: dict[int, list[int]] = {}
+        for part, off in sorted(missing):
+            by_part.setdefault(part, []).append(off)
+        raise AssertionError(f"{exc}; missing (partition: offsets): {by_part}") from None
 
 
 def check_windows(redis_url: str, topic: str, truth: Truth, partitions: int = 6) -> None:
@@ -184,7 +203,7 @@ def test_redis_flushed_mid_run_rebuilds_windows(
     redis.Redis.from_url(redis_url).flushdb()
     second = make_events(10, 30, start=60)
     truth.add(second, produce(stack.bootstrap, topics.input, second))
-    wait_all_forecasts(stack.bootstrap, topics.output, truth, 90)
+    wait_all_forecasts(stack.bootstrap, topics.output, truth, 90, worker=w)
     w.stop()
     m = w.worker.metrics
     assert m.state_conflicts._value.get() >= 1 and m.rebuilds._value.get() >= 1
@@ -227,7 +246,7 @@ def test_redis_stopped_10s_then_restarted(
     assert m.redis_errors._value.get() > 0
     private_redis.start()
     wait_for(w.worker.ready, 60, "ready again after Redis is back")
-    wait_all_forecasts(stack.bootstrap, topics.output, truth, 90)
+    wait_all_forecasts(stack.bootstrap, topics.output, truth, 90, worker=w)
     w.stop()
     assert m.commits._value.get() > commits
     check_forecasts(consume_all(stack.bootstrap, topics.output, idle=1.0), truth)
