@@ -148,7 +148,8 @@ class WindowStore:
         replace: bool = False,
     ) -> None:
         """Write ``snap`` and its applied offset atomically, if Redis still holds ``expected``
-        (None: no state). Raises StateConflictError, writing nothing, otherwise."""
+        (None: no state); a no-op when it already holds ``snap.applied`` (a retried write whose
+        reply was lost). Raises StateConflictError, writing nothing, otherwise."""
         meta_key, win_key = self.keys(partition)
         args: list[Any] = [
             "" if expected is None else str(expected),
@@ -166,6 +167,12 @@ class WindowStore:
         ok, found = await self._persist(keys=[meta_key, win_key], args=args)
         if not ok:
             found_s = found.decode() if isinstance(found, bytes) else str(found)
+            if found_s == args[1]:
+                # Redis already holds this very offset: our own write, applied before the
+                # connection dropped and its reply was lost (the caller retried it), or the same
+                # records applied by another owner. The state is a function of the records up to
+                # that offset, so it is the state we meant to write.
+                return
             raise StateConflictError(self.topic, partition, args[0], found_s)
 
     async def read_window(self, series_id: str, num_partitions: int) -> SeriesWindow | None:
