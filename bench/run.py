@@ -520,6 +520,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--latency-skip", type=float, default=5.0)
     ap.add_argument("--latency-series", type=int, default=1000)
     ap.add_argument("--latency-flags", default="", help="extra worker flags in latency runs")
+    ap.add_argument(
+        "--capacity", default="",
+        help="MODEL=FORECASTS_PER_S,... used for latency/soak when this run has no drain of "
+        "that model (e.g. default=723,small=6864 to repeat a run's half-capacity rates)",
+    )  # fmt: skip
     ap.add_argument("--no-faust", action="store_true")
     ap.add_argument("--drains", default="", help="comma-separated substrings: drains to run")
     ap.add_argument("--worker-flags", default="", help="extra flags of every worker drain")
@@ -545,6 +550,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.batches = (64, 256, 1024) if q else (64, 256, 512, 1024, 2048)
     args.io_count = 100_000 if q else 400_000
     args.fallback_capacity = {"default": 1000.0, "small": 8000.0}
+    for item in filter(None, args.capacity.split(",")):
+        name, _, rate = item.partition("=")
+        if name not in args.fallback_capacity:
+            ap.error(f"--capacity: unknown model {name!r} (default, small)")
+        args.fallback_capacity[name] = float(rate)
     return args
 
 

@@ -89,7 +89,10 @@ def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _convert(action: argparse.Action, raw: Any, source: str) -> Any:
-    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+    if isinstance(
+        action,
+        argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction,
+    ):
         if isinstance(raw, bool):
             return raw
         text = str(raw).strip().lower()

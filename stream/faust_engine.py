@@ -248,6 +248,10 @@ class FaustEngine:
         await self.app.start()
         self._app_started = True
         self._tick_task = asyncio.get_running_loop().create_task(self._tick(), name="faust-tick")
+        if s.gc_freeze:
+            from stream.worker import freeze_startup_objects
+
+            freeze_startup_objects()
         log.info(
             "faust engine started: %s -> %s (group %s, model %s, %s, %s)",
             core.topic, s.output_topic, s.group_id, core.model.version, s.guarantee, s.emit,

@@ -425,6 +425,7 @@ class WorkerSettings:
     metadata_max_age_ms: int = 300_000
     session_timeout_ms: int = 10_000
     reload_interval: float = 1.0
+    gc_freeze: bool = True
     batch: BatchSettings = field(default_factory=BatchSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     fault: Fault | None = None
@@ -505,6 +506,7 @@ class WorkerSettings:
             metadata_max_age_ms=args.metadata_max_age_ms,
             session_timeout_ms=args.session_timeout_ms,
             reload_interval=args.reload_interval,
+            gc_freeze=bool(getattr(args, "gc_freeze", True)),
             batch=BatchSettings(
                 max_batch=args.max_batch,
                 max_delay=args.max_delay_ms / 1000.0,
@@ -571,6 +573,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1.0,
         help="seconds between checks of the model directory's CURRENT pointer",
+    )
+    g.add_argument(
+        "--gc-freeze",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after start-up, move every object to Python's permanent GC generation, so that "
+        "full collections do not walk the ~0.5 M objects of torch/onnxruntime and stall the "
+        "event loop (stream/worker.py: freeze_startup_objects)",
     )
     b = parser.add_argument_group("batching and limits")
     b.add_argument("--max-batch", type=int, default=BatchSettings.max_batch)

@@ -25,6 +25,10 @@ class ThreadWorker:
     def __init__(self, argv: list[str], **worker_kwargs: Any) -> None:
         from stream.worker import Worker
 
+        # No gc.freeze in the shared test process (it would pin every test's leftovers); the
+        # subprocess workers (ProcWorker) run with the default, freeze on.
+        if not any(a in ("--gc-freeze", "--no-gc-freeze") for a in argv):
+            argv = [*argv, "--no-gc-freeze"]
         self.settings = WorkerSettings.from_args(parse(argv, environ={}), environ={})
         self.worker = Worker(self.settings, **worker_kwargs)
         self.loop = asyncio.new_event_loop()

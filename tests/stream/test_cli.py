@@ -60,6 +60,28 @@ def test_settings_layering_and_validation(tmp_path: Path) -> None:
     assert s.redis.url.startswith("rediss://")
 
 
+def test_gc_freeze_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    def settings(argv: list[str], environ: dict[str, str]) -> WorkerSettings:
+        return WorkerSettings.from_args(parse(["start", *argv], environ=environ), environ={})
+
+    assert settings([], {}).gc_freeze is True
+    assert settings(["--no-gc-freeze"], {}).gc_freeze is False
+    assert settings([], {"EVENTCAST_GC_FREEZE": "false"}).gc_freeze is False
+    assert settings(["--gc-freeze"], {"EVENTCAST_GC_FREEZE": "0"}).gc_freeze is True
+    # What the flag does, in a fresh interpreter: the start-up objects leave the collector's view.
+    code = (
+        "import gc, torch; from stream.worker import freeze_startup_objects; "
+        "n = len(gc.get_objects()); freeze_startup_objects(); "
+        "print(n, gc.get_freeze_count(), len(gc.get_objects()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    before, frozen, after = map(int, out.stdout.split())
+    assert before > 100_000 and frozen > 100_000 and after < 1_000, (before, frozen, after)
+
+
 def test_empty_model_dir_exits_3(tmp_path: Path) -> None:
     res = run_cli("start", "--model-dir", str(tmp_path), "--metrics-port", "0")
     assert res.returncode == 3, res.stderr
