@@ -9,17 +9,21 @@ its graph, so the registry's weights, the ONNX export, the canary and every pred
 
 Modes (``--calibration``):
 
-- ``widen`` (the default): the fitted factor is applied only when it is above 1. The validation
-  split is the stretch right after the training data, where the network is at its best; the
-  held-out period and live traffic come later and see larger errors, so a factor that *narrows*
-  the intervals there tends to under-cover afterwards (measured: docs/training.md), while a factor
-  that widens them transfers. Under-coverage is the costlier mistake for users of the intervals.
+- ``widen`` (the default): the applied factor is the one that reaches the levels on validation
+  *with 90 % confidence* (a block bootstrap over the validation windows, see
+  :func:`fit_interval_scale`), and never below 1. The validation split is one stretch right after
+  the training data; the held-out period and live traffic come later and may be rougher (another
+  season), so a factor fitted to that one stretch — above all one that *narrows* the intervals —
+  tends to under-cover afterwards (measured: docs/training.md). The bootstrap widens more when the
+  validation evidence is short or uneven. Under-coverage is the costlier mistake for users of
+  the intervals.
 - ``fit``: the fitted factor as it is, narrowing included.
 - ``off``: no calibration (factor 1).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -38,6 +42,21 @@ MIN_POINTS = 50  # fewer validation points than this: no calibration (factor 1)
 SCALE_RANGE = (0.1, 10.0)
 LEVELS = (0.80, 0.95)
 MODES = ("widen", "fit", "off")
+CONFIDENCE = 0.9  # widen: the factor that reaches the levels with this confidence (bootstrap)
+BOOTSTRAP_BLOCKS = 20
+BOOTSTRAP_RESAMPLES = 200
+
+
+def _minimax_factor(r80: np.ndarray, r95: np.ndarray) -> tuple[float, list[float]]:
+    """The factor minimising the larger coverage error of the two levels, and the factors that
+    hit each level on its own. ``r80``/``r95``: sorted |error| / half-width of each point."""
+    n = len(r80)
+    exact = [float(np.quantile(r80, LEVELS[0])), float(np.quantile(r95, LEVELS[1]))]
+    grid = np.unique(np.concatenate([np.linspace(min(exact), max(exact), 201), exact]))
+    c80 = np.searchsorted(r80, grid, side="right") / n
+    c95 = np.searchsorted(r95, grid, side="right") / n
+    worst = np.maximum(np.abs(c80 - LEVELS[0]), np.abs(c95 - LEVELS[1]))
+    return float(grid[int(np.argmin(worst))]), exact
 
 
 def fit_interval_scale(
@@ -45,22 +64,37 @@ def fit_interval_scale(
     mean: np.ndarray,
     half_widths: dict[float, np.ndarray],
     mode: str = "fit",
+    *,
+    confidence: float | None = None,
+    blocks: int = BOOTSTRAP_BLOCKS,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
 ) -> tuple[float, dict[str, Any]]:
     """The factor ``s`` for the interval half-widths, and a summary.
 
-    ``y``, ``mean`` (W, H) targets and forecasts; ``half_widths[level]`` (W, H) > 0 the current
-    half-width of the central ``level`` interval. Coverage at factor ``s`` is the share of points
-    with ``|y - mean| <= s · half_width``; ``s`` minimises ``max_level |coverage(s) - level|``
-    (searched between the factors that hit each level exactly, where that optimum lies).
-    ``mode`` ``widen`` keeps ``s`` at 1 when the fit is below 1; ``off`` returns 1 (module doc).
+    ``y``, ``mean`` (W, H) targets and forecasts, rows in time order; ``half_widths[level]``
+    (W, H) > 0 the current half-width of the central ``level`` interval. Coverage at factor ``s``
+    is the share of points with ``|y - mean| <= s · half_width``; the fitted factor minimises
+    ``max_level |coverage(s) - level|`` (searched between the factors that hit each level
+    exactly, where that optimum lies).
+
+    ``confidence`` (e.g. 0.9): also resample the rows in ``blocks`` contiguous blocks (a block
+    bootstrap: neighbouring windows share most of their points, so single rows are not
+    independent) and report the ``confidence`` quantile of the refitted factor as
+    ``upper_scale``: a factor that still reaches the levels on validation periods like the ones
+    seen, with that confidence. Short or uneven validation data give a wide spread, long
+    homogeneous data almost none. ``mode`` ``widen`` applies ``max(1, upper_scale)`` (the point
+    fit when ``confidence`` is None); ``fit`` applies the point fit; ``off`` returns 1.
     """
     if mode not in MODES:
         raise ValueError(f"calibration mode must be one of {MODES}, got {mode!r}")
-    err = np.abs(np.asarray(y, np.float64) - np.asarray(mean, np.float64)).ravel()
+    y = np.asarray(y, np.float64)
+    rows = y.shape[0] if y.ndim > 1 else len(y)
+    err = np.abs(y - np.asarray(mean, np.float64)).reshape(rows, -1)
     ok = np.isfinite(err)
     hws = {}
     for lv in LEVELS:
-        hw = np.asarray(half_widths[lv], np.float64).ravel()
+        hw = np.asarray(half_widths[lv], np.float64).reshape(rows, -1)
         ok &= np.isfinite(hw) & (hw > 0)
         hws[lv] = hw
     n = int(ok.sum())
@@ -68,26 +102,44 @@ def fit_interval_scale(
     if n < MIN_POINTS or mode == "off":
         return 1.0, {"mode": mode, "scale": 1.0, "points": n, "fitted": False,
                      "before": before, "after": before}  # fmt: skip
-    r = {lv: err[ok] / hws[lv][ok] for lv in LEVELS}  # (N,) per level: covered iff r <= s
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r_rows = {lv: np.where(ok, err / hws[lv], np.inf) for lv in LEVELS}  # (W, H)
+    r = {lv: np.sort(r_rows[lv][ok]) for lv in LEVELS}  # covered iff r <= s
 
     def cov(s: float) -> dict[float, float]:
-        return {lv: float(np.mean(r[lv] <= s)) for lv in LEVELS}
+        return {lv: float(np.searchsorted(r[lv], s, side="right") / n) for lv in LEVELS}
 
-    exact = [float(np.quantile(r[lv], lv)) for lv in LEVELS]  # s hitting each level on its own
-    lo, hi = min(exact), max(exact)
-    grid = np.unique(np.concatenate([np.linspace(lo, hi, 201), exact]))
-
-    def worst(s: float) -> float:
-        c = cov(s)
-        return max(abs(c[lv] - lv) for lv in LEVELS)
-
-    fitted = float(np.clip(float(min(grid, key=worst)), *SCALE_RANGE))
-    s = max(fitted, 1.0) if mode == "widen" else fitted
+    fitted, exact = _minimax_factor(r[LEVELS[0]], r[LEVELS[1]])
+    fitted = float(np.clip(fitted, *SCALE_RANGE))
+    upper = None
+    spread = None
+    if confidence is not None and rows >= 2 * blocks:
+        rng = np.random.default_rng(seed)
+        edges = np.linspace(0, rows, blocks + 1).astype(int)
+        chunks = [np.arange(a, b) for a, b in itertools.pairwise(edges)]
+        factors = []
+        for _ in range(resamples):
+            pick = np.concatenate([chunks[i] for i in rng.integers(0, blocks, blocks)])
+            keep = ok[pick]
+            if keep.sum() < MIN_POINTS:
+                continue
+            f, _ = _minimax_factor(
+                np.sort(r_rows[LEVELS[0]][pick][keep]), np.sort(r_rows[LEVELS[1]][pick][keep])
+            )
+            factors.append(f)
+        if factors:
+            upper = float(np.clip(np.quantile(factors, confidence), *SCALE_RANGE))
+            spread = [float(np.quantile(factors, q)) for q in (0.1, 0.5, 0.9)]
+    point = upper if upper is not None else fitted
+    s = max(point, 1.0) if mode == "widen" else fitted
     c0, c1 = cov(1.0), cov(s)
     info = {
         "mode": mode,
         "scale": s,
         "fitted_scale": fitted,
+        "upper_scale": upper,
+        "confidence": confidence if upper is not None else None,
+        "bootstrap_factor_q10_q50_q90": spread,
         "points": n,
         "fitted": True,
         "exact_factors": dict(zip(("coverage_80", "coverage_95"), exact, strict=True)),
@@ -121,7 +173,9 @@ def calibrate_intervals(
     x, y, _ = ds.arrays_for(idx)
     fc = net_forecast(net, x)
     half = {0.80: fc["upper_80"] - fc["mean"], 0.95: fc["upper_95"] - fc["mean"]}
-    factor, info = fit_interval_scale(y, fc["mean"], half, mode)
+    factor, info = fit_interval_scale(
+        y, fc["mean"], half, mode, confidence=CONFIDENCE if mode == "widen" else None, seed=seed
+    )
     new = config.replace(interval_scale=round(config.interval_scale * factor, 6))
     set_config(net, new)
     info["interval_scale"] = new.interval_scale

@@ -64,6 +64,25 @@ def test_widen_mode_applies_only_factors_above_one_and_off_applies_none(true_sd:
         fit_interval_scale(y, np.zeros_like(y), half, "narrow")
 
 
+def test_the_bootstrap_widens_more_when_the_validation_stretch_is_uneven() -> None:
+    """Validation rows in time order whose error scale drifts from block to block (a calm and a
+    rough spell): the point fit averages them, the 90 % bootstrap factor lies above it, and
+    widen applies that one. Homogeneous errors: the two agree within a few per cent."""
+    rng = np.random.default_rng(3)
+    rows = 4000
+    sd = np.repeat(rng.choice([0.6, 1.6], 20), rows // 20)[:, None]  # per block of 200 rows
+    y = sd * rng.standard_normal((rows, 2))
+    half = {0.80: np.full_like(y, Z80), 0.95: np.full_like(y, Z95)}
+    s, info = fit_interval_scale(y, np.zeros_like(y), half, "widen", confidence=0.9)
+    assert info["upper_scale"] > 1.05 * info["fitted_scale"] and s == info["upper_scale"]
+    q10, q50, q90 = info["bootstrap_factor_q10_q50_q90"]
+    assert q10 < q50 < q90 == pytest.approx(info["upper_scale"])
+    even = 1.3 * rng.standard_normal((rows, 2))
+    s2, info2 = fit_interval_scale(even, np.zeros_like(even), half, "widen", confidence=0.9)
+    assert info2["upper_scale"] == pytest.approx(info2["fitted_scale"], rel=0.04)
+    assert s2 == pytest.approx(1.3, rel=0.05)
+
+
 def test_calibration_flag_is_checked() -> None:
     from model.errors import ConfigError
     from train.settings import TrainingSettings
