@@ -174,6 +174,27 @@ def test_mlflow_file_store_gets_metrics_artifacts_and_a_registered_model(
     assert mv.run_id == r.info.run_id and mv.tags["eventcast.version"] == version
 
 
+def test_mlflow_sqlite_store_works_offline_without_the_file_store_opt_in(
+    tmp_path: Path, retrain_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """DESIGN's other offline store: ``sqlite:///`` (tracking and model registry in one file)."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, out, err = run(retrain_args("--mlflow-tracking-uri", uri, "--mlflow-experiment", "s"),
+                         capsys)  # fmt: skip
+    assert code == 0, err
+    version = json.loads(out)["version"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (r,) = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+    assert r.data.tags["eventcast.version"] == version
+    assert r.data.metrics["test_model_mae"] > 0
+    (mv,) = client.search_model_versions("name='eventcast-forecaster'")
+    assert mv.run_id == r.info.run_id and mv.tags["eventcast.version"] == version
+
+
 def test_sweep_keeps_the_best_trial(
     tmp_path: Path, retrain_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
