@@ -298,7 +298,14 @@ class KafkaServer(_ManagedProcess):
             "share.coordinator.state.topic.min.isr=1",
             "min.insync.replicas=1",
             "default.replication.factor=1",
-            "log.retention.hours=168",
+            # No time-based retention on this local stack. Forecast records carry the newest
+            # observation's ts as their Kafka timestamp (CONTRACT.md), and the demo, the tests and
+            # the benchmarks replay historical data (2010 temperatures, fixed 2023 test times):
+            # with a time limit the broker's retention check (30 s after start, then every 5 min)
+            # deletes those forecasts minutes after they were written — it made fault tests lose
+            # "forecasts" at random. Nothing is deleted here (`make stack-down` keeps the data;
+            # removing .stack/ clears it).
+            "log.retention.ms=-1",
             "log.segment.bytes=67108864",
             # Let tests add partitions and see them quickly.
             "metadata.max.idle.interval.ms=500",
