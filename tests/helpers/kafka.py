@@ -1,7 +1,8 @@
 """Small synchronous Kafka helpers for tests: produce, consume everything, and kcat wrappers.
 
 They talk to the real broker of the test stack. Consumers stop on their own: after ``expected``
-records, or once the topic has been idle for ``idle`` seconds, or at ``timeout``.
+records, or once everything the topic held at the start was read and ``idle`` seconds passed
+without a record, or at ``timeout``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,14 @@ def consume_all(
     timeout: float = 60.0,
     isolation_level: str = "read_uncommitted",
 ) -> list[Record]:
-    """Read a topic from the beginning of every partition (no group, no commits)."""
+    """Read a topic from the beginning of every partition (no group, no commits).
+
+    Everything the topic held when the call started (until each partition's position reaches the
+    end offset taken at the start — the high watermark, or the last stable offset under
+    ``read_committed``), then whatever else arrives until ``idle`` seconds pass without a record;
+    with ``expected``, stops as soon as that many were read. Always bounded by ``timeout``.
+    (An idle gap alone is not a safe end: a fetch round can take longer than a short ``idle``,
+    and stopping there silently returned a part of the topic.)"""
 
     async def run() -> list[Record]:
         # No group: aiokafka assigns every partition of the topic; "earliest" reads from the start.
@@ -81,6 +89,7 @@ def consume_all(
         out: list[Record] = []
         try:
             start = last = time.monotonic()
+            ends: dict[TopicPartition, int] | None = None
             while True:
                 batch = await consumer.getmany(timeout_ms=200)
                 now = time.monotonic()
@@ -95,8 +104,16 @@ def consume_all(
                     last = now
                 if expected is not None and len(out) >= expected:
                     break
-                if now - last > idle or now - start > timeout:
+                if now - start > timeout:
                     break
+                if ends is None and consumer.assignment():
+                    ends = await consumer.end_offsets(list(consumer.assignment()))
+                if ends is None and now - last > max(idle, 5.0):
+                    break  # the topic has no partitions (does not exist)
+                if now - last > idle and ends is not None:
+                    positions = {tp: await consumer.position(tp) for tp in ends}
+                    if all(positions[tp] >= end for tp, end in ends.items()):
+                        break
             return out
         finally:
             await consumer.stop()
