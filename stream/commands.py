@@ -11,8 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import sys
 import time
 from typing import Any
@@ -78,24 +76,16 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: WorkerSettings) -> int:
+    from stream.diagnostics import install_signal_handlers
     from stream.worker import Worker
 
     worker = Worker(settings)
-    loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_stop_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            # Second Ctrl-C / SIGTERM: the user wants out now, without draining.
-            os._exit(1)
-        log.info("stop requested: finishing the batch in flight, then committing")
-        worker.request_stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop_signal)
-    loop.add_signal_handler(signal.SIGHUP, worker.request_reload)
+    install_signal_handlers(
+        asyncio.get_running_loop(),
+        worker.request_stop,
+        worker.request_reload,
+        lambda: log.info("stop requested: finishing the batch in flight, then committing"),
+    )
     try:
         await worker.start()
         await worker.run()

@@ -41,9 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Sequence
@@ -469,22 +467,16 @@ class FaustEngine:
 
 async def serve(settings: WorkerSettings) -> int:
     """``worker start --engine faust``: run until SIGTERM/SIGINT (drain, commit, exit 0); a
-    second signal exits at once; SIGHUP checks the model directory."""
+    second signal exits at once; SIGHUP checks the model directory; SIGUSR1 dumps stacks."""
+    from stream.diagnostics import install_signal_handlers
+
     engine = FaustEngine(settings)
-    loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_stop_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            os._exit(1)  # second Ctrl-C / SIGTERM: out now, without draining
-        log.info("stop requested: finishing the batch in flight, then committing")
-        engine.request_stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop_signal)
-    loop.add_signal_handler(signal.SIGHUP, engine.request_reload)
+    install_signal_handlers(
+        asyncio.get_running_loop(),
+        engine.request_stop,
+        engine.request_reload,
+        lambda: log.info("stop requested: finishing the batch in flight, then committing"),
+    )
     try:
         await engine.start()
         await engine.run()

@@ -67,6 +67,28 @@ class ThreadWorker:
         if self.error is not None:
             raise self.error
 
+    def dump(self, wait: float = 5.0) -> str:
+        """The worker's thread and asyncio task stacks (stream/diagnostics.py)."""
+        import io
+
+        from stream.diagnostics import dump_state
+
+        if not self.thread.is_alive():
+            return f"(worker thread ended: {self.error!r})"
+        buf = io.StringIO()
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                dump_state(buf)
+            finally:
+                done.set()
+
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(run)
+        done.wait(wait)
+        return buf.getvalue()[-12000:]
+
     def call(self, fn: Callable[[], Any]) -> None:
         self.loop.call_soon_threadsafe(fn)
 

@@ -173,6 +173,28 @@ class ProcWorker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 
+    def check(self) -> None:
+        """Fail at once when the worker process has exited (a wait on it would only time out)."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}: {self.log()}")
+
+    def dump(self, wait: float = 2.0) -> str:
+        """The worker's thread and asyncio task stacks (SIGUSR1, stream/diagnostics.py)."""
+        if self.proc.poll() is not None:
+            return f"(worker exited with {self.proc.returncode})"
+        start = self.log_path.stat().st_size
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + wait
+        text = ""
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            with open(self.log_path, "rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+            if "end of dump" in text:
+                break
+        return text[-12000:]
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)

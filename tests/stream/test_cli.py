@@ -139,5 +139,10 @@ def test_topics_create_status_and_sigterm(
     report = orjson.loads(res.stdout)
     assert report["total_lag"] == 0 and len(report["partitions"]) == 3
     assert len(report["members"]) == 1 and sorted(report["members"][0]["partitions"]) == [0, 1, 2]
+    # SIGUSR1: thread and asyncio task stacks in the log; the worker goes on serving.
+    dump = w.dump()
+    assert "thread stacks" in dump and "end of dump" in dump, dump
+    assert "-- task fetch" in dump and "_fetch_stage" in dump, dump
+    assert w.ready()
     assert w.terminate() == 0, w.log()
     assert "stopped cleanly" in w.log()

@@ -195,7 +195,7 @@ def test_engines_swap_on_a_running_system(
         part = make_events(20, n, start=start)
         truth.add(part, produce(stack.bootstrap, topics.input, part))
         w = proc_worker([*base, "--engine", engine]).wait_ready()
-        wait_all_forecasts(stack.bootstrap, topics.output, truth, 90)
+        wait_all_forecasts(stack.bootstrap, topics.output, truth, 90, worker=w)
         assert w.terminate() == 0, w.log()
     records = consume_all(stack.bootstrap, topics.output, idle=1.0)
     by_src = check_forecasts(records, truth)
@@ -231,7 +231,7 @@ def test_native_and_faust_share_one_group_then_one_is_killed(
     second = make_events(20, 50, start=50)
     truth.add(second, produce(stack.bootstrap, topics.input, second))
     wait_for(lambda: assigned(b) == 6, 60, "the faust worker owns all 6 partitions")
-    wait_all_forecasts(stack.bootstrap, topics.output, truth, 120)
+    wait_all_forecasts(stack.bootstrap, topics.output, truth, 120, worker=b)
     assert b.terminate() == 0, b.log()
     check_forecasts(consume_all(stack.bootstrap, topics.output, idle=1.0), truth)
     check_windows(redis_url, topics.input, truth)
@@ -253,12 +253,12 @@ def test_redis_flushed_mid_run_windows_rebuilt(
     w = proc_worker(
         worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics, "--engine", engine)
     ).wait_ready()
-    wait_all_forecasts(stack.bootstrap, topics.output, truth, 60)
+    wait_all_forecasts(stack.bootstrap, topics.output, truth, 60, worker=w)
     time.sleep(2.0)  # let the faust engine's timed commit happen too
     redis.Redis.from_url(redis_url).flushdb()
     second = make_events(10, 30, start=60)
     truth.add(second, produce(stack.bootstrap, topics.input, second))
-    wait_all_forecasts(stack.bootstrap, topics.output, truth, 90)
+    wait_all_forecasts(stack.bootstrap, topics.output, truth, 90, worker=w)
     text = w.metrics()
     assert w.terminate() == 0, w.log()
     assert metric_value(text, "eventcast_state_conflicts_total") >= 1

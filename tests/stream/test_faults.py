@@ -42,8 +42,9 @@ def wait_all_forecasts(
     iso: str = "read_uncommitted",
     worker: Any = None,
 ) -> None:
-    """Wait until every expected forecast is on ``topic``; an in-process ``worker`` that ended
-    with an error fails the wait at once with that error. On timeout, says what is missing."""
+    """Wait until every expected forecast is on ``topic``; a ``worker`` (ThreadWorker or
+    ProcWorker) that ended fails the wait at once. On timeout, says what is missing and what the
+    worker was doing (its thread and task stacks)."""
     missing: set[Any] = set()
 
     def done() -> bool:
@@ -60,7 +61,10 @@ def wait_all_forecasts(
         by_part: dict[int, list[int]] = {}
         for part, off in sorted(missing):
             by_part.setdefault(part, []).append(off)
-        raise AssertionError(f"{exc}; missing (partition: offsets): {by_part}") from None
+        stacks = worker.dump() if worker is not None else "(no worker given)"
+        raise AssertionError(
+            f"{exc}; missing (partition: offsets): {by_part}\nworker stacks:\n{stacks}"
+        ) from None
 
 
 def check_windows(redis_url: str, topic: str, truth: Truth, partitions: int = 6) -> None:
@@ -134,7 +138,7 @@ def run_kill_test(
     w = proc_worker(argv).wait_ready()
     iso = "read_committed" if "exactly_once" in extra else "read_uncommitted"
 
-    wait_all_forecasts(stack.bootstrap, topics.output, truth, 120, iso)
+    wait_all_forecasts(stack.bootstrap, topics.output, truth, 120, iso, worker=w)
     assert w.terminate() == 0, w.log()
     records = consume_all(stack.bootstrap, topics.output, idle=1.0, timeout=30, isolation_level=iso)
     check_forecasts(records, truth, exactly_once="exactly_once" in extra)
@@ -179,7 +183,7 @@ def test_two_workers_one_killed(
     second = make_events(20, 50, start=50)
     truth.add(second, produce(stack.bootstrap, topics.input, second))
     wait_for(lambda: assigned(b) == 6, 60, "the survivor owns all 6 partitions")
-    wait_all_forecasts(stack.bootstrap, topics.output, truth, 120)
+    wait_all_forecasts(stack.bootstrap, topics.output, truth, 120, worker=b)
     assert b.terminate() == 0, b.log()
     check_forecasts(consume_all(stack.bootstrap, topics.output, idle=1.0), truth)
     check_windows(redis_url, topics.input, truth)
