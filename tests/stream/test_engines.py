@@ -205,11 +205,6 @@ def test_engines_swap_on_a_running_system(
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="open finding (docs/engines.md): a native and a faust worker in ONE group lost "
-    "forecasts after the native one was killed (not diagnosed); swap engines by stopping one "
-    "engine's workers before starting the other's, as test_engines_swap_on_a_running_system does",
-)
 def test_native_and_faust_share_one_group_then_one_is_killed(
     stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path, proc_worker: Any
 ) -> None:
