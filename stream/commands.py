@@ -84,7 +84,6 @@ async def _serve(settings: WorkerSettings) -> int:
         asyncio.get_running_loop(),
         worker.request_stop,
         worker.request_reload,
-        lambda: log.info("stop requested: finishing the batch in flight, then committing"),
     )
     try:
         await worker.start()

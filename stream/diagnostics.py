@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
 from typing import TextIO
+
+log = logging.getLogger(__name__)
 
 
 def dump_state(file: TextIO | None = None) -> None:
@@ -37,7 +40,6 @@ def install_signal_handlers(
     loop: asyncio.AbstractEventLoop,
     request_stop: Callable[[], None],
     request_reload: Callable[[], None],
-    on_first_stop: Callable[[], None] | None = None,
 ) -> None:
     """The worker's signals, one set for both engines: SIGTERM/SIGINT finish the batch in flight
     and stop (a second one exits at once, status 1); SIGHUP checks the model directory now;
@@ -49,8 +51,7 @@ def install_signal_handlers(
         signals += 1
         if signals > 1:
             os._exit(1)  # second Ctrl-C / SIGTERM: the user wants out now, without draining
-        if on_first_stop is not None:
-            on_first_stop()
+        log.info("stop requested: finishing the batch in flight, then committing")
         request_stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -475,7 +475,6 @@ async def serve(settings: WorkerSettings) -> int:
         asyncio.get_running_loop(),
         engine.request_stop,
         engine.request_reload,
-        lambda: log.info("stop requested: finishing the batch in flight, then committing"),
     )
     try:
         await engine.start()

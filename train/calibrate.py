@@ -34,6 +34,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.weights import forecast_net
 from train.data import VAL, EventDataModule
+from train.settings import CALIBRATION_MODES as MODES
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ CALIBRATION_MAX_WINDOWS = 20_000
 MIN_POINTS = 50  # fewer validation points than this: no calibration (factor 1)
 SCALE_RANGE = (0.1, 10.0)
 LEVELS = (0.80, 0.95)
-MODES = ("widen", "fit", "off")
 CONFIDENCE = 0.9  # widen: the factor that reaches the levels with this confidence (bootstrap)
 BOOTSTRAP_BLOCKS = 20
 BOOTSTRAP_RESAMPLES = 200

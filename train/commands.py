@@ -98,7 +98,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--scale-batch-size", action="store_true", help="Lightning's batch-size finder")
     t.add_argument("--plot-every-n-epochs", type=int, default=5)
     t.add_argument("--deterministic", action="store_true")
-    t.add_argument("--calibration", choices=("widen", "fit", "off"), default="widen",
+    t.add_argument("--calibration", default="widen",
                    help="interval calibration on the validation split: widen (only ever widen "
                    "the intervals, the default), fit (the fitted factor), off")  # fmt: skip
     h = p.add_argument_group("hardware (Lightning Trainer)")

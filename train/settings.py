@@ -34,7 +34,7 @@ PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "bf16-mixed", 
               "bf16-true", "transformer-engine")  # fmt: skip
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb", "none")
 GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
-CALIBRATION_MODES = ("widen", "fit", "off")  # train/calibrate.py
+CALIBRATION_MODES = ("widen", "fit", "off")  # what each does: train/calibrate.py
 # Flags that set ModelConfig fields (None = not given on the command line or in YAML).
 MODEL_FLAGS = ("horizon", "hidden_size", "num_layers", "learning_rate", "batch_size",
                "distribution", "dropout", "sequence_length")  # fmt: skip
@@ -357,7 +357,7 @@ def settings_from_args(
             scale_batch_size=bool(args.scale_batch_size),
             plot_every_n_epochs=int(args.plot_every_n_epochs),
             deterministic=bool(args.deterministic),
-            calibration=str(getattr(args, "calibration", "widen")),
+            calibration=str(getattr(args, "calibration", TrainingSettings.calibration)),
         ),
         logging=LoggingSettings(
             loggers=loggers,

@@ -28,14 +28,13 @@ from tests.stream.conftest import (
     forecasts_by_source,
     make_events,
     metric_value,
-    wait_for,
     worker_argv,
 )
 from tests.stream.test_faults import (
     check_forecasts,
     check_windows,
-    output_count,
     run_kill_test,
+    run_two_workers_one_killed,
     wait_all_forecasts,
 )
 from tests.stream.test_worker import check_against_offline
@@ -210,26 +209,11 @@ def test_native_and_faust_share_one_group_then_one_is_killed(
 ) -> None:
     """A rolling swap: a native and a faust worker in one group split the partitions (both use
     the round-robin assignor); the native one is killed and faust finishes with nothing lost."""
-    truth = Truth()
-    first = make_events(20, 50)
-    truth.add(first, produce(stack.bootstrap, topics.input, first))
     base = worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics, "--max-batch", "100")
-    a = proc_worker([*base, "--engine", "native"]).wait_ready()
-    b = proc_worker([*base, "--engine", "faust"]).wait_ready()
-
-    def assigned(w: Any) -> float:
-        return metric_value(w.metrics(), "eventcast_assigned_partitions")
-
-    wait_for(lambda: assigned(a) == 3 and assigned(b) == 3, 60, "3 partitions each")
-    wait_for(lambda: output_count(stack.bootstrap, topics.output) > 0, 60, "first forecasts")
-    a.kill()
-    second = make_events(20, 50, start=50)
-    truth.add(second, produce(stack.bootstrap, topics.input, second))
-    wait_for(lambda: assigned(b) == 6, 60, "the faust worker owns all 6 partitions")
-    wait_all_forecasts(stack.bootstrap, topics.output, truth, 120, worker=b)
-    assert b.terminate() == 0, b.log()
-    check_forecasts(consume_all(stack.bootstrap, topics.output, idle=1.0), truth)
-    check_windows(redis_url, topics.input, truth)
+    run_two_workers_one_killed(
+        stack, topics, redis_url, proc_worker,
+        [*base, "--engine", "native"], [*base, "--engine", "faust"],
+    )  # fmt: skip
 
 
 @pytest.mark.integration

@@ -161,20 +161,25 @@ def test_kill_9_three_times_exactly_once_has_no_duplicates(
     )
 
 
-@pytest.mark.slow
-def test_two_workers_one_killed(
-    stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path, proc_worker: Any
+def run_two_workers_one_killed(
+    stack: Any,
+    topics: Any,
+    redis_url: str,
+    proc_worker: Any,
+    argv_a: list[str],
+    argv_b: list[str],
 ) -> None:
+    """Workers A and B share the group (3 partitions each); A is killed with ``kill -9`` after
+    the first forecasts; B takes all 6 partitions and finishes the stream with nothing lost."""
+    from tests.stream.conftest import metric_value
+
     truth = Truth()
     first = make_events(20, 50)
     truth.add(first, produce(stack.bootstrap, topics.input, first))
-    argv = worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics, "--max-batch", "100")
-    a = proc_worker(argv).wait_ready()
-    b = proc_worker(argv).wait_ready()
+    a = proc_worker(argv_a).wait_ready()
+    b = proc_worker(argv_b).wait_ready()
 
     def assigned(w: Any) -> float:
-        from tests.stream.conftest import metric_value
-
         return metric_value(w.metrics(), "eventcast_assigned_partitions")
 
     wait_for(lambda: assigned(a) == 3 and assigned(b) == 3, 60, "3 partitions each")
@@ -187,6 +192,14 @@ def test_two_workers_one_killed(
     assert b.terminate() == 0, b.log()
     check_forecasts(consume_all(stack.bootstrap, topics.output, idle=1.0), truth)
     check_windows(redis_url, topics.input, truth)
+
+
+@pytest.mark.slow
+def test_two_workers_one_killed(
+    stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path, proc_worker: Any
+) -> None:
+    argv = worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics, "--max-batch", "100")
+    run_two_workers_one_killed(stack, topics, redis_url, proc_worker, argv, argv)
 
 
 def test_redis_flushed_mid_run_rebuilds_windows(
