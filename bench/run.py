@@ -554,7 +554,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         name, _, rate = item.partition("=")
         if name not in args.fallback_capacity:
             ap.error(f"--capacity: unknown model {name!r} (default, small)")
-        args.fallback_capacity[name] = float(rate)
+        try:
+            args.fallback_capacity[name] = float(rate)
+        except ValueError:
+            ap.error(f"--capacity: {item!r} is not MODEL=FORECASTS_PER_S")
     return args
 
 
