@@ -313,8 +313,10 @@ class KafkaServer(_ManagedProcess):
         ]
         return "\n".join(lines) + "\n"
 
-    def _format(self, java: str, libs: Path, props: Path) -> None:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    def _format(self, java: str, libs: Path, props: Path, cluster_id: str | None = None) -> None:
+        # A random id in Kafka's URL-safe base64 starts with "-" once in 64: passed as a separate
+        # argument, the tool's parser would take it for an option ("expected one argument").
+        cluster_id = cluster_id or base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = [
             java,
             "-cp",
@@ -322,8 +324,7 @@ class KafkaServer(_ManagedProcess):
             f"-Dlog4j2.configurationFile={KAFKA_LOG4J}",
             "kafka.tools.StorageTool",
             "format",
-            "-t",
-            cluster_id,
+            f"--cluster-id={cluster_id}",
             "-c",
             str(props),
         ]

@@ -104,3 +104,16 @@ def test_taken_port_is_named_in_the_error(tmp_path: Path):
             KafkaServer(tmp_path, port=port).start()
         with pytest.raises(StackError, match=f"port {port} is already taken"):
             RedisServer(tmp_path, port=port).start()
+
+
+def test_kafka_storage_formats_with_a_cluster_id_that_starts_with_a_dash(tmp_path: Path):
+    """Kafka's random cluster ids are URL-safe base64: one in 64 starts with "-" (it once failed
+    a CI run with "--cluster-id: expected one argument")."""
+    from deploy.stack import _java, ensure_kafka_jars
+
+    server = KafkaServer(tmp_path, port=free_port())
+    props = tmp_path / "server.properties"
+    props.write_text(server._properties())
+    server._format(_java(), ensure_kafka_jars(), props, cluster_id="-AbCdEfGhIjKlMnOpQrStUw")
+    meta = (tmp_path / "kafka" / "data" / "meta.properties").read_text()
+    assert "cluster.id=-AbCdEfGhIjKlMnOpQrStUw" in meta
