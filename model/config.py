@@ -21,7 +21,12 @@ DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "student_t")
 # config.json, a checkpoint's hyperparameters) lacks them: the behaviour those versions were
 # trained and exported with. New configs (the constructor, ``as_config``, the trainer's YAML and
 # flags) use the dataclass defaults instead.
-SAVED_CONFIG_DEFAULTS: dict[str, Any] = {"ar_skip": False, "interval_scale": 1.0}
+SAVED_CONFIG_DEFAULTS: dict[str, Any] = {"ar_skip": False, "interval_scale": 1.0, "tail_scale": 1.0}
+
+# Lowest ``tail_scale``: the normal quantile ratio Z80 / Z95 = 0.65386 (model.network), rounded
+# up. At or above it the 95 % interval never lies inside the 80 % one (a Student-t's ratio of
+# quantiles is always larger than the normal's).
+TAIL_SCALE_MIN = 0.6539
 
 # Number of calendar channels: sin/cos of the time of day and of the week phase.
 CALENDAR_CHANNELS = 4
@@ -50,9 +55,13 @@ class ModelConfig:
     # Linear autoregressive skip: a Linear(T -> H) on the normalised value channel is added to the
     # location (initialised to persistence). False = the location is last value + head output.
     ar_skip: bool = True
-    # Interval calibration: the predictive scale is multiplied by this factor in the graph (fitted
-    # on the validation split after training; 1.0 = uncalibrated).
+    # Interval calibration (train/calibrate.py, fitted on the validation split after training;
+    # 1.0 = uncalibrated), both applied in the graph: the predictive scale, hence ``std`` and both
+    # intervals, is multiplied by ``interval_scale`` (fitted so the 80 % interval covers 80 %),
+    # and the 95 % interval's half-width further by ``tail_scale`` (fitted so it covers 95 %: the
+    # tails of real errors are rarely exactly those of the assumed distribution).
     interval_scale: float = 1.0
+    tail_scale: float = 1.0
 
     def __post_init__(self) -> None:
         feats = self.features
@@ -83,6 +92,8 @@ class ModelConfig:
         if self.interval_scale > 1e3:
             raise ConfigError(f"interval_scale: must be <= 1000, got {self.interval_scale}")
         object.__setattr__(self, "interval_scale", float(self.interval_scale))
+        _check_float("tail_scale", self.tail_scale, low=TAIL_SCALE_MIN, high=1e3)
+        object.__setattr__(self, "tail_scale", float(self.tail_scale))
         if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(
                 f"distribution: expected one of {', '.join(DISTRIBUTIONS)}, "

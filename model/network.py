@@ -12,6 +12,7 @@
          (else += the last normalised value, i.e. persistence)
       -> scale *= interval_scale (calibrated on the validation split after training)
       -> undo the normalisation; 80 % and 95 % bounds computed in the graph
+         (the 95 % half-width *= tail_scale, calibrated likewise)
 
 The AR skip (DLinear / N-BEATS-style residual) starts as persistence (weight 1 on the last value),
 so an untrained net forecasts like the naive baseline and a linear autoregression is in its reach
@@ -60,6 +61,7 @@ class DistParams(NamedTuple):
     df: Tensor | None  # (B, H) > 2 for student_t, None for gaussian
     shift: Tensor  # (B, 1) window mean of the value channel
     unit: Tensor  # (B, 1) window std of the value channel (> 0)
+    tail: float = 1.0  # the config's tail_scale: multiplies the 95 % half-width
 
 
 class ForecastNet(nn.Module):
@@ -143,7 +145,7 @@ class ForecastNet(nn.Module):
         if self.config.interval_scale != 1.0:  # a constant in the traced / exported graph
             scale = scale * self.config.interval_scale  # (B, H)
         df = DF_MIN + F.softplus(p[:, 2, :]) if self.n_params == 3 else None  # (B, H)
-        return DistParams(loc, scale, df, mu[:, :, 0], sd[:, :, 0])
+        return DistParams(loc, scale, df, mu[:, :, 0], sd[:, :, 0], self.config.tail_scale)
 
     def _attend_one_query(self, last: Tensor, out: Tensor) -> Tensor:
         """``self.attn(last, out, out)`` for a single query, with the key and value projections
@@ -188,6 +190,8 @@ def outputs_from_params(p: DistParams) -> tuple[Tensor, Tensor, Tensor, Tensor, 
         std = width * torch.sqrt(p.df / (p.df - 2.0))
         h80 = width * student_t_quantile(p.df, 0.2, Z80)
         h95 = width * student_t_quantile(p.df, 0.05, Z95)
+    if p.tail != 1.0:  # a constant in the traced / exported graph
+        h95 = h95 * p.tail
     return mean, std, mean - h80, mean + h80, mean - h95, mean + h95
 
 

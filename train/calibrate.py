@@ -1,37 +1,44 @@
-"""Interval calibration: one scale factor per version, fitted on the validation split.
+"""Interval calibration: one factor per interval level, fitted on the validation split.
 
-After training, the network's 80 % and 95 % intervals are often a little too narrow or too wide
-(the Gaussian / Student-t shape is only an approximation). :func:`fit_interval_scale` finds the
-factor ``s`` by which the predictive scale is multiplied so that the validation coverage of both
-intervals is as close as possible to 80 % and 95 % (it minimises the larger of the two absolute
-coverage errors). The factor becomes ``ModelConfig.interval_scale``, which the network applies in
-its graph, so the registry's weights, the ONNX export, the canary and every predictor include it.
+After training, the network's 80 % and 95 % intervals are often too narrow or too wide, and not
+always by the same amount: real errors are rarely exactly Gaussian (or Student-t), so an interval
+that is right at 80 % can be too wide at 95 % or the reverse (measured: docs/training.md). Each
+level therefore gets its own factor, by split conformal prediction: on the validation windows
+(never seen in training) take each point's ratio ``|y - mean| / half-width`` of the level's
+interval; the factor is the ``ceil((n + 1) · level)``-th smallest ratio, the smallest factor with
+which at least ``level`` of the validation points (and, for data exchangeable with them, of
+future points) fall inside the interval.
+
+Both factors live in the model config and are applied in the network's graph, so the registry's
+weights, the ONNX export, the canary and every predictor include them:
+
+- ``interval_scale`` is multiplied by the 80 % factor: it scales the predictive scale, hence
+  ``std`` and both intervals;
+- ``tail_scale`` is set to (95 % factor) / (80 % factor): it scales the 95 % half-width on top.
+  It never goes below ``TAIL_SCALE_MIN``, so the 95 % interval always contains the 80 % one.
 
 Modes (``--calibration``):
 
-- ``widen`` (the default): the applied factor is the one that reaches the levels on validation
-  *with 90 % confidence* (a block bootstrap over the validation windows, see
-  :func:`fit_interval_scale`), and never below 1. The validation split is one stretch right after
-  the training data; the held-out period and live traffic come later and may be rougher (another
-  season), so a factor fitted to that one stretch — above all one that *narrows* the intervals —
-  tends to under-cover afterwards (measured: docs/training.md). The bootstrap widens more when the
-  validation evidence is short or uneven. Under-coverage is the costlier mistake for users of
-  the intervals.
-- ``fit``: the fitted factor as it is, narrowing included.
-- ``off``: no calibration (factor 1).
+- ``conformal`` (the default): the factors as fitted, widening or narrowing.
+- ``widen``: each factor at least 1, i.e. intervals are only ever widened (for users who would
+  rather over-cover than trust a narrowing fitted on one validation stretch).
+- ``off``: no calibration (factors 1).
+
+What calibration cannot fix: a held-out period or live traffic rougher than the validation
+stretch (another season) is under-covered all the same; docs/training.md shows one such case.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
+import math
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import TAIL_SCALE_MIN, ModelConfig
 from model.weights import forecast_net
 from train.data import VAL, EventDataModule
 from train.settings import CALIBRATION_MODES as MODES
@@ -39,114 +46,80 @@ from train.settings import CALIBRATION_MODES as MODES
 log = logging.getLogger(__name__)
 
 CALIBRATION_MAX_WINDOWS = 20_000
-MIN_POINTS = 50  # fewer validation points than this: no calibration (factor 1)
-SCALE_RANGE = (0.1, 10.0)
+MIN_POINTS = 50  # fewer validation points than this: no calibration (factors 1)
+FACTOR_RANGE = (0.1, 10.0)
 LEVELS = (0.80, 0.95)
-CONFIDENCE = 0.9  # widen: the factor that reaches the levels with this confidence (bootstrap)
-BOOTSTRAP_BLOCKS = 20
-BOOTSTRAP_RESAMPLES = 200
 
 
-def _minimax_factor(r80: np.ndarray, r95: np.ndarray) -> tuple[float, list[float]]:
-    """The factor minimising the larger coverage error of the two levels, and the factors that
-    hit each level on its own. ``r80``/``r95``: sorted |error| / half-width of each point."""
-    n = len(r80)
-    exact = [float(np.quantile(r80, LEVELS[0])), float(np.quantile(r95, LEVELS[1]))]
-    grid = np.unique(np.concatenate([np.linspace(min(exact), max(exact), 201), exact]))
-    c80 = np.searchsorted(r80, grid, side="right") / n
-    c95 = np.searchsorted(r95, grid, side="right") / n
-    worst = np.maximum(np.abs(c80 - LEVELS[0]), np.abs(c95 - LEVELS[1]))
-    return float(grid[int(np.argmin(worst))]), exact
+def conformal_factor(ratios: np.ndarray, level: float) -> float:
+    """The split-conformal factor for ``level``: the ``ceil((n + 1) · level)``-th smallest of the
+    ``n`` ratios (the largest when that rank exceeds ``n``)."""
+    r = np.sort(np.asarray(ratios, np.float64))
+    k = min(math.ceil((len(r) + 1) * level), len(r))
+    return float(r[k - 1])
 
 
-def fit_interval_scale(
+def fit_interval_factors(
     y: np.ndarray,
     mean: np.ndarray,
     half_widths: dict[float, np.ndarray],
-    mode: str = "fit",
-    *,
-    confidence: float | None = None,
-    blocks: int = BOOTSTRAP_BLOCKS,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = 0,
-) -> tuple[float, dict[str, Any]]:
-    """The factor ``s`` for the interval half-widths, and a summary.
+    mode: str = "conformal",
+) -> tuple[dict[float, float], dict[str, Any]]:
+    """The factor for each level's half-width, and a summary.
 
-    ``y``, ``mean`` (W, H) targets and forecasts, rows in time order; ``half_widths[level]``
-    (W, H) > 0 the current half-width of the central ``level`` interval. Coverage at factor ``s``
-    is the share of points with ``|y - mean| <= s · half_width``; the fitted factor minimises
-    ``max_level |coverage(s) - level|`` (searched between the factors that hit each level
-    exactly, where that optimum lies).
-
-    ``confidence`` (e.g. 0.9): also resample the rows in ``blocks`` contiguous blocks (a block
-    bootstrap: neighbouring windows share most of their points, so single rows are not
-    independent) and report the ``confidence`` quantile of the refitted factor as
-    ``upper_scale``: a factor that still reaches the levels on validation periods like the ones
-    seen, with that confidence. Short or uneven validation data give a wide spread, long
-    homogeneous data almost none. ``mode`` ``widen`` applies ``max(1, upper_scale)`` (the point
-    fit when ``confidence`` is None); ``fit`` applies the point fit; ``off`` returns 1.
+    ``y``, ``mean`` (W, H) targets and forecasts; ``half_widths[level]`` (W, H) > 0 the current
+    half-width of the central ``level`` interval. A point is covered at factor ``f`` when
+    ``|y - mean| <= f · half_width``. Points where anything is non-finite are left out; with
+    fewer than ``MIN_POINTS`` left, or mode ``off``, every factor is 1.
     """
     if mode not in MODES:
         raise ValueError(f"calibration mode must be one of {MODES}, got {mode!r}")
-    y = np.asarray(y, np.float64)
-    rows = y.shape[0] if y.ndim > 1 else len(y)
-    err = np.abs(y - np.asarray(mean, np.float64)).reshape(rows, -1)
+    err = np.abs(np.asarray(y, np.float64) - np.asarray(mean, np.float64)).ravel()
+    hws = {lv: np.asarray(half_widths[lv], np.float64).ravel() for lv in LEVELS}
     ok = np.isfinite(err)
-    hws = {}
-    for lv in LEVELS:
-        hw = np.asarray(half_widths[lv], np.float64).reshape(rows, -1)
+    for hw in hws.values():
         ok &= np.isfinite(hw) & (hw > 0)
-        hws[lv] = hw
     n = int(ok.sum())
-    before = {f"coverage_{round(lv * 100)}": None for lv in LEVELS}
+    ones = dict.fromkeys(LEVELS, 1.0)
     if n < MIN_POINTS or mode == "off":
-        return 1.0, {"mode": mode, "scale": 1.0, "points": n, "fitted": False,
-                     "before": before, "after": before}  # fmt: skip
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r_rows = {lv: np.where(ok, err / hws[lv], np.inf) for lv in LEVELS}  # (W, H)
-    r = {lv: np.sort(r_rows[lv][ok]) for lv in LEVELS}  # covered iff r <= s
+        none = {_key(lv): None for lv in LEVELS}
+        return ones, {"mode": mode, "points": n, "fitted": False, "factors": _keyed(ones),
+                      "before": none, "after": none}  # fmt: skip
+    ratios = {lv: err[ok] / hws[lv][ok] for lv in LEVELS}
+    fitted = {lv: float(np.clip(conformal_factor(ratios[lv], lv), *FACTOR_RANGE)) for lv in LEVELS}
+    factors = {lv: max(f, 1.0) for lv, f in fitted.items()} if mode == "widen" else dict(fitted)
 
-    def cov(s: float) -> dict[float, float]:
-        return {lv: float(np.searchsorted(r[lv], s, side="right") / n) for lv in LEVELS}
+    def cov(fs: dict[float, float]) -> dict[str, float]:
+        return {_key(lv): float(np.mean(ratios[lv] <= fs[lv])) for lv in LEVELS}
 
-    fitted, exact = _minimax_factor(r[LEVELS[0]], r[LEVELS[1]])
-    fitted = float(np.clip(fitted, *SCALE_RANGE))
-    upper = None
-    spread = None
-    if confidence is not None and rows >= 2 * blocks:
-        rng = np.random.default_rng(seed)
-        edges = np.linspace(0, rows, blocks + 1).astype(int)
-        chunks = [np.arange(a, b) for a, b in itertools.pairwise(edges)]
-        factors = []
-        for _ in range(resamples):
-            pick = np.concatenate([chunks[i] for i in rng.integers(0, blocks, blocks)])
-            keep = ok[pick]
-            if keep.sum() < MIN_POINTS:
-                continue
-            f, _ = _minimax_factor(
-                np.sort(r_rows[LEVELS[0]][pick][keep]), np.sort(r_rows[LEVELS[1]][pick][keep])
-            )
-            factors.append(f)
-        if factors:
-            upper = float(np.clip(np.quantile(factors, confidence), *SCALE_RANGE))
-            spread = [float(np.quantile(factors, q)) for q in (0.1, 0.5, 0.9)]
-    point = upper if upper is not None else fitted
-    s = max(point, 1.0) if mode == "widen" else fitted
-    c0, c1 = cov(1.0), cov(s)
     info = {
         "mode": mode,
-        "scale": s,
-        "fitted_scale": fitted,
-        "upper_scale": upper,
-        "confidence": confidence if upper is not None else None,
-        "bootstrap_factor_q10_q50_q90": spread,
         "points": n,
         "fitted": True,
-        "exact_factors": dict(zip(("coverage_80", "coverage_95"), exact, strict=True)),
-        "before": {f"coverage_{round(lv * 100)}": c0[lv] for lv in LEVELS},
-        "after": {f"coverage_{round(lv * 100)}": c1[lv] for lv in LEVELS},
+        "fitted_factors": _keyed(fitted),
+        "factors": _keyed(factors),
+        "before": cov(ones),
+        "after": cov(factors),
     }
-    return s, info
+    return factors, info
+
+
+def _key(level: float) -> str:
+    return f"coverage_{round(level * 100)}"
+
+
+def _keyed(factors: dict[float, float]) -> dict[str, float]:
+    return {str(round(lv * 100)): f for lv, f in factors.items()}
+
+
+def apply_factors(config: ModelConfig, factors: dict[float, float]) -> ModelConfig:
+    """``config`` with the level factors folded into ``interval_scale`` and ``tail_scale``
+    (module docstring). ``tail_scale`` is clipped to ``[TAIL_SCALE_MIN, 1000]``."""
+    f80, f95 = factors[LEVELS[0]], factors[LEVELS[1]]
+    tail = float(np.clip(config.tail_scale * f95 / f80, TAIL_SCALE_MIN, 1e3))
+    return config.replace(
+        interval_scale=round(config.interval_scale * f80, 6), tail_scale=round(tail, 6)
+    )
 
 
 @torch.no_grad()
@@ -157,13 +130,12 @@ def calibrate_intervals(
     *,
     max_windows: int = CALIBRATION_MAX_WINDOWS,
     seed: int = 0,
-    mode: str = "widen",
+    mode: str = "conformal",
 ) -> tuple[ModelConfig, dict[str, Any]]:
-    """Fit the interval scale on (at most ``max_windows`` random) validation windows and set it
-    on ``net`` (an EventForecaster or ForecastNet) in place. Returns the new config (``config``
-    with ``interval_scale`` multiplied by the fitted factor) and a summary for ``metrics.json``
-    (``calibration``: mode, factor, points, validation coverage before and after). ``mode``:
-    see the module docstring."""
+    """Fit the level factors on (at most ``max_windows`` random) validation windows and set them
+    on ``net`` (an EventForecaster or ForecastNet) in place. Returns the new config and a summary
+    for ``metrics.json`` (``calibration``: mode, factors, points, validation coverage before and
+    after, the new ``interval_scale`` and ``tail_scale``)."""
     from train.evaluate import net_forecast
 
     ds = dm.sets[VAL]
@@ -173,24 +145,25 @@ def calibrate_intervals(
     x, y, _ = ds.arrays_for(idx)
     fc = net_forecast(net, x)
     half = {0.80: fc["upper_80"] - fc["mean"], 0.95: fc["upper_95"] - fc["mean"]}
-    factor, info = fit_interval_scale(
-        y, fc["mean"], half, mode, confidence=CONFIDENCE if mode == "widen" else None, seed=seed
-    )
-    new = config.replace(interval_scale=round(config.interval_scale * factor, 6))
+    factors, info = fit_interval_factors(y, fc["mean"], half, mode)
+    new = apply_factors(config, factors)
     set_config(net, new)
-    info["interval_scale"] = new.interval_scale
-    info["windows"] = len(idx)
+    if info["fitted"]:  # coverage with the factors as applied (rounded, tail_scale clipped)
+        f80 = new.interval_scale / config.interval_scale
+        applied = {0.80: f80, 0.95: f80 * new.tail_scale / config.tail_scale}
+        err = np.abs(y - fc["mean"])
+        info["after"] = {_key(lv): float(np.mean(err <= applied[lv] * half[lv])) for lv in LEVELS}
+    info.update(interval_scale=new.interval_scale, tail_scale=new.tail_scale, windows=len(idx))
     log.info(
-        "interval calibration (%s) on %d validation windows: factor %.4g (fitted %s), "
-        "coverage 80/95 %s -> %s", mode, len(idx), factor, info.get("fitted_scale"),
-        info["before"], info["after"],
+        "interval calibration (%s) on %d validation windows: factors 80/95 %s, "
+        "coverage %s -> %s", mode, len(idx), info["factors"], info["before"], info["after"],
     )  # fmt: skip
     return new, info
 
 
 def set_config(net: nn.Module, config: ModelConfig) -> None:
     """Give ``net`` (an EventForecaster or ForecastNet) a new config of the same architecture
-    (only ``interval_scale`` may differ from the current one's graph-relevant fields)."""
+    (only the calibration fields may differ from the current one's graph-relevant fields)."""
     inner = forecast_net(net)
     inner.config = config
     if inner is not net:

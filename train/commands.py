@@ -98,9 +98,9 @@ def register(subparsers: Any) -> None:
     t.add_argument("--scale-batch-size", action="store_true", help="Lightning's batch-size finder")
     t.add_argument("--plot-every-n-epochs", type=int, default=5)
     t.add_argument("--deterministic", action="store_true")
-    t.add_argument("--calibration", default="widen",
-                   help="interval calibration on the validation split: widen (only ever widen "
-                   "the intervals, the default), fit (the fitted factor), off")  # fmt: skip
+    t.add_argument("--calibration", default="conformal",
+                   help="interval calibration on the validation split: conformal (one factor per "
+                   "level, the default), widen (the same, only ever widening), off")  # fmt: skip
     h = p.add_argument_group("hardware (Lightning Trainer)")
     h.add_argument("--accelerator", default="auto", help="auto, cpu, gpu, cuda, mps, tpu")
     h.add_argument("--devices", default="auto", help="auto, N, or a list like 0,1")

@@ -2,8 +2,8 @@
 
     load_data ──► SeriesArrays (optionally memory-mapped) ──► EventDataModule
         ──► fit_model (Lightning Trainer) or run_sweep (Optuna) ──► best weights
-        ──► interval calibration on the validation split (train.calibrate: one scale factor,
-            stored as the config's interval_scale and applied in the graph)
+        ──► interval calibration on the validation split (train.calibrate: a conformal factor
+            per level, stored as the config's interval_scale / tail_scale, applied in the graph)
         ──► evaluate on the held-out split, beside the baselines (report + PNG)
         ──► evaluate the serving version on the very same windows (the gate)
         ──► ModelRegistry.write_version (atomic: a hidden temp folder renamed into place)
@@ -174,7 +174,7 @@ def retrain_once(settings: RetrainSettings) -> RetrainResult:
     config = fit.config
 
     # Interval calibration on the validation split, before the held-out evaluation and the
-    # registry write: the factor lives in the config (interval_scale) and in the graph.
+    # registry write: the factors live in the config (interval_scale, tail_scale) and the graph.
     from train.calibrate import calibrate_intervals
 
     config, calibration = calibrate_intervals(

@@ -34,7 +34,7 @@ PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "bf16-mixed", 
               "bf16-true", "transformer-engine")  # fmt: skip
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb", "none")
 GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
-CALIBRATION_MODES = ("widen", "fit", "off")  # what each does: train/calibrate.py
+CALIBRATION_MODES = ("conformal", "widen", "off")  # what each does: train/calibrate.py
 # Flags that set ModelConfig fields (None = not given on the command line or in YAML).
 MODEL_FLAGS = ("horizon", "hidden_size", "num_layers", "learning_rate", "batch_size",
                "distribution", "dropout", "sequence_length")  # fmt: skip
@@ -142,7 +142,7 @@ class TrainingSettings:
     scale_batch_size: bool = False
     plot_every_n_epochs: int = 5
     deterministic: bool = False
-    calibration: str = "widen"  # interval calibration mode (train/calibrate.py)
+    calibration: str = "conformal"  # interval calibration mode (train/calibrate.py)
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:

@@ -86,19 +86,24 @@ def test_ar_skip_fits_a_pure_ar_series_quickly() -> None:
     assert time.perf_counter() - t0 < 60
 
 
-def test_interval_scale_multiplies_the_intervals_in_the_graph(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tail", [1.0, 1.25, 0.7])
+def test_interval_and_tail_scales_multiply_the_intervals_in_the_graph(
+    tmp_path: Path, tail: float
+) -> None:
+    """``interval_scale`` scales std and both intervals; ``tail_scale`` the 95 % one on top."""
     torch.manual_seed(0)
     cfg = tiny_config(horizon=3, ar_skip=True, distribution="student_t")
     net = ForecastNet(cfg).eval()
-    wide = build_net(cfg.replace(interval_scale=1.7), state_dict_cpu(net))
+    wide = build_net(cfg.replace(interval_scale=1.7, tail_scale=tail), state_dict_cpu(net))
     x = torch.from_numpy(random_windows(np.random.default_rng(1), 9, 48, cfg.input_size))
     with torch.no_grad():
         a, b = net(x), wide(x)
     torch.testing.assert_close(b[0], a[0])  # the mean does not move
     torch.testing.assert_close(b[1], 1.7 * a[1], rtol=1e-5, atol=1e-6)  # std
-    for i in (2, 3, 4, 5):  # every bound's distance to the mean
-        torch.testing.assert_close(b[i] - b[0], 1.7 * (a[i] - a[0]), rtol=1e-4, atol=1e-4)
-    # ... and the ONNX export carries both the AR path and the scale.
+    for i, k in ((2, 1.7), (3, 1.7), (4, 1.7 * tail), (5, 1.7 * tail)):  # each bound - mean
+        torch.testing.assert_close(b[i] - b[0], k * (a[i] - a[0]), rtol=1e-4, atol=1e-4)
+    assert bool((b[4] <= b[2]).all() and (b[5] >= b[3]).all())  # 95 % contains 80 %
+    # ... and the ONNX export carries the AR path and both scales.
     path = export_onnx(wide, tmp_path / "m.onnx")
     assert verify_onnx(wide, path, batches=(1, 37), rtol=1e-4) <= 1e-4
 

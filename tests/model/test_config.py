@@ -48,6 +48,9 @@ def test_features_list_becomes_tuple_and_counts_in_input_size() -> None:
         ("interval_scale", 0.0),
         ("interval_scale", float("nan")),
         ("interval_scale", True),
+        ("tail_scale", 0.5),  # below Z80 / Z95: the 95 % interval would lie inside the 80 % one
+        ("tail_scale", float("inf")),
+        ("tail_scale", "1"),
     ],
 )
 def test_invalid_values_name_the_field(field: str, value: object) -> None:
@@ -92,13 +95,14 @@ def test_new_configs_have_the_ar_skip_and_no_interval_scale() -> None:
 
 
 def test_saved_config_without_the_new_keys_loads_with_the_old_behaviour(tmp_path: Path) -> None:
-    """A config.json written before ``ar_skip`` / ``interval_scale`` existed means: no AR path,
-    no interval scaling; its network has exactly the old parameters and the old outputs."""
+    """A config.json written before ``ar_skip`` / ``interval_scale`` / ``tail_scale`` existed
+    means: no AR path, no interval scaling; its network has exactly the old parameters and the
+    old outputs."""
     old = ModelConfig(hidden_size=16, num_layers=1, attention_heads=2, horizon=3).to_dict()
-    del old["ar_skip"], old["interval_scale"]
+    del old["ar_skip"], old["interval_scale"], old["tail_scale"]
     (tmp_path / "config.json").write_text(json.dumps(old))
     for c in (ModelConfig.from_json(tmp_path / "config.json"), ModelConfig.from_dict(old)):
-        assert c.ar_skip is False and c.interval_scale == 1.0
+        assert c.ar_skip is False and c.interval_scale == 1.0 and c.tail_scale == 1.0
     c = ModelConfig.from_dict(old)
     net = ForecastNet(c).eval()
     assert net.ar is None and not any(k.startswith("ar.") for k in net.state_dict())
