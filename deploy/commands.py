@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from model.config import BACKENDS, DEVICES
 from model.errors import ConfigError
 from stream.cli import add_config_argument
 from stream.decode import REASONS
@@ -76,10 +77,8 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, help="request body limit (413 above it)"
     )
-    p.add_argument(
-        "--backend", default="auto", choices=("auto", "torch", "torch-int8", "onnx", "onnx-int8")
-    )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--threads", type=int, default=None, help="inference threads")
     p.add_argument("--refresh-seconds", type=float, default=5.0, help="live view refresh period")
     add_redis_arguments(p)

@@ -17,6 +17,11 @@ from model.errors import ConfigError
 
 DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "student_t")
 
+# Where and how a version is served (model.predictor; the --backend / --device flags).
+BACKENDS: tuple[str, ...] = ("auto", "torch", "torch-bf16", "torch-int8", "onnx", "onnx-int8")
+CPU_ONLY_BACKENDS: tuple[str, ...] = ("torch-bf16", "torch-int8")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
 # Values that fields added after the first release take when a *saved* config (a version's
 # config.json, a checkpoint's hyperparameters) lacks them: the behaviour those versions were
 # trained and exported with. New configs (the constructor, ``as_config``, the trainer's YAML and

@@ -199,6 +199,20 @@ def int8_report(
     return Int8Report(mae_f, mae_q, rise, diff, ok, max_rise)
 
 
+def bf16_lstm(net: nn.Module) -> nn.Module:
+    """A CPU copy of ``net``'s ForecastNet whose LSTM runs in bfloat16 (backend ``torch-bf16``).
+
+    The LSTM is nearly all of the network's FLOPs; oneDNN runs a bf16 LSTM on AMX or AVX-512
+    BF16 where the CPU has them (2–4× the float32 rate, docs/benchmarks.md) and emulates it, slower,
+    where it does not. Normalisation, attention, head and the AR path stay float32. ``net`` itself
+    is not modified.
+    """
+    inner: ForecastNet = copy.deepcopy(forecast_net(net)).to("cpu", torch.float32).eval()
+    inner.lstm.to(torch.bfloat16)
+    inner.lstm_dtype = torch.bfloat16
+    return inner
+
+
 def quantize_torch_dynamic(net: nn.Module) -> nn.Module:
     """PyTorch dynamic int8 quantization (``torch.ao.quantization.quantize_dynamic``) of the
     LSTM and Linear layers of a CPU copy of ``net``'s ForecastNet, for CPU inference.

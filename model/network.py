@@ -79,6 +79,9 @@ class ForecastNet(nn.Module):
             batch_first=True,
             dropout=config.dropout if config.num_layers > 1 else 0.0,
         )
+        # The LSTM's compute dtype. bfloat16 only in the CPU serving copy of backend torch-bf16
+        # (model.export.bf16_lstm: oneDNN runs it on AMX / AVX-512 BF16); float32 otherwise.
+        self.lstm_dtype = torch.float32
         self.attn = nn.MultiheadAttention(hd, config.attention_heads, batch_first=True)
         self.mlp = nn.Sequential(
             nn.LayerNorm(2 * hd),
@@ -118,7 +121,10 @@ class ForecastNet(nn.Module):
         sd = torch.clamp_min(sd, NORM_EPS_ABS**0.5)  # all-zero windows: > 0 all the same
         xn = (x - mu * mask) / (sd * mask + (1.0 - mask))  # (B, T, C)
 
-        out, _ = self.lstm(xn)  # (B, T, Hd)
+        if self.lstm_dtype is torch.float32:
+            out, _ = self.lstm(xn)  # (B, T, Hd)
+        else:  # bf16 LSTM, float32 before and after it
+            out = self.lstm(xn.to(self.lstm_dtype))[0].float()  # (B, T, Hd)
         last = out[:, -1:, :]  # (B, 1, Hd)
         if self.training:
             ctx, _ = self.attn(last, out, out, need_weights=False)  # (B, 1, Hd)

@@ -21,14 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.config import ModelConfig
+from model.config import BACKENDS, CPU_ONLY_BACKENDS, DEVICES, ModelConfig
 from model.errors import ConfigError, InputError, ModelLoadError
 from model.weights import forecast_net, load_weights
 
 log = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("auto", "torch", "torch-int8", "onnx", "onnx-int8")
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 # Batch-size buckets for CUDA graphs: a batch is padded up to the next bucket so that a handful of
 # captured graphs serve every size; larger batches are split into chunks of the largest bucket.
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192)
@@ -60,7 +58,7 @@ class Forecast:
 class Predictor(Protocol):
     """What the worker, the HTTP service and the evaluator call."""
 
-    backend: str  # "torch" | "torch-int8" | "onnx" | "onnx-int8"
+    backend: str  # "torch" | "torch-bf16" | "torch-int8" | "onnx" | "onnx-int8"
     device: str  # "cpu" | "cuda" (or "cuda:N")
 
     def predict(self, x: np.ndarray) -> Forecast:
@@ -294,7 +292,7 @@ def resolve_backend(backend: str, device: str, has_onnx: bool) -> tuple[str, str
     ``device="auto"``: CUDA when torch sees a GPU, else CPU. ``backend="auto"``: torch on CUDA;
     on CPU onnxruntime when an ONNX file exists and onnxruntime is installed, else torch.
     Raises ConfigError for unknown names, CUDA requested without a GPU, or a CPU-only backend
-    (torch-int8) on CUDA.
+    (torch-bf16, torch-int8) on CUDA.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -309,8 +307,8 @@ def resolve_backend(backend: str, device: str, has_onnx: bool) -> tuple[str, str
             backend = "torch"
         else:
             backend = "onnx" if has_onnx and _onnxruntime_available() else "torch"
-    if backend == "torch-int8" and device == "cuda":
-        raise ConfigError("backend: torch-int8 (dynamic quantization) runs on the CPU only")
+    if backend in CPU_ONLY_BACKENDS and device == "cuda":
+        raise ConfigError(f"backend: {backend} runs on the CPU only")
     return backend, device
 
 
@@ -348,6 +346,10 @@ def build_predictor(
         from model.export import quantize_torch_dynamic
 
         return TorchPredictor(quantize_torch_dynamic(net), "cpu", backend="torch-int8")
+    if backend == "torch-bf16":
+        from model.export import bf16_lstm
+
+        return TorchPredictor(bf16_lstm(net), "cpu", backend="torch-bf16")
     graphs = (device == "cuda") if cuda_graphs is None else cuda_graphs
     return TorchPredictor(net, device, bf16=bf16, cuda_graphs=graphs)
 
@@ -365,7 +367,7 @@ def make_predictor(
     """A predictor for the model files in ``version_dir`` (no manifest or canary checks: use
     :meth:`model.registry.ModelRegistry.load` for a version from a model directory).
 
-    backend: ``auto`` | ``torch`` | ``torch-int8`` | ``onnx`` | ``onnx-int8``;
+    backend: ``auto`` | ``torch`` | ``torch-bf16`` | ``torch-int8`` | ``onnx`` | ``onnx-int8``;
     device: ``auto`` | ``cpu`` | ``cuda`` (see :func:`resolve_backend`). CUDA graphs default to on
     for torch on CUDA. Raises ConfigError for bad names, ModelLoadError when a file is missing
     (reason ``missing``) or malformed (``format``/``shape``).

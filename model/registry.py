@@ -64,6 +64,7 @@ SERVING_RTOL = {
     "onnx": 1e-4,
     "onnx-int8": 1e-2,  # vs the int8 outputs recorded at write time (same quantized graph)
     "torch-int8": 5e-2,  # vs fp32: dynamic quantization error
+    "torch-bf16": 5e-2,  # vs fp32: the LSTM in bfloat16 (8-bit mantissa)
     "cuda": 5e-3,  # cuDNN LSTM may use TF32
     "cuda-bf16": 5e-2,
 }
@@ -473,8 +474,8 @@ class ModelRegistry:
         served = _forecast_arrays(predictor.predict(canary_x))
         if backend == "onnx-int8":
             ref, key = (recorded_int8, "onnx-int8") if recorded_int8 else (recorded, "torch-int8")
-        elif backend == "torch-int8":
-            ref, key = recorded, "torch-int8"
+        elif backend in ("torch-int8", "torch-bf16"):
+            ref, key = recorded, backend
         elif device.startswith("cuda") and backend == "torch":
             ref, key = recorded, ("cuda-bf16" if bf16 else "cuda")
         elif backend == "onnx":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.config import BACKENDS, DEVICES
 from model.errors import ConfigError
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -22,8 +23,6 @@ SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 GUARANTEES = ("at_least_once", "exactly_once")
 EMIT_MODES = ("every", "latest")
 ENGINES = ("native", "faust")
-BACKENDS = ("auto", "torch", "torch-int8", "onnx", "onnx-int8")
-DEVICES = ("auto", "cpu", "cuda")
 OFFSET_RESETS = ("earliest", "latest")
 FAULT_POINTS = ("after_window_write", "after_publish", "before_commit")
 

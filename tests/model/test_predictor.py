@@ -41,7 +41,7 @@ def test_every_backend_gives_the_same_forecast(version_dir: Path) -> None:
     x = random_windows(np.random.default_rng(0), 33, 48, cfg.input_size)
     ref = make_predictor(version_dir, cfg, backend="torch", device="cpu").predict(x)
     assert isinstance(ref, Forecast) and len(ref) == 33
-    for backend, tol in [("onnx", 1e-4), ("torch-int8", 5e-2)]:
+    for backend, tol in [("onnx", 1e-4), ("torch-int8", 5e-2), ("torch-bf16", 2e-2)]:
         p = make_predictor(version_dir, cfg, backend=backend, threads=1)
         assert isinstance(p, Predictor) and p.backend == backend and p.device == "cpu"
         fc = p.predict(x)
@@ -61,6 +61,9 @@ def test_auto_backend_choice(version_dir: Path, tmp_path: Path) -> None:
             resolve_backend("torch", "cuda", has_onnx=True)
     else:
         assert resolve_backend("auto", "auto", has_onnx=True) == ("torch", "cuda")
+    for cpu_only in ("torch-bf16", "torch-int8"):
+        with pytest.raises(ConfigError, match="CPU only"):
+            resolve_backend(cpu_only, "cuda", has_onnx=True)
     with pytest.raises(ConfigError, match="backend"):
         resolve_backend("tensorrt", "cpu", has_onnx=True)
     with pytest.raises(ConfigError, match="device"):
@@ -153,3 +156,23 @@ def test_cuda_bf16_close_to_cpu() -> None:
 def test_registry_loads_on_cuda(version_dir: Path) -> None:
     m = ModelRegistry(version_dir.parent).load(device="cuda")
     assert (m.predictor.backend, m.predictor.device) == ("torch", "cuda")
+
+
+def test_torch_bf16_runs_only_the_lstm_in_bfloat16_on_a_copy() -> None:
+    """Backend torch-bf16: a copy of the network whose LSTM weights are bfloat16 (oneDNN runs it
+    on AMX / AVX-512 BF16); the rest and every output stay float32, the original is untouched,
+    and the forecast stays within bf16 rounding of the float32 one."""
+    from model.export import bf16_lstm
+
+    cfg = tiny_config(horizon=3, num_layers=2)
+    net = ForecastNet(cfg).eval()
+    fast = bf16_lstm(net)
+    assert fast.lstm.weight_ih_l0.dtype == torch.bfloat16 and fast.lstm_dtype is torch.bfloat16
+    assert fast.head.weight.dtype == torch.float32
+    assert net.lstm.weight_ih_l0.dtype == torch.float32 and net.lstm_dtype is torch.float32
+    x = torch.from_numpy(random_windows(np.random.default_rng(3), 64, 48, cfg.input_size))
+    with torch.no_grad():
+        a, b = net(x), fast(x)
+    assert all(o.dtype == torch.float32 for o in b)
+    for got, want in zip(b, a, strict=True):
+        assert 0 < rel_diff(got.numpy(), want.numpy()) <= 2e-2

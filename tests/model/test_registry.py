@@ -164,8 +164,10 @@ def test_loads_with_every_cpu_backend(reg: ModelRegistry) -> None:
     ref = reg.load(backend="torch", device="cpu").predictor.predict(x)
     auto = reg.load(threads=1)
     assert (auto.predictor.backend, auto.predictor.device) == ("onnx", "cpu")  # no GPU here
-    for backend in ("onnx", "torch-int8"):
-        fc = reg.load(backend=backend).predictor.predict(x)
+    for backend in ("onnx", "torch-int8", "torch-bf16"):
+        loaded = reg.load(backend=backend)  # each within its canary tolerance of fp32
+        assert loaded.predictor.backend == backend
+        fc = loaded.predictor.predict(x)
         np.testing.assert_allclose(fc.mean, ref.mean, rtol=0.05, atol=0.05 * np.abs(ref.mean).max())
     assert reg.load(expect=tiny_config()).version == V
 
