@@ -34,7 +34,7 @@ MODELS: dict[str, dict[str, int]] = {
 }
 BATCHES = (1, 8, 32, 128, 512, 1024)
 QUICK_BATCHES = (1, 32, 256, 1024)
-BACKENDS = ("torch", "onnx", "onnx-int8", "torch-int8")
+BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8", "torch-int8")
 
 
 def measure(p: Predictor, x: np.ndarray, min_time: float, max_reps: int = 10_000) -> float:
@@ -52,13 +52,14 @@ def measure(p: Predictor, x: np.ndarray, min_time: float, max_reps: int = 10_000
 
 
 def predictors(net: ForecastNet, tmp: Path, threads: int) -> dict[str, Predictor]:
-    from model.export import quantize_torch_dynamic
+    from model.export import bf16_lstm, quantize_torch_dynamic
 
     onnx = export_onnx(net, tmp / "model.onnx")
     verify_onnx(net, onnx)  # a benchmark of a wrong model is worthless
     int8 = quantize_onnx_int8(onnx, tmp / "model.int8.onnx")
     return {
         "torch": TorchPredictor(net, "cpu"),
+        "torch-bf16": TorchPredictor(bf16_lstm(net), "cpu", backend="torch-bf16"),
         "onnx": OnnxPredictor(onnx, threads=threads, providers=["CPUExecutionProvider"]),
         "onnx-int8": OnnxPredictor(int8, threads=threads, providers=["CPUExecutionProvider"]),
         "torch-int8": TorchPredictor(quantize_torch_dynamic(net), "cpu", backend="torch-int8"),

@@ -9,8 +9,8 @@ Starts a private Kafka + Redis on free ports, writes the default (hidden 256, 3 
 2. end to end drains of the backlog (fresh consumer group, Redis db and output topic each): the
    forecast rate read at the forecast topic's end offsets and the ingest rate read at the group's
    committed offsets, over ``--duration`` seconds after ``--warmup`` seconds past the first
-   forecast; per model × backend (torch, onnx, onnx-int8), ``--emit every`` vs ``latest``, the
-   naive per-event worker and the faust engine;
+   forecast; per model × backend (torch, torch-bf16, onnx, onnx-int8), ``--emit every`` vs
+   ``latest``, the naive per-event worker and the faust engine;
 3. latency: an open-loop producer at half of the measured capacity stamping each event with its
    send time as ``ts``, and a consumer of the forecast topic (latency = arrival − ``ts``);
 4. soak: the same at half capacity for ``--soak`` seconds, worker RSS and latency over time.
@@ -62,7 +62,7 @@ from bench.harness import (
     write_model,
 )
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8")
 
 
 class Bench:
