@@ -26,15 +26,22 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 # config.json, a checkpoint's hyperparameters) lacks them: the behaviour those versions were
 # trained and exported with. New configs (the constructor, ``as_config``, the trainer's YAML and
 # flags) use the dataclass defaults instead.
-SAVED_CONFIG_DEFAULTS: dict[str, Any] = {"ar_skip": False, "interval_scale": 1.0, "tail_scale": 1.0}
+SAVED_CONFIG_DEFAULTS: dict[str, Any] = {
+    "ar_skip": False,
+    "interval_scale": 1.0,
+    "tail_scale": 1.0,
+    "calendar_year": False,
+}
 
 # Lowest ``tail_scale``: the normal quantile ratio Z80 / Z95 = 0.65386 (model.network), rounded
 # up. At or above it the 95 % interval never lies inside the 80 % one (a Student-t's ratio of
 # quantiles is always larger than the normal's).
 TAIL_SCALE_MIN = 0.6539
 
-# Number of calendar channels: sin/cos of the time of day and of the week phase.
+# Number of calendar channels: sin/cos of the time of day and of the week phase (``calendar``),
+# and sin/cos of the year phase (``calendar_year``).
 CALENDAR_CHANNELS = 4
+YEAR_CHANNELS = 2
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,9 @@ class ModelConfig:
     horizon: int = 1
     features: tuple[str, ...] = ()  # exogenous feature names, in channel order
     calendar: bool = True  # 4 channels: sin/cos of time of day and of day of week
+    # 2 channels: sin/cos of the time of year. Lets the network tell the seasons apart (e.g. how
+    # rough winter weather is beside summer's) once the training data spans most of a year.
+    calendar_year: bool = False
     distribution: str = "gaussian"  # or "student_t"
     # Linear autoregressive skip: a Linear(T -> H) on the normalised value channel is added to the
     # location (initialised to persistence). False = the location is last value + head output.
@@ -89,8 +99,9 @@ class ModelConfig:
                 f"attention_heads: hidden_size {self.hidden_size} is not divisible by "
                 f"attention_heads {self.attention_heads}"
             )
-        if not isinstance(self.calendar, bool):
-            raise ConfigError(f"calendar: expected true or false, got {self.calendar!r}")
+        for name in ("calendar", "calendar_year"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if not isinstance(self.ar_skip, bool):
             raise ConfigError(f"ar_skip: expected true or false, got {self.ar_skip!r}")
         _check_float("interval_scale", self.interval_scale, low=0.0, low_open=True)
@@ -114,8 +125,13 @@ class ModelConfig:
 
     @property
     def input_size(self) -> int:
-        """Channels of the network input: value, calendar (4 if enabled), exogenous features."""
-        return 1 + (CALENDAR_CHANNELS if self.calendar else 0) + len(self.features)
+        """Channels of the network input: value, calendar channels, exogenous features."""
+        return 1 + self.calendar_channels + len(self.features)
+
+    @property
+    def calendar_channels(self) -> int:
+        """Calendar channels (4 for ``calendar``, 2 for ``calendar_year``), after the value."""
+        return CALENDAR_CHANNELS * self.calendar + YEAR_CHANNELS * self.calendar_year
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with ``changes`` applied (validated; unknown names raise ConfigError)."""

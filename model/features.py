@@ -11,7 +11,8 @@ channel               content
 1, 2 (calendar)       sin, cos of the UTC time of day (period 86 400 s)
 3, 4 (calendar)       sin, cos of the UTC week phase (period 7 days, Monday 00:00 = phase 0;
                       continuous, so it also moves within a day)
-5 … (or 1 …)          exogenous features, in ``config.features`` order, raw
+next 2 (calendar_year) sin, cos of the year phase (period 365.2425 days, 1 January 1970 = 0)
+then                  exogenous features, in ``config.features`` order, raw
 ====================  =====================================================================
 
 Everything is vectorised over the batch: one call on thousands of windows costs a few array
@@ -29,6 +30,7 @@ from model.errors import InputError
 
 DAY_SECONDS = 86_400.0
 WEEK_SECONDS = 7 * DAY_SECONDS
+YEAR_SECONDS = 365.2425 * DAY_SECONDS  # the mean Gregorian year
 # 1970-01-01 was a Thursday: shift by 3 days so that phase 0 is Monday 00:00 UTC.
 _EPOCH_WEEKDAY_SHIFT = 3 * DAY_SECONDS
 
@@ -79,6 +81,11 @@ def build_inputs(
         out[:, :, 3] = np.sin(week)
         out[:, :, 4] = np.cos(week)
         c = 5
+    if config.calendar_year:
+        year = (2.0 * np.pi / YEAR_SECONDS) * np.mod(ts, YEAR_SECONDS)
+        out[:, :, c] = np.sin(year)
+        out[:, :, c + 1] = np.cos(year)
+        c += 2
     for name in config.features:
         if features is None or name not in features:
             raise InputError(f"features: missing feature {name!r} the model was trained with")

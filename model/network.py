@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import CALENDAR_CHANNELS, ModelConfig
+from model.config import ModelConfig
 
 if TYPE_CHECKING:
     pass
@@ -101,8 +101,7 @@ class ForecastNet(nn.Module):
         # Which channels get per-window normalisation: the value and the exogenous features, not
         # the calendar sin/cos (already in [-1, 1], and constant within short windows).
         mask = torch.ones(c)
-        if config.calendar:
-            mask[1 : 1 + CALENDAR_CHANNELS] = 0.0
+        mask[1 : 1 + config.calendar_channels] = 0.0
         self.register_buffer("norm_mask", mask, persistent=False)  # (C,)
 
     def params(self, x: Tensor) -> DistParams:

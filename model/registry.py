@@ -523,7 +523,8 @@ _OWN_FILES = {WEIGHTS, CONFIG, ONNX, ONNX_INT8, CANARY, METRICS, MANIFEST}
 def _arch(c: ModelConfig) -> tuple[Any, ...]:
     """The config fields the weights and graph depend on."""
     return (
-        c.sequence_length, c.input_size, c.calendar, c.features, c.horizon, c.hidden_size,
+        c.sequence_length, c.input_size, c.calendar, c.calendar_year, c.features, c.horizon,
+        c.hidden_size,
         c.num_layers, c.attention_heads, c.distribution,
     )  # fmt: skip
 

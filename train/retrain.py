@@ -85,8 +85,8 @@ def prepare_arrays(
 
 def _same_windows(a: ModelConfig, b: ModelConfig) -> bool:
     """Configs whose held-out windows (and so scores) are identical."""
-    return (a.sequence_length, a.horizon, a.features, a.calendar) == (
-        b.sequence_length, b.horizon, b.features, b.calendar,
+    return (a.sequence_length, a.horizon, a.features, a.calendar, a.calendar_year) == (
+        b.sequence_length, b.horizon, b.features, b.calendar, b.calendar_year,
     )  # fmt: skip
 
 

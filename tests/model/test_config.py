@@ -43,6 +43,7 @@ def test_features_list_becomes_tuple_and_counts_in_input_size() -> None:
         ("features", "temp"),
         ("features", ["a", "a"]),
         ("calendar", "yes"),
+        ("calendar_year", 1),
         ("distribution", "laplace"),
         ("ar_skip", "yes"),
         ("interval_scale", 0.0),
@@ -99,10 +100,11 @@ def test_saved_config_without_the_new_keys_loads_with_the_old_behaviour(tmp_path
     means: no AR path, no interval scaling; its network has exactly the old parameters and the
     old outputs."""
     old = ModelConfig(hidden_size=16, num_layers=1, attention_heads=2, horizon=3).to_dict()
-    del old["ar_skip"], old["interval_scale"], old["tail_scale"]
+    del old["ar_skip"], old["interval_scale"], old["tail_scale"], old["calendar_year"]
     (tmp_path / "config.json").write_text(json.dumps(old))
     for c in (ModelConfig.from_json(tmp_path / "config.json"), ModelConfig.from_dict(old)):
         assert c.ar_skip is False and c.interval_scale == 1.0 and c.tail_scale == 1.0
+        assert c.calendar_year is False
     c = ModelConfig.from_dict(old)
     net = ForecastNet(c).eval()
     assert net.ar is None and not any(k.startswith("ar.") for k in net.state_dict())

@@ -33,6 +33,25 @@ def test_channel_layout_and_calendar_values() -> None:
     assert (x[0, :, 5] == 1.0).all() and (x[0, :, 6] == 2.0).all()
 
 
+def test_year_channels_follow_the_day_and_week_ones_and_are_not_normalised() -> None:
+    """``calendar_year``: sin/cos of the year phase right after the four calendar channels (or
+    right after the value without them), features after; the network leaves them unnormalised."""
+    from model.network import ForecastNet
+
+    ts = np.stack([_ts(dt.datetime(2024, 1, 1, tzinfo=dt.UTC), 48),
+                   _ts(dt.datetime(2024, 7, 2, 3, tzinfo=dt.UTC), 48)])  # fmt: skip
+    feats = {"temp": np.full((2, 48), 3.0)}
+    for calendar, col in ((True, 5), (False, 1)):
+        cfg = ModelConfig(calendar=calendar, calendar_year=True, features=("temp",))
+        x = build_inputs(ts, np.ones((2, 48)), feats, cfg)
+        assert x.shape == (2, 48, col + 3) and cfg.input_size == col + 3
+        np.testing.assert_allclose(x[0, 0, col : col + 2], [0.0, 1.0], atol=2e-3)  # 1 January
+        np.testing.assert_allclose(x[1, 0, col : col + 2], [0.0, -1.0], atol=2e-2)  # mid-year
+        assert (x[:, :, col + 2] == 3.0).all()
+        mask = ForecastNet(cfg).norm_mask.tolist()
+        assert mask == [1.0] + [0.0] * (col + 1) + [1.0]
+
+
 def test_without_calendar_and_batch() -> None:
     cfg = ModelConfig(calendar=False)
     ts = np.tile(_ts(dt.datetime(2024, 5, 1, tzinfo=dt.UTC), 48), (3, 1))
