@@ -37,7 +37,7 @@ GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
 CALIBRATION_MODES = ("conformal", "widen", "off")  # what each does: train/calibrate.py
 # Flags that set ModelConfig fields (None = not given on the command line or in YAML).
 MODEL_FLAGS = ("horizon", "hidden_size", "num_layers", "learning_rate", "batch_size",
-               "distribution", "dropout", "sequence_length")  # fmt: skip
+               "distribution", "dropout", "sequence_length", "calendar_year")  # fmt: skip
 SECTIONS = ("model", "training", "hardware", "logging", "data")
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)

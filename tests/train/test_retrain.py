@@ -275,6 +275,9 @@ def test_yaml_sections_set_flags_and_typos_are_refused(
     assert s.training.time_budget.total_seconds() == 120
     assert s.training.accumulate_grad_batches == 2 and s.training.gradient_clip_val == 0.5
     assert s.hardware.precision == "bf16-mixed" and s.hardware.devices == 1
+    assert s.model.calendar_year is False
+    args = parse(retrain_args("--config", str(cfg), "--calendar-year"), environ={})
+    assert settings_from_args(args, args._dests).model.calendar_year is True
     args = parse(retrain_args(), environ={"EVENTCAST_PATIENCE": "7", "EVENTCAST_MAX_EPOCHS": "9"})
     s = settings_from_args(args, args._dests)
     assert s.training.patience == 7 and s.training.max_epochs == 1  # the flag wins over env
