@@ -2,7 +2,8 @@
 # Every benchmark table of docs/benchmarks.md in one run (make bench). Starts and stops its own
 # Kafka + Redis on free ports on 127.0.0.1; takes about 35 minutes (--quick: about 6).
 # Usage: bash bench/run_all.sh [VENV] [bench.run args...]   e.g. bash bench/run_all.sh .venv --quick
-# BEFORE=<git ref> sets the commit whose worker is drained for the before/after rows.
+# BEFORE=<git ref> also drains the worker of that commit (before/after rows; its worker must accept
+# the --backend of this run: onnx for commits before torch-bf16 existed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv}"
@@ -11,7 +12,7 @@ mkdir -p bench/results
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 lscpu | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket|L2|L3|Flags)" | sed 's/^/# /' | cut -c1-160 \
   > "bench/results/$stamp.txt"
-"$venv/bin/python" -m bench.run --before "${BEFORE:-dbc7f3c}" \
+"$venv/bin/python" -m bench.run ${BEFORE:+--before "$BEFORE"} \
   --json "bench/results/$stamp.json" "$@" 2>&1 \
   | grep --line-buffered -v "pre-processing before quantization" | tee -a "bench/results/$stamp.txt"
 echo "# tables: bench/results/$stamp.txt"
