@@ -65,16 +65,6 @@ from bench.harness import (
 BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8")
 
 
-def default_backend() -> str:
-    """The CPU backend a user of this machine should serve with: torch-bf16 where the CPU has
-    bf16 matrix units (AMX or AVX-512 BF16, read from /proc/cpuinfo), else onnx."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return "onnx"
-    return "torch-bf16" if {"amx_bf16", "avx512_bf16"} & set(flags) else "onnx"
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, root: Path) -> None:
         self.args = args
@@ -521,9 +511,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", default="ceilings,drain,latency,soak")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument(
-        "--backend", default=default_backend(),
-        help="backend of latency/soak/baselines (default: torch-bf16 on CPUs with AMX or "
-        "AVX-512 BF16, else onnx)",
+        "--backend", default="onnx",
+        help="backend of latency/soak/baselines (torch-bf16 drains faster on AMX CPUs but its "
+        "latency at half capacity is far worse: docs/benchmarks.md)",
     )  # fmt: skip
     ap.add_argument("--series", type=int, default=1000)
     ap.add_argument("--backlog", type=int, default=None)
