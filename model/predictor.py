@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -91,7 +92,8 @@ class TorchPredictor:
     network under bf16 autocast (the distribution arithmetic stays fp32), and ``cuda_graphs``
     captures one CUDA graph per batch bucket, padding each batch up to the next bucket and
     replaying the graph (launch overhead vanishes; a bucket whose capture fails falls back to eager
-    execution with a warning). On CPU, ``bf16`` and ``cuda_graphs`` are ignored.
+    execution with a warning). On CPU, ``bf16`` and ``cuda_graphs`` are ignored; backend
+    ``torch-bf16`` runs the network as one traced graph (:func:`_one_call`).
 
     The predictor takes ownership of ``net`` (moved to ``device``, put in eval mode).
     """
@@ -122,6 +124,9 @@ class TorchPredictor:
         self._lock = threading.Lock()
         self._graphs: dict[int, _GraphRunner | None] = {}
         self._pinned: Tensor | None = None
+        self._cpu_forward: Callable[[Tensor], tuple[Tensor, ...]] = self.net
+        if backend == "torch-bf16" and not self._cuda:
+            self._cpu_forward = _one_call(self.net, self.config)
 
     def predict(self, x: np.ndarray) -> Forecast:
         """Forecasts for ``x`` (B, T, C); raises InputError on a shape mismatch."""
@@ -130,7 +135,7 @@ class TorchPredictor:
             return _empty(self.config)
         with self._lock, torch.inference_mode():
             if not self._cuda:
-                outs = self.net(torch.from_numpy(x))
+                outs = self._cpu_forward(torch.from_numpy(x))
                 return Forecast.from_outputs([o.numpy() for o in outs])
             step = self.buckets[-1]
             parts = [self._predict_cuda(x[i : i + step]) for i in range(0, len(x), step)]
@@ -174,6 +179,23 @@ class TorchPredictor:
                 "CUDA graph capture failed for batch bucket %d, running it eagerly: %s", bucket, e
             )
             return None
+
+
+def _one_call(net: nn.Module, config: ModelConfig) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """``net`` as one TorchScript graph (``torch.jit.trace``; any batch size).
+
+    Called from Python, the graph runs all its ops in C++ with the GIL released once. The eager
+    network makes ~50 Python-level op calls per forward, and in the worker each of them has to
+    take the GIL back from the event loop running on the other thread: measured 10 → 183 ms per
+    200-window batch of the small bf16 model beside a busy Python thread, traced 8 → 33 ms
+    (onnxruntime 10 → 24 ms; docs/benchmarks.md).
+    """
+    from model.export import random_windows
+
+    x = random_windows(np.random.default_rng(0), 8, config.sequence_length, config.input_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice (torch.compile needs a
+        return torch.jit.trace(net, torch.from_numpy(x), check_trace=False)  # C compiler)
 
 
 class _GraphRunner:

@@ -176,3 +176,22 @@ def test_torch_bf16_runs_only_the_lstm_in_bfloat16_on_a_copy() -> None:
     assert all(o.dtype == torch.float32 for o in b)
     for got, want in zip(b, a, strict=True):
         assert 0 < rel_diff(got.numpy(), want.numpy()) <= 2e-2
+
+
+def test_torch_bf16_predictor_runs_one_traced_graph_equal_to_the_eager_network() -> None:
+    """The torch-bf16 predictor calls one TorchScript graph (the GIL is released once per batch,
+    not once per op); it gives the eager bf16 network's outputs at any batch size."""
+    from model.export import bf16_lstm
+
+    cfg = tiny_config(horizon=4, num_layers=2)
+    net = ForecastNet(cfg).eval()
+    p = TorchPredictor(bf16_lstm(net), "cpu", backend="torch-bf16")
+    assert isinstance(p._cpu_forward, torch.jit.ScriptModule)
+    eager = bf16_lstm(net)
+    for b in (1, 37, 300):
+        x = random_windows(np.random.default_rng(b), b, 48, cfg.input_size)
+        fc = p.predict(x)
+        with torch.no_grad():
+            ref = eager(torch.from_numpy(x))
+        np.testing.assert_allclose(fc.mean, ref[0].numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(fc.upper["95"], ref[5].numpy(), rtol=1e-6, atol=1e-6)
