@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -124,9 +124,9 @@ class TorchPredictor:
         self._lock = threading.Lock()
         self._graphs: dict[int, _GraphRunner | None] = {}
         self._pinned: Tensor | None = None
-        self._cpu_forward: Callable[[Tensor], tuple[Tensor, ...]] = self.net
-        if backend == "torch-bf16" and not self._cuda:
-            self._cpu_forward = _one_call(self.net, self.config)
+        # torch-bf16 on the CPU: the network as one traced graph (see _one_call).
+        cpu_bf16 = backend == "torch-bf16" and not self._cuda
+        self._graph = _one_call(self.net, self.config) if cpu_bf16 else None
 
     def predict(self, x: np.ndarray) -> Forecast:
         """Forecasts for ``x`` (B, T, C); raises InputError on a shape mismatch."""
@@ -134,8 +134,14 @@ class TorchPredictor:
         if len(x) == 0:
             return _empty(self.config)
         with self._lock, torch.inference_mode():
+            if self._graph is not None:
+                # The plain graph interpreter: the optimising one re-specialises on every new
+                # batch size and ran ~25 % slower here (docs/benchmarks.md).
+                with torch.jit.optimized_execution(False):
+                    outs = self._graph(torch.from_numpy(x))
+                return Forecast.from_outputs([o.numpy() for o in outs])
             if not self._cuda:
-                outs = self._cpu_forward(torch.from_numpy(x))
+                outs = self.net(torch.from_numpy(x))
                 return Forecast.from_outputs([o.numpy() for o in outs])
             step = self.buckets[-1]
             parts = [self._predict_cuda(x[i : i + step]) for i in range(0, len(x), step)]
@@ -181,7 +187,7 @@ class TorchPredictor:
             return None
 
 
-def _one_call(net: nn.Module, config: ModelConfig) -> Callable[[Tensor], tuple[Tensor, ...]]:
+def _one_call(net: nn.Module, config: ModelConfig) -> torch.jit.ScriptModule:
     """``net`` as one TorchScript graph (``torch.jit.trace``; any batch size).
 
     Called from Python, the graph runs all its ops in C++ with the GIL released once. The eager

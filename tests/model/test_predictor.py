@@ -186,7 +186,7 @@ def test_torch_bf16_predictor_runs_one_traced_graph_equal_to_the_eager_network()
     cfg = tiny_config(horizon=4, num_layers=2)
     net = ForecastNet(cfg).eval()
     p = TorchPredictor(bf16_lstm(net), "cpu", backend="torch-bf16")
-    assert isinstance(p._cpu_forward, torch.jit.ScriptModule)
+    assert isinstance(p._graph, torch.jit.ScriptModule)
     eager = bf16_lstm(net)
     for b in (1, 37, 300):
         x = random_windows(np.random.default_rng(b), b, 48, cfg.input_size)
