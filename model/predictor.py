@@ -134,14 +134,13 @@ class TorchPredictor:
         if len(x) == 0:
             return _empty(self.config)
         with self._lock, torch.inference_mode():
-            if self._graph is not None:
-                # The plain graph interpreter: the optimising one re-specialises on every new
-                # batch size and ran ~25 % slower here (docs/benchmarks.md).
-                with torch.jit.optimized_execution(False):
-                    outs = self._graph(torch.from_numpy(x))
-                return Forecast.from_outputs([o.numpy() for o in outs])
             if not self._cuda:
-                outs = self.net(torch.from_numpy(x))
+                if self._graph is None:
+                    outs = self.net(torch.from_numpy(x))
+                else:  # the plain graph interpreter: the optimising one re-specialises on
+                    # every new batch size and ran ~25 % slower here (docs/benchmarks.md)
+                    with torch.jit.optimized_execution(False):
+                        outs = self._graph(torch.from_numpy(x))
                 return Forecast.from_outputs([o.numpy() for o in outs])
             step = self.buckets[-1]
             parts = [self._predict_cuda(x[i : i + step]) for i in range(0, len(x), step)]

@@ -59,47 +59,51 @@ def conformal_factor(ratios: np.ndarray, level: float) -> float:
     return float(r[k - 1])
 
 
-def fit_interval_factors(
-    y: np.ndarray,
-    mean: np.ndarray,
-    half_widths: dict[float, np.ndarray],
-    mode: str = "conformal",
-) -> tuple[dict[float, float], dict[str, Any]]:
-    """The factor for each level's half-width, and a summary.
+def level_ratios(
+    y: np.ndarray, mean: np.ndarray, half_widths: dict[float, np.ndarray]
+) -> dict[float, np.ndarray]:
+    """Per level, ``|y - mean| / half_width`` of every point where all of them are finite and the
+    half-widths positive: a point is covered at factor ``f`` when its ratio is ``<= f``.
 
-    ``y``, ``mean`` (W, H) targets and forecasts; ``half_widths[level]`` (W, H) > 0 the current
-    half-width of the central ``level`` interval. A point is covered at factor ``f`` when
-    ``|y - mean| <= f · half_width``. Points where anything is non-finite are left out; with
-    fewer than ``MIN_POINTS`` left, or mode ``off``, every factor is 1.
+    ``y``, ``mean`` (W, H) targets and forecasts; ``half_widths[level]`` (W, H) the current
+    half-width of the central ``level`` interval.
     """
-    if mode not in MODES:
-        raise ValueError(f"calibration mode must be one of {MODES}, got {mode!r}")
     err = np.abs(np.asarray(y, np.float64) - np.asarray(mean, np.float64)).ravel()
     hws = {lv: np.asarray(half_widths[lv], np.float64).ravel() for lv in LEVELS}
     ok = np.isfinite(err)
     for hw in hws.values():
         ok &= np.isfinite(hw) & (hw > 0)
-    n = int(ok.sum())
+    return {lv: err[ok] / hws[lv][ok] for lv in LEVELS}
+
+
+def coverage(ratios: dict[float, np.ndarray], factors: dict[float, float]) -> dict[str, float]:
+    """Share of the points covered at each level's factor (keys ``coverage_80``, ...)."""
+    return {_key(lv): float(np.mean(ratios[lv] <= factors[lv])) for lv in LEVELS}
+
+
+def fit_interval_factors(
+    ratios: dict[float, np.ndarray], mode: str = "conformal"
+) -> tuple[dict[float, float], dict[str, Any]]:
+    """The factor for each level's half-width from :func:`level_ratios`, and a summary. With
+    fewer than ``MIN_POINTS`` points, or mode ``off``, every factor is 1."""
+    if mode not in MODES:
+        raise ValueError(f"calibration mode must be one of {MODES}, got {mode!r}")
+    n = len(ratios[LEVELS[0]])
     ones = dict.fromkeys(LEVELS, 1.0)
     if n < MIN_POINTS or mode == "off":
         none = {_key(lv): None for lv in LEVELS}
         return ones, {"mode": mode, "points": n, "fitted": False, "factors": _keyed(ones),
                       "before": none, "after": none}  # fmt: skip
-    ratios = {lv: err[ok] / hws[lv][ok] for lv in LEVELS}
     fitted = {lv: float(np.clip(conformal_factor(ratios[lv], lv), *FACTOR_RANGE)) for lv in LEVELS}
     factors = {lv: max(f, 1.0) for lv, f in fitted.items()} if mode == "widen" else dict(fitted)
-
-    def cov(fs: dict[float, float]) -> dict[str, float]:
-        return {_key(lv): float(np.mean(ratios[lv] <= fs[lv])) for lv in LEVELS}
-
     info = {
         "mode": mode,
         "points": n,
         "fitted": True,
         "fitted_factors": _keyed(fitted),
         "factors": _keyed(factors),
-        "before": cov(ones),
-        "after": cov(factors),
+        "before": coverage(ratios, ones),
+        "after": coverage(ratios, factors),
     }
     return factors, info
 
@@ -145,14 +149,15 @@ def calibrate_intervals(
     x, y, _ = ds.arrays_for(idx)
     fc = net_forecast(net, x)
     half = {0.80: fc["upper_80"] - fc["mean"], 0.95: fc["upper_95"] - fc["mean"]}
-    factors, info = fit_interval_factors(y, fc["mean"], half, mode)
+    ratios = level_ratios(y, fc["mean"], half)
+    factors, info = fit_interval_factors(ratios, mode)
     new = apply_factors(config, factors)
     set_config(net, new)
     if info["fitted"]:  # coverage with the factors as applied (rounded, tail_scale clipped)
         f80 = new.interval_scale / config.interval_scale
-        applied = {0.80: f80, 0.95: f80 * new.tail_scale / config.tail_scale}
-        err = np.abs(y - fc["mean"])
-        info["after"] = {_key(lv): float(np.mean(err <= applied[lv] * half[lv])) for lv in LEVELS}
+        info["after"] = coverage(
+            ratios, {0.80: f80, 0.95: f80 * new.tail_scale / config.tail_scale}
+        )
     info.update(interval_scale=new.interval_scale, tail_scale=new.tail_scale, windows=len(idx))
     log.info(
         "interval calibration (%s) on %d validation windows: factors 80/95 %s, "

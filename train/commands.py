@@ -100,7 +100,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--scale-batch-size", action="store_true", help="Lightning's batch-size finder")
     t.add_argument("--plot-every-n-epochs", type=int, default=5)
     t.add_argument("--deterministic", action="store_true")
-    t.add_argument("--calibration", default="conformal",
+    t.add_argument("--calibration", default=None,
                    help="interval calibration on the validation split: conformal (one factor per "
                    "level, the default), widen (the same, only ever widening), off")  # fmt: skip
     h = p.add_argument_group("hardware (Lightning Trainer)")

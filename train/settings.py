@@ -357,7 +357,7 @@ def settings_from_args(
             scale_batch_size=bool(args.scale_batch_size),
             plot_every_n_epochs=int(args.plot_every_n_epochs),
             deterministic=bool(args.deterministic),
-            calibration=str(getattr(args, "calibration", TrainingSettings.calibration)),
+            calibration=str(getattr(args, "calibration", None) or TrainingSettings.calibration),
         ),
         logging=LoggingSettings(
             loggers=loggers,

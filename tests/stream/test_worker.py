@@ -29,14 +29,21 @@ def offline_means(model_dir: Path, truth: Truth, picks: list[tuple[str, int]]) -
 
 
 def check_against_offline(
-    model_dir: Path, truth: Truth, by_src: dict[Any, Any], n: int, seed: int = 0
+    model_dir: Path,
+    truth: Truth,
+    by_src: dict[Any, Any],
+    n: int,
+    seed: int = 0,
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
 ) -> None:
     rng = np.random.default_rng(seed)
     candidates = [(s, i) for s, evs in truth.events.items() for i in range(47, len(evs))]
     picks = [candidates[j] for j in rng.choice(len(candidates), size=n, replace=False)]
     want = offline_means(model_dir, truth, picks)
     got = np.array([by_src[truth.events[s][i][:2]][0]["mean"][0] for s, i in picks])
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
 
 
 def test_end_to_end_forecasts_windows_and_offline_parity(
@@ -94,6 +101,26 @@ def test_end_to_end_forecasts_windows_and_offline_parity(
     m = w.worker.metrics
     assert m.forecasts._value.get() == len(expected)
     assert m.warming._value.get() == 50 * 47
+
+
+def test_torch_bf16_backend_end_to_end(
+    stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path, thread_worker: Any
+) -> None:
+    """``--backend torch-bf16`` through the real broker and Redis: every forecast arrives once,
+    within bfloat16 rounding of the float32 model computed offline."""
+    events = make_events(10, 80)
+    truth = Truth()
+    truth.add(events, produce(stack.bootstrap, topics.input, events))
+    expected = truth.expected_sources()
+    w = thread_worker(
+        worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics, "--backend", "torch-bf16")
+    )
+    recs = consume_all(stack.bootstrap, topics.output, expected=len(expected), timeout=120, idle=30)
+    w.stop()
+    by_src = forecasts_by_source(recs)
+    assert set(by_src) == expected and len(recs) == len(expected)
+    assert w.worker.model.predictor.backend == "torch-bf16"
+    check_against_offline(tiny_model_dir, truth, by_src, 20, rtol=5e-2, atol=0.5)
 
 
 def test_every_bad_input_class_reaches_the_dead_letter_topic(

@@ -16,6 +16,7 @@ from train.calibrate import (
     calibrate_intervals,
     conformal_factor,
     fit_interval_factors,
+    level_ratios,
 )
 from train.data import VAL, EventDataModule, SeriesArrays
 from train.evaluate import net_forecast
@@ -32,7 +33,7 @@ def test_gaussian_errors_give_the_sd_ratio_and_target_coverage(true_sd: float) -
     rng = np.random.default_rng(0)
     y = true_sd * rng.standard_normal((20_000, 3))
     half = {0.80: np.full_like(y, Z80), 0.95: np.full_like(y, Z95)}
-    f, info = fit_interval_factors(y, np.zeros_like(y), half)
+    f, info = fit_interval_factors(level_ratios(y, np.zeros_like(y), half))
     assert f == {lv: pytest.approx(true_sd, rel=0.03) for lv in (0.80, 0.95)}
     assert info["after"]["coverage_80"] == pytest.approx(0.80, abs=0.002)
     assert info["after"]["coverage_95"] == pytest.approx(0.95, abs=0.002)
@@ -46,7 +47,7 @@ def test_heavy_tails_get_a_factor_per_level() -> None:
     rng = np.random.default_rng(1)
     y = rng.standard_t(4, (30_000, 1))
     half = {0.80: np.full_like(y, Z80), 0.95: np.full_like(y, Z95)}
-    f, info = fit_interval_factors(y, np.zeros_like(y), half)
+    f, info = fit_interval_factors(level_ratios(y, np.zeros_like(y), half))
     assert f[0.95] > 1.1 * f[0.80]
     assert info["after"]["coverage_80"] == pytest.approx(0.80, abs=0.002)
     assert info["after"]["coverage_95"] == pytest.approx(0.95, abs=0.002)
@@ -69,16 +70,16 @@ def test_widen_mode_applies_only_factors_above_one_and_off_applies_none(true_sd:
     rng = np.random.default_rng(2)
     y = true_sd * rng.standard_normal((20_000, 2))
     half = {0.80: np.full_like(y, Z80), 0.95: np.full_like(y, Z95)}
-    f, info = fit_interval_factors(y, np.zeros_like(y), half, "widen")
+    f, info = fit_interval_factors(level_ratios(y, np.zeros_like(y), half), "widen")
     assert info["mode"] == "widen"
     assert info["fitted_factors"]["80"] == pytest.approx(true_sd, rel=0.03)
     expected = pytest.approx(true_sd, rel=0.03) if true_sd > 1 else 1.0
     assert f[0.80] == expected and f[0.95] == expected
     assert info["after"] == (info["before"] if true_sd < 1 else info["after"])
-    f_off, off = fit_interval_factors(y, np.zeros_like(y), half, "off")
+    f_off, off = fit_interval_factors(level_ratios(y, np.zeros_like(y), half), "off")
     assert f_off == {0.80: 1.0, 0.95: 1.0} and off["fitted"] is False and off["mode"] == "off"
     with pytest.raises(ValueError, match="calibration mode"):
-        fit_interval_factors(y, np.zeros_like(y), half, "narrow")
+        fit_interval_factors(level_ratios(y, np.zeros_like(y), half), "narrow")
 
 
 def test_calibration_flag_is_checked() -> None:
@@ -92,10 +93,10 @@ def test_calibration_flag_is_checked() -> None:
 
 def test_too_few_points_or_non_finite_ones_leave_the_scales_alone() -> None:
     y = np.ones((3, 2))
-    f, info = fit_interval_factors(y, y, {0.80: y, 0.95: y})
+    f, info = fit_interval_factors(level_ratios(y, y, {0.80: y, 0.95: y}))
     assert f == {0.80: 1.0, 0.95: 1.0} and info["fitted"] is False
     y = np.full((100, 1), np.nan)
-    assert fit_interval_factors(y, y, {0.80: y, 0.95: y})[1]["points"] == 0
+    assert fit_interval_factors(level_ratios(y, y, {0.80: y, 0.95: y}))[1]["points"] == 0
 
 
 def test_apply_factors_keeps_the_95_interval_around_the_80_one() -> None:
