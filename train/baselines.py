@@ -8,7 +8,8 @@
   every scale, as the network does); Gaussian intervals from the training residuals of each step.
 
 The season ``m`` (in steps) is one day at the data's spacing (24 for hourly, 48 for half-hourly,
-288 for 5-minute data), a week for daily data, or what ``--season`` says.
+288 for 5-minute data), a week for daily data, a year for weekly (52) and monthly (12) data, or
+what ``--season`` says.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ Z80, Z95 = 1.2815515655446004, 1.959963984540054
 
 def infer_season(spacing_s: float) -> int:
     """Season length in steps for a series sampled every ``spacing_s`` seconds: one day for
-    sub-daily data (rounded), seven for daily data, otherwise 1 (no seasonality assumed)."""
+    sub-daily data (rounded), a week (7) for daily data, a year for weekly (52) and monthly (12)
+    data, otherwise 1 (no seasonality assumed)."""
     if not math.isfinite(spacing_s) or spacing_s <= 0:
         return 1
     if spacing_s < DAY * 0.9:
         return max(1, round(DAY / spacing_s))
-    if abs(spacing_s - DAY) <= 0.1 * DAY:
-        return 7
+    for spacing, season in ((DAY, 7), (7 * DAY, 52), (30.44 * DAY, 12)):
+        if abs(spacing_s - spacing) <= 0.1 * spacing:
+            return season
     return 1
 
 

@@ -41,7 +41,8 @@ def _add_data_arguments(p: argparse.ArgumentParser, *, required: bool = True) ->
     g.add_argument("--max-gap-factor", type=float, default=2.5,
                    help="a spacing above this many median spacings is a gap")  # fmt: skip
     g.add_argument("--season", type=int, default=None,
-                   help="seasonal naive season in steps (default: one day)")  # fmt: skip
+                   help="seasonal naive season in steps (default: one day; a week for "
+                        "daily data, a year for weekly or monthly data)")  # fmt: skip
     g.add_argument("--since", default=None, help="kafka:// replay: first broker timestamp")
     g.add_argument("--until", default=None, help="kafka:// replay: last broker timestamp")
     g.add_argument("--max-event-bytes", type=int, default=65536)

@@ -1,9 +1,10 @@
 """Real time series shipped inside PyPI packages, as ``series_id, ts, value`` frames.
 
-Nothing is downloaded: the data sit in the installed ``vega_datasets`` and ``bokeh_sampledata``
-packages. Each loader returns the raw frame (``ts`` epoch seconds UTC); it goes through the same
-cleaning as a user's file (:func:`train.sources.clean_frame`), so duplicates in the originals
-(the glucose log has a few) are counted and dropped there.
+Nothing is downloaded: the data sit in the installed ``vega_datasets``, ``bokeh_sampledata`` and
+``statsmodels`` packages. Each loader returns the raw frame (``ts`` epoch seconds UTC); it goes
+through the same cleaning as a user's file (:func:`train.sources.clean_frame`), so duplicates and
+gaps in the originals (the glucose log has a few duplicates, the CO2 record empty weeks) are
+counted and dropped there.
 
 =================  ==========  =========================================================
 name               spacing     content
@@ -14,6 +15,8 @@ us-temps           1 h         both of the above, two series
 sea-temp           30 min      sea surface temperature, 2016-02 … 2017-03, bokeh_sampledata
 glucose            5 min       a patient's blood glucose (mg/dL) with sensor signal ``isig``
                                as a feature column, 2010-03 … 2010-10, bokeh_sampledata
+co2                1 week      atmospheric CO2 at Mauna Loa (ppm), 1958-03 … 2001-12, with
+                               59 missing weeks (rejected as ``non_finite``), statsmodels
 =================  ==========  =========================================================
 
 Export one as CSV (the demo does): ``python -m train.datasets seattle-temps --out data.csv``.
@@ -92,12 +95,25 @@ def glucose() -> pd.DataFrame:
     )
 
 
+def co2() -> pd.DataFrame:
+    """Weekly atmospheric CO2 at Mauna Loa (2 284 rows, one series ``mauna-loa``): a rising trend
+    with a yearly cycle. The weeks the original leaves empty stay empty here (NaN values), so the
+    cleaning counts and drops them and the data module starts a new segment at each longer gap."""
+    from statsmodels.datasets import co2 as sm_co2
+
+    df = sm_co2.load_pandas().data  # DatetimeIndex (Saturdays, no zone), column "co2"
+    return pd.DataFrame(
+        {"series_id": "mauna-loa", "ts": _epoch(df.index, None), "value": df["co2"].to_numpy()}
+    )
+
+
 DATASETS: dict[str, Callable[[], pd.DataFrame]] = {
     "seattle-temps": seattle_temps,
     "sf-temps": sf_temps,
     "us-temps": us_temps,
     "sea-temp": sea_temp,
     "glucose": glucose,
+    "co2": co2,
 }
 
 

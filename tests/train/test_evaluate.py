@@ -40,7 +40,9 @@ def test_season_inference() -> None:
     assert baselines.infer_season(1800) == 48
     assert baselines.infer_season(300) == 288
     assert baselines.infer_season(86400) == 7
-    assert baselines.infer_season(7 * 86400) == 1
+    assert baselines.infer_season(7 * 86400) == 52  # weekly: a year
+    assert baselines.infer_season(31 * 86400) == 12  # monthly: a year
+    assert baselines.infer_season(3 * 86400) == 1  # no calendar season assumed
 
 
 def _seasonal_arrays(n: int = 600, noise: float = 0.1, seed: int = 0) -> SeriesArrays:

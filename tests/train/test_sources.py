@@ -124,5 +124,9 @@ def test_bundled_real_datasets_and_export(tmp_path: Path) -> None:
     # The glucose log has duplicate readings: they are counted, not used.
     g = load_data(DataSettings("dataset://glucose"))
     assert g.report.rejected.get("duplicate", 0) > 0
+    # The weekly CO2 record leaves 59 weeks empty: each is rejected with its reason, not filled.
+    c = load_data(DataSettings("dataset://co2"))
+    assert c.report.accepted == 2225 and c.report.rejected == {"non_finite": 59}
+    assert float(np.median(np.diff(c.frame["ts"]))) == 7 * 86400.0
     with pytest.raises(ConfigError, match="unknown data set"):
         datasets.load_dataset("nope")
