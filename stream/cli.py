@@ -96,6 +96,9 @@ def _convert(action: argparse.Action, raw: Any, source: str) -> Any:
         if isinstance(raw, bool):
             return raw
         text = str(raw).strip().lower()
+        three_way = isinstance(action, argparse.BooleanOptionalAction) and action.default is None
+        if text == "auto" and three_way:  # "auto" leaves a three-way flag undecided
+            return None
         if text in ("1", "true", "yes", "on"):
             return True
         if text in ("0", "false", "no", "off", ""):

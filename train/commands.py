@@ -85,7 +85,8 @@ def register(subparsers: Any) -> None:
     m.add_argument("--batch-size", type=int, default=None)
     m.add_argument("--distribution", choices=("gaussian", "student_t"), default=None)
     m.add_argument("--calendar-year", action=argparse.BooleanOptionalAction, default=None,
-                   help="sin/cos of the year phase as inputs (data of a year or more)")  # fmt: skip
+                   help="sin/cos of the year phase as inputs (default auto: on when the "
+                        "data span 52 weeks or more)")  # fmt: skip
     t = p.add_argument_group("training")
     t.add_argument("--max-epochs", type=int, default=100)
     t.add_argument("--time-budget", default=None, help="stop training after e.g. 10m")

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from model.config import ModelConfig
 from model.errors import EventcastError, ModelLoadError
 from model.registry import ModelRegistry, new_version_name
 from train.data import STORE_META, EventDataModule, SeriesArrays, SplitSettings, describe
 from train.evaluate import HeldOut, evaluate, held_out
-from train.settings import RetrainSettings
+from train.settings import YEAR_SPAN_S, RetrainSettings
 from train.sources import DataReport, DataSettings, SeriesFrame, load_data
 
 log = logging.getLogger(__name__)
@@ -150,6 +152,11 @@ def retrain_once(settings: RetrainSettings) -> RetrainResult:
     mmap = settings.mmap_dir / version if settings.mmap_dir else None
     arrays, data_report = prepare_arrays(settings.data, settings.split, mmap)
     config = settings.model.replace(features=list(data_report.features))
+    if settings.calendar_year_auto:
+        span = float(np.max(arrays.ts) - np.min(arrays.ts)) if len(arrays) else 0.0
+        config = config.replace(calendar_year=span >= YEAR_SPAN_S)
+        log.info("calendar_year %s: the data span %.1f days (auto: on from 364)",
+                 config.calendar_year, span / 86400)  # fmt: skip
     dm = EventDataModule(
         arrays,
         config,

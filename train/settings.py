@@ -39,6 +39,9 @@ CALIBRATION_MODES = ("conformal", "widen", "off")  # what each does: train/calib
 MODEL_FLAGS = ("horizon", "hidden_size", "num_layers", "learning_rate", "batch_size",
                "distribution", "dropout", "sequence_length", "calendar_year")  # fmt: skip
 SECTIONS = ("model", "training", "hardware", "logging", "data")
+# The year channels' default: on when the data span at least 52 weeks, so that every phase of the
+# year the model will serve has been seen (a calendar year of hourly data spans 364.96 days).
+YEAR_SPAN_S = 364 * 86400.0
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -214,6 +217,8 @@ class RetrainSettings:
     every: dt.timedelta | None = None
     sweep: int = 0
     mmap_dir: Path | None = None
+    # calendar_year neither set nor refused: decided by the data's span (YEAR_SPAN_S).
+    calendar_year_auto: bool = False
 
 
 def _known_keys(parser_dests: set[str]) -> dict[str, set[str]]:
@@ -252,15 +257,31 @@ def _devices(raw: Any) -> str | int | list[int]:
     return s
 
 
-def model_config_from(args: argparse.Namespace, features: tuple[str, ...] | None) -> ModelConfig:
-    """ModelConfig from the YAML ``model:`` section, then the model flags that were given, then
-    ``features`` when not None. Invalid values raise ConfigError naming the field."""
+def _model_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The YAML ``model:`` section with the model flags that were given on top."""
     section = dict((getattr(args, "config_data", None) or {}).get("model") or {})
     section = {str(k).replace("-", "_"): v for k, v in section.items()}
     for name in MODEL_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
             section[name] = value
+    return section
+
+
+def calendar_year_is_auto(args: argparse.Namespace) -> bool:
+    """True when neither the YAML (``calendar_year: auto`` or absent) nor ``--[no-]calendar-year``
+    decides the year channels: :func:`train.retrain.retrain_once` then turns them on when the
+    data cover a year (:data:`YEAR_SPAN_S`)."""
+    return _model_section(args).get("calendar_year", "auto") == "auto"
+
+
+def model_config_from(args: argparse.Namespace, features: tuple[str, ...] | None) -> ModelConfig:
+    """ModelConfig from the YAML ``model:`` section, then the model flags that were given, then
+    ``features`` when not None. Invalid values raise ConfigError naming the field. An undecided
+    ``calendar_year`` (see :func:`calendar_year_is_auto`) is False here."""
+    section = _model_section(args)
+    if section.get("calendar_year") == "auto":
+        del section["calendar_year"]
     if features is not None:
         section["features"] = list(features)
     if isinstance(section.get("features"), str):
@@ -377,4 +398,5 @@ def settings_from_args(
         every=parse_duration(args.every, "--every"),
         sweep=sweep,
         mmap_dir=Path(args.mmap_dir) if args.mmap_dir else None,
+        calendar_year_auto=calendar_year_is_auto(args),
     )

@@ -14,6 +14,7 @@ import torch
 from model.registry import ModelRegistry
 from stream.cli import main
 from train import fit as fit_mod
+from train.sources import synthetic_frame
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -43,6 +44,7 @@ def test_retrain_writes_promotes_and_evaluates(
     assert stored["training"]["epochs"] >= 1 and stored["data"]["series"] == 2
     loaded = reg.load(backend="onnx")  # every check of the worker passes
     assert loaded.config.horizon == 2 and loaded.config.hidden_size == 16
+    assert loaded.config.calendar_year is False  # 400 hours: less than a year (auto)
     # AR skip on (a new config), interval scale fitted on validation, stored and in the graph.
     cal = stored["calibration"]
     assert loaded.config.ar_skip is True and cal["fitted"] is True
@@ -275,15 +277,43 @@ def test_yaml_sections_set_flags_and_typos_are_refused(
     assert s.training.time_budget.total_seconds() == 120
     assert s.training.accumulate_grad_batches == 2 and s.training.gradient_clip_val == 0.5
     assert s.hardware.precision == "bf16-mixed" and s.hardware.devices == 1
-    assert s.model.calendar_year is False
+    # calendar_year: undecided (the data's span decides, see the test below) unless set.
+    assert s.model.calendar_year is False and s.calendar_year_auto is True
     args = parse(retrain_args("--config", str(cfg), "--calendar-year"), environ={})
-    assert settings_from_args(args, args._dests).model.calendar_year is True
+    s = settings_from_args(args, args._dests)
+    assert s.model.calendar_year is True and s.calendar_year_auto is False
+    args = parse(retrain_args("--config", str(cfg), "--no-calendar-year"), environ={})
+    s = settings_from_args(args, args._dests)
+    assert s.model.calendar_year is False and s.calendar_year_auto is False
+    for value, auto in (("auto", True), ("false", False)):
+        cfg.write_text(f"model:\n  calendar_year: {value}\n")
+        args = parse(retrain_args("--config", str(cfg)), environ={})
+        assert settings_from_args(args, args._dests).calendar_year_auto is auto
+    cfg.write_text("model:\n  calendar_year: sometimes\n")
+    code, _, err = run(retrain_args("--config", str(cfg)), capsys)
+    assert code == 2 and "calendar_year" in err
     args = parse(retrain_args(), environ={"EVENTCAST_PATIENCE": "7", "EVENTCAST_MAX_EPOCHS": "9"})
     s = settings_from_args(args, args._dests)
     assert s.training.patience == 7 and s.training.max_epochs == 1  # the flag wins over env
     cfg.write_text("training:\n  max_epoch: 3\n")
     code, _, err = run(retrain_args("--config", str(cfg)), capsys)
     assert code == 2 and "training.max_epoch" in err
+
+
+def test_year_channels_default_to_on_for_a_year_of_data(
+    tmp_path: Path, retrain_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Neither the YAML nor a flag decides ``calendar_year``: 400 days of data turn the year
+    channels on (every phase of the year is in the data); ``--no-calendar-year`` keeps them off."""
+    data = tmp_path / "daily.csv"
+    synthetic_frame(n_series=1, length=400, spacing=86400.0, seed=2).to_csv(data, index=False)
+    for extra, expected in (((), True), (("--no-calendar-year",), False)):
+        models = tmp_path / f"models-{expected}"
+        code, _, err = run(retrain_args(*extra, data=data, model_dir=models), capsys)
+        assert code == 0, err
+        config = ModelRegistry(models).load(backend="onnx").config
+        assert config.calendar_year is expected
+        assert config.input_size == 1 + config.calendar_channels
 
 
 def test_memory_mapped_training(
