@@ -31,10 +31,14 @@ from model.errors import EventcastError, ModelLoadError
 from model.registry import ModelRegistry, new_version_name
 from train.data import STORE_META, EventDataModule, SeriesArrays, SplitSettings, describe
 from train.evaluate import HeldOut, evaluate, held_out
-from train.settings import YEAR_SPAN_S, RetrainSettings
+from train.settings import RetrainSettings
 from train.sources import DataReport, DataSettings, SeriesFrame, load_data
 
 log = logging.getLogger(__name__)
+
+# calendar_year "auto": on when the data span at least 52 weeks, so that every phase of the year
+# the model will serve has been seen (a calendar year of hourly data spans 364.96 days).
+YEAR_SPAN_DAYS = 364.0
 
 CANARY_WINDOWS = 16
 INT8_HOLDOUT_WINDOWS = 1024
@@ -83,6 +87,16 @@ def prepare_arrays(
         arrays = arrays.to_memmap(mmap_dir)
         sf.report.notes.append(f"training arrays memory-mapped from {mmap_dir}")
     return arrays, sf.report
+
+
+def year_channels(arrays: SeriesArrays) -> bool:
+    """The ``auto`` choice of ``calendar_year``: whether the data (all series together) span
+    :data:`YEAR_SPAN_DAYS` or more. Logged, since the version's config records only the result."""
+    days = float(np.ptp(arrays.ts)) / 86400.0 if len(arrays) else 0.0
+    on = days >= YEAR_SPAN_DAYS
+    log.info("calendar_year %s: the data span %.1f days (auto: on from %g)", on, days,
+             YEAR_SPAN_DAYS)  # fmt: skip
+    return on
 
 
 def _same_windows(a: ModelConfig, b: ModelConfig) -> bool:
@@ -153,10 +167,7 @@ def retrain_once(settings: RetrainSettings) -> RetrainResult:
     arrays, data_report = prepare_arrays(settings.data, settings.split, mmap)
     config = settings.model.replace(features=list(data_report.features))
     if settings.calendar_year_auto:
-        span = float(np.max(arrays.ts) - np.min(arrays.ts)) if len(arrays) else 0.0
-        config = config.replace(calendar_year=span >= YEAR_SPAN_S)
-        log.info("calendar_year %s: the data span %.1f days (auto: on from 364)",
-                 config.calendar_year, span / 86400)  # fmt: skip
+        config = config.replace(calendar_year=year_channels(arrays))
     dm = EventDataModule(
         arrays,
         config,

@@ -39,9 +39,6 @@ CALIBRATION_MODES = ("conformal", "widen", "off")  # what each does: train/calib
 MODEL_FLAGS = ("horizon", "hidden_size", "num_layers", "learning_rate", "batch_size",
                "distribution", "dropout", "sequence_length", "calendar_year")  # fmt: skip
 SECTIONS = ("model", "training", "hardware", "logging", "data")
-# The year channels' default: on when the data span at least 52 weeks, so that every phase of the
-# year the model will serve has been seen (a calendar year of hourly data spans 364.96 days).
-YEAR_SPAN_S = 364 * 86400.0
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -217,7 +214,7 @@ class RetrainSettings:
     every: dt.timedelta | None = None
     sweep: int = 0
     mmap_dir: Path | None = None
-    # calendar_year neither set nor refused: decided by the data's span (YEAR_SPAN_S).
+    # calendar_year neither set nor refused: decided by the data (train.retrain.year_channels).
     calendar_year_auto: bool = False
 
 
@@ -270,8 +267,7 @@ def _model_section(args: argparse.Namespace) -> dict[str, Any]:
 
 def calendar_year_is_auto(args: argparse.Namespace) -> bool:
     """True when neither the YAML (``calendar_year: auto`` or absent) nor ``--[no-]calendar-year``
-    decides the year channels: :func:`train.retrain.retrain_once` then turns them on when the
-    data cover a year (:data:`YEAR_SPAN_S`)."""
+    decides the year channels: :func:`train.retrain.year_channels` decides them from the data."""
     return _model_section(args).get("calendar_year", "auto") == "auto"
 
 
