@@ -4,13 +4,16 @@
 - ``after_publish``: forecasts and dead-letter records acknowledged (or, with exactly-once, sent
   in the open transaction), windows not yet written to Redis, offsets not committed;
 - ``after_window_write``: windows and applied offset written to Redis, offsets not committed;
-- ``before_commit``: immediately before the offset commit (or the transaction commit).
+- ``before_commit``: immediately before the offset commit (or the transaction commit);
+- ``stall_infer``: not a kill: the inference stage hangs for good after the model answered on
+  the ``N``-th batch (a stuck stage, for the liveness watchdog's test).
 
 Never set it in production: it exists so the fault tests can kill the worker at exact points.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -27,10 +30,19 @@ class FaultInjector:
         self.fault = fault
         self._visits = 0
 
-    def hit(self, point: str) -> None:
+    def _reached(self, point: str) -> bool:
         if self.fault is None or point != self.fault.point:
-            return
+            return False
         self._visits += 1
-        if self._visits == self.fault.n:
+        return self._visits == self.fault.n
+
+    def hit(self, point: str) -> None:
+        if self._reached(point):
             log.warning("fault injection: SIGKILL at %s (batch %d)", point, self._visits)
             os.kill(os.getpid(), signal.SIGKILL)
+
+    async def stall(self, stage: str) -> None:
+        """Hang (until cancelled) when ``stall_<stage>`` is the configured point and reached."""
+        if self._reached(f"stall_{stage}"):
+            log.warning("fault injection: %s stage stalled (batch %d)", stage, self._visits)
+            await asyncio.Event().wait()

@@ -80,6 +80,35 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.redis_errors = Counter("eventcast_redis_errors", "Failed Redis operations", registry=r)
+        self.redis_oom = Counter(
+            "eventcast_redis_oom_errors",
+            "Redis writes refused with OOM (maxmemory reached; the worker pauses until they pass)",
+            registry=r,
+        )  # fmt: skip
+        self.publish_errors = Counter(
+            "eventcast_publish_errors",
+            "Publishes not acknowledged by the broker (retried while fetching is paused)",
+            registry=r,
+        )  # fmt: skip
+        self.fetch_errors = Counter(
+            "eventcast_fetch_errors", "Fetches that failed (e.g. a corrupt record batch)",
+            ["error"], registry=r,
+        )  # fmt: skip
+        self.paused = Gauge(
+            "eventcast_paused", "1 while fetching is paused on purpose, by reason",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.decode_unexpected = Counter(
+            "eventcast_decode_unexpected",
+            "Records turned into `schema` dead letters by decoding's last-resort catch (a bug: "
+            "report it)",
+            registry=r,
+        )  # fmt: skip
+        self.dlq_truncated = Counter(
+            "eventcast_dlq_truncated",
+            "Dead-letter records whose original value was cut (or dropped) to fit the topic",
+            registry=r,
+        )  # fmt: skip
         self.state_conflicts = Counter(
             "eventcast_state_conflicts",
             "Fenced writes refused (Redis lost data or partition moved)", registry=r,
@@ -126,12 +155,21 @@ class Metrics:
 
 
 class HealthServer:
-    """``/metrics``, ``/healthz`` (the process answers) and ``/readyz`` (``ready()`` is true) on
-    ``host:port``, served from the worker's event loop with aiohttp. ``stop()`` is idempotent."""
+    """``/metrics``, ``/healthz`` (``alive()`` is true: the pipeline makes progress, see
+    :mod:`stream.health`) and ``/readyz`` (``ready()`` is true) on ``host:port``, served from the
+    worker's event loop with aiohttp. ``stop()`` is idempotent."""
 
-    def __init__(self, metrics: Metrics, ready: Callable[[], bool], host: str, port: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+        host: str,
+        port: int,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.metrics = metrics
         self.ready = ready
+        self.alive = alive
         self.host = host
         self.port = port
         self._runner: Any = None
@@ -145,7 +183,9 @@ class HealthServer:
             )
 
         async def healthz(_: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
+            if self.alive():
+                return web.json_response({"status": "ok"})
+            return web.json_response({"status": "stalled"}, status=503)
 
         async def readyz(_: web.Request) -> web.Response:
             ok = self.ready()

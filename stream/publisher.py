@@ -1,7 +1,9 @@
 """Forecast encoding and the Kafka producers that publish forecasts and dead-letter records.
 
 :func:`encode_forecasts` turns a batch of windows and the model's outputs into the forecast
-messages of CONTRACT.md; :func:`dead_letter` the dead-letter record of a refused event.
+messages of the contract; :func:`dead_letter` the dead-letter record of a refused event, which
+always fits what the producer and the dead-letter topic accept (an oversized original is
+truncated, with its size and sha256 in headers; :func:`headers_only` drops it altogether).
 :class:`Publisher` sends them with one idempotent producer (``acks=all``), all sends first and then
 one wait for every acknowledgement. :class:`TransactionalPublisher` (``--guarantee exactly_once``)
 keeps one transactional producer per input partition and writes a partition's forecasts,
@@ -11,25 +13,52 @@ dead-letter records and next input offset in one Kafka transaction.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 
 from model.features import target_times
 from model.predictor import Forecast
 from stream.decode import Rejection
+from stream.errors import StreamError
 from stream.settings import KafkaSettings
 from stream.store import partition_for
 from stream.windows import RecordLike, WindowBatch
 
 log = logging.getLogger(__name__)
+
+# Kafka's default max.message.bytes (topic) / message.max.bytes (broker), and our producers' own
+# request limit: no record may be larger than the smaller of the two.
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+MAX_REQUEST_SIZE = 4 * 1024 * 1024
+# What a dead-letter record adds to the original value: record batch and record framing, the
+# headers (error.message is cut to MAX_ERROR_MESSAGE_CHARS) and the key (cut to MAX_DLQ_KEY_BYTES).
+DLQ_RECORD_OVERHEAD = 8 * 1024
+MAX_DLQ_KEY_BYTES = 1024
+MAX_ERROR_MESSAGE_CHARS = 1000
+
+
+class PublishError(StreamError):
+    """Records were not acknowledged. ``failed``: the records to send again (those of the
+    record batches that failed; all of them when sending itself failed). ``too_large``: a record
+    was refused for its size (by the producer or the broker)."""
+
+    def __init__(self, cause: BaseException, failed: list[OutMessage]) -> None:
+        super().__init__(f"{len(failed)} record(s) not acknowledged: {cause!r}")
+        self.cause = cause
+        self.failed = failed
+        self.too_large = isinstance(cause, MessageSizeTooLargeError | RecordTooLargeError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,21 +116,85 @@ def encode_forecasts(
     return out
 
 
+def _original(prefix: str, data: bytes) -> list[tuple[str, bytes]]:
+    return [
+        (f"{prefix}.size", str(len(data)).encode()),
+        (f"{prefix}.sha256", hashlib.sha256(data).hexdigest().encode()),
+    ]
+
+
 def dead_letter(
-    rec: RecordLike, rejection: Rejection, *, input_topic: str, partition: int, dlq_topic: str
+    rec: RecordLike,
+    rejection: Rejection,
+    *,
+    input_topic: str,
+    partition: int,
+    dlq_topic: str,
+    max_value_bytes: int | None = None,
 ) -> OutMessage:
-    """The dead-letter record of a refused event: original bytes, reason headers."""
+    """The dead-letter record of a refused event: the original key and value bytes with the
+    reason headers of the contract.
+
+    A value longer than ``max_value_bytes`` (an event small on the broker but huge once
+    decompressed) is cut to that length, and the headers ``original.size`` (bytes) and
+    ``original.sha256`` (hex) describe the whole value; a key longer than
+    :data:`MAX_DLQ_KEY_BYTES` likewise, with ``original.key.size`` and ``original.key.sha256``.
+    """
+    message = rejection.message[:MAX_ERROR_MESSAGE_CHARS]
     headers = [
         ("error.reason", rejection.reason.encode()),
-        ("error.message", rejection.message.encode("utf-8", "replace")),
+        ("error.message", message.encode("utf-8", "replace")),
         ("source.topic", input_topic.encode()),
         ("source.partition", str(partition).encode()),
         ("source.offset", str(rec.offset).encode()),
     ]
+    key = rec.key
+    if key is not None and len(key) > MAX_DLQ_KEY_BYTES:
+        headers += _original("original.key", key)
+        key = key[:MAX_DLQ_KEY_BYTES]
     # A missing value cannot be produced as-is when the key is missing too; an empty value is the
     # closest faithful copy (Kafka requires a key or a value).
     value = rec.value if (rec.value is not None or rec.key is not None) else b""
-    return OutMessage(dlq_topic, rec.key, value, None, headers)
+    if value is not None and max_value_bytes is not None and len(value) > max_value_bytes:
+        headers += _original("original", value)
+        value = value[: max(0, max_value_bytes)]
+    return OutMessage(dlq_topic, key, value, None, headers)
+
+
+def headers_only(msg: OutMessage) -> OutMessage:
+    """A dead-letter record without its value (refused by the broker even truncated): the
+    headers say why the event was refused, where it is in the input topic, and
+    ``original.size``/``original.sha256`` what the value was."""
+    if not msg.value:
+        return msg
+    names = {name for name, _ in msg.headers}
+    extra = [] if "original.size" in names else _original("original", msg.value)
+    return replace(msg, value=b"", headers=[*msg.headers, *extra])
+
+
+async def dlq_value_limit(kafka: KafkaSettings, dlq_topic: str) -> int:
+    """How many bytes of an original value a dead-letter record may carry: the dead-letter
+    topic's ``max.message.bytes`` (Kafka's default when the broker does not say, e.g. no
+    DescribeConfigs permission), capped by the producers' request size, less the record's own
+    overhead."""
+    limit = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    admin = AIOKafkaAdminClient(**kafka.client_kwargs(), request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        resource = ConfigResource(ConfigResourceType.TOPIC, dlq_topic, ["max.message.bytes"])
+        for response in await admin.describe_configs([resource]):
+            for res in response.resources:
+                for entry in res[-1]:  # (name, value, read_only, ...)
+                    if entry[0] == "max.message.bytes" and str(entry[1]).isdigit():
+                        limit = int(entry[1])
+    except (KafkaError, OSError, IndexError, TypeError, AttributeError) as exc:
+        log.warning(
+            "could not read max.message.bytes of %s (%r); assuming Kafka's default %d",
+            dlq_topic, exc, limit,
+        )  # fmt: skip
+    finally:
+        await admin.close()
+    return max(0, min(limit, MAX_REQUEST_SIZE) - DLQ_RECORD_OVERHEAD)
 
 
 def _producer_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
@@ -147,36 +240,40 @@ class _Partitioner:
 
 async def _send_all(
     producer: AIOKafkaProducer, parts: _Partitioner, messages: Sequence[OutMessage]
-) -> list[asyncio.Future[Any]]:
+) -> list[tuple[asyncio.Future[Any], list[OutMessage]]]:
     """Queue ``messages`` for sending; one future per record batch (it fails if any record of
-    the batch is refused). Records are packed into record batches per partition here, in order,
-    rather than one ``send()`` each: the per-message future and accumulator bookkeeping of
-    ``send()`` cost more than encoding the forecast."""
-    futures: list[asyncio.Future[Any]] = []
-    open_batches: dict[tuple[str, int], Any] = {}
+    the batch is refused), with the batch's messages. Records are packed into record batches
+    per partition here, in order, rather than one ``send()`` each: the per-message future and
+    accumulator bookkeeping of ``send()`` cost more than encoding the forecast."""
+    futures: list[tuple[asyncio.Future[Any], list[OutMessage]]] = []
+    open_batches: dict[tuple[str, int], tuple[Any, list[OutMessage]]] = {}
 
-    async def submit(topic: str, partition: int, builder: Any) -> None:
+    async def submit(topic: str, partition: int) -> None:
+        builder, batch = open_batches.pop((topic, partition))
         builder.close()  # nothing else may join it once queued
-        futures.append(await producer.send_batch(builder, topic, partition=partition))
+        futures.append((await producer.send_batch(builder, topic, partition=partition), batch))
 
     for m in messages:
         p = await parts.partition(producer, m.topic, m.key)
-        builder = open_batches.get((m.topic, p))
-        if builder is None:
-            builder = open_batches[(m.topic, p)] = producer.create_batch()
+        if (m.topic, p) not in open_batches:
+            open_batches[(m.topic, p)] = (producer.create_batch(), [])
+        builder, batch = open_batches[(m.topic, p)]
         args = {"timestamp": m.timestamp_ms, "key": m.key, "value": m.value, "headers": m.headers}
         if builder.append(**args) is None:  # full
-            await submit(m.topic, p, builder)
-            builder = open_batches[(m.topic, p)] = producer.create_batch()
+            if batch:
+                await submit(m.topic, p)
+            builder, batch = open_batches[(m.topic, p)] = (producer.create_batch(), [])
             if builder.append(**args) is None:  # larger than a whole batch: on its own
                 del open_batches[(m.topic, p)]
                 fut = await producer.send(
                     m.topic, m.value, m.key, partition=p, timestamp_ms=m.timestamp_ms,
                     headers=m.headers,
                 )  # fmt: skip
-                futures.append(fut)
-    for (topic, p), builder in open_batches.items():
-        await submit(topic, p, builder)
+                futures.append((fut, [m]))
+                continue
+        batch.append(m)
+    for topic, p in list(open_batches):
+        await submit(topic, p)
     return futures
 
 
@@ -198,11 +295,25 @@ class Publisher:
             await self._producer.stop()
 
     async def publish(self, messages: Sequence[OutMessage]) -> None:
-        """Send every message, then wait until the broker acknowledged all of them. Raises the
-        first Kafka error (nothing may be committed then)."""
-        futures = await _send_all(self._producer, self._parts, messages)
-        if futures:
-            await asyncio.gather(*futures)
+        """Send every message, then wait until the broker acknowledged all of them. Raises
+        :class:`PublishError` naming the records not acknowledged (nothing may be committed
+        then; sending those again completes the publish)."""
+        try:
+            sent = await _send_all(self._producer, self._parts, messages)
+        except KafkaError as exc:  # which records left is unknown: all are sent again
+            raise PublishError(exc, list(messages)) from exc
+        results = await asyncio.gather(*(fut for fut, _ in sent), return_exceptions=True)
+        failed: list[OutMessage] = []
+        cause: BaseException | None = None
+        for (_, batch), result in zip(sent, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, KafkaError):
+                    raise result
+                failed.extend(batch)
+                if cause is None or isinstance(result, MessageSizeTooLargeError):
+                    cause = result
+        if cause is not None:
+            raise PublishError(cause, failed) from cause
 
 
 class TransactionalPublisher:
@@ -253,7 +364,7 @@ class TransactionalPublisher:
         producer = self._producers[partition]
         tp = TopicPartition(self.input_topic, partition)
         async with producer.transaction():
-            futures = await _send_all(producer, self._parts, messages)
+            futures = [fut for fut, _ in await _send_all(producer, self._parts, messages)]
             await producer.send_offsets_to_transaction(
                 {tp: OffsetAndMetadata(next_offset, "")}, self.group_id
             )

@@ -18,9 +18,10 @@ def _transient_redis_errors() -> tuple[type[BaseException], ...]:
     import redis.exceptions as rex
 
     # BusyLoadingError: Redis is loading its AOF after a restart; ReadOnlyError: a replica
-    # being promoted. Both pass with time.
+    # being promoted; OutOfMemoryError: maxmemory reached (writes pass again once memory is
+    # freed; the worker reports it as its own condition). All pass with time.
     return (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex.ReadOnlyError,
-            ConnectionError, TimeoutError, OSError)  # fmt: skip
+            rex.OutOfMemoryError, ConnectionError, TimeoutError, OSError)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ flag, so the CLI turns a bad value into exit code 2 with a message the user can 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
+import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ GUARANTEES = ("at_least_once", "exactly_once")
 EMIT_MODES = ("every", "latest")
 ENGINES = ("native", "faust")
 OFFSET_RESETS = ("earliest", "latest")
-FAULT_POINTS = ("after_window_write", "after_publish", "before_commit")
+FAULT_POINTS = ("after_window_write", "after_publish", "before_commit", "stall_infer")
 
 
 def _readable_file(flag: str, path: str | None) -> str | None:
@@ -47,6 +49,53 @@ def _positive(flag: str, value: Any, *, allow_zero: bool = False) -> Any:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{flag}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
     return value
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str | float | int | None, flag: str) -> dt.timedelta | None:
+    """``"10m"``, ``"1h30m"``, ``"90s"``, ``"250ms"``, ``"2d"``, ``"HH:MM:SS"`` or plain seconds
+    -> timedelta; None or "" -> None. ConfigError naming ``flag`` for anything else or <= 0."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        s = str(text).strip()
+        try:
+            seconds = float(s)
+        except ValueError:
+            if ":" in s:
+                try:
+                    nums = [float(p) for p in s.split(":")]
+                except ValueError:
+                    raise ConfigError(f"{flag}: cannot read duration {text!r}") from None
+                seconds = 0.0
+                for n in nums:
+                    seconds = seconds * 60 + n
+            else:
+                pos, seconds = 0, 0.0
+                for m in _DURATION.finditer(s):
+                    if s[pos : m.start()].strip():
+                        break
+                    seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2).lower()]
+                    pos = m.end()
+                if pos == 0 or s[pos:].strip():
+                    raise ConfigError(
+                        f"{flag}: cannot read duration {text!r} (e.g. 90s, 10m, 1h30m)"
+                    ) from None
+    if not seconds > 0:
+        raise ConfigError(f"{flag}: must be a positive duration, got {text!r}")
+    return dt.timedelta(seconds=seconds)
+
+
+def _seconds(text: str | float | int | None, flag: str) -> float:
+    d = parse_duration(text, flag)
+    if d is None:
+        raise ConfigError(f"{flag}: a duration is required (e.g. 90s, 5m)")
+    return d.total_seconds()
 
 
 # ---- Kafka -------------------------------------------------------------------------------------
@@ -420,6 +469,8 @@ class WorkerSettings:
     metrics_port: int = 9400
     metrics_host: str = "127.0.0.1"
     max_event_bytes: int = 65536
+    max_future_skew: float = 300.0  # seconds an event's ts may be ahead of its Kafka timestamp
+    liveness_timeout: float = 60.0  # seconds without progress (records waiting) -> /healthz 503
     auto_offset_reset: str = "earliest"
     metadata_max_age_ms: int = 300_000
     session_timeout_ms: int = 10_000
@@ -452,6 +503,8 @@ class WorkerSettings:
         if not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port: expected 0..65535, got {self.metrics_port!r}")
         _positive("--max-event-bytes", self.max_event_bytes)
+        _positive("--max-future-skew", self.max_future_skew)
+        _positive("--liveness-timeout", self.liveness_timeout)
         _positive("--metadata-max-age-ms", self.metadata_max_age_ms)
         _positive("--reload-interval", self.reload_interval)
         if self.threads is not None:
@@ -501,6 +554,8 @@ class WorkerSettings:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             max_event_bytes=args.max_event_bytes,
+            max_future_skew=_seconds(args.max_future_skew, "--max-future-skew"),
+            liveness_timeout=_seconds(args.liveness_timeout, "--liveness-timeout"),
             auto_offset_reset=args.auto_offset_reset,
             metadata_max_age_ms=args.metadata_max_age_ms,
             session_timeout_ms=args.session_timeout_ms,
@@ -559,6 +614,19 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-port", type=int, default=9400, help="0 disables the HTTP endpoint")
     g.add_argument("--metrics-host", default="127.0.0.1")
     g.add_argument("--max-event-bytes", type=int, default=65536)
+    g.add_argument(
+        "--max-future-skew",
+        default="5m",
+        help="an event whose ts is further ahead of its Kafka record timestamp goes to the "
+        "dead-letter topic as `future` (a duration: 90s, 5m, 1h; default %(default)s)",
+    )
+    g.add_argument(
+        "--liveness-timeout",
+        default="60s",
+        help="/healthz answers 503 when records are waiting and no batch stage has made "
+        "progress for this long, unless the worker paused on purpose (Redis or Kafka "
+        "unavailable); default %(default)s",
+    )
     g.add_argument("--auto-offset-reset", default="earliest", choices=OFFSET_RESETS)
     g.add_argument(
         "--metadata-max-age-ms",

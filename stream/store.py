@@ -5,7 +5,8 @@ partition number). Both keys of a partition share the hash tag ``{P:TOPIC:N}``, 
 lives in one Redis Cluster slot and its update is one atomic script call::
 
     {P:TOPIC:N}:meta   HASH  applied   highest input offset applied to the windows (decimal)
-                             max_ts    newest accepted ts of the partition (TTL clock, float)
+                             max_ts    the partition's idle-TTL clock (float; informative: a load
+                             recomputes it from the series, stream/windows.py)
                              features  JSON list of the feature names stored per point
                              updated   wall-clock time of the last write (epoch seconds)
     {P:TOPIC:N}:win    HASH  <series id> -> window blob

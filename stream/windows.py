@@ -8,7 +8,11 @@ fancy-indexing pass per batch rather than per event.
 
 The state is a pure function of the sequence of records applied since the partition was empty,
 so re-reading the input topic rebuilds it exactly (DESIGN.md invariant 6). That is why idle TTL is
-measured in *event time* (against the newest ``ts`` accepted in the partition), not wall clock.
+measured in *event time*, not wall clock: against the partition's clock :attr:`max_ts`, which is
+the newest ``ts`` accepted from any series *but the one furthest ahead* (the second-highest last
+``ts`` of the series held). Only accepted events move it, and one series far ahead of the rest
+(a producer sending milliseconds as seconds, a broken device clock) cannot make every other
+series of its partition idle: that takes two.
 
 Records at or below :attr:`PartitionWindows.applied` are Kafka redeliveries: they change nothing;
 when their point is still retained the window as it stood at their offset is forecast again.
@@ -116,6 +120,7 @@ class PartitionWindows:
         features: Sequence[str],
         limits: LimitSettings,
         max_event_bytes: int = 65536,
+        max_future_skew: float | None = None,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -123,9 +128,12 @@ class PartitionWindows:
         self.feature_names = tuple(features)
         self.limits = limits
         self.max_event_bytes = max_event_bytes
+        self.max_future_skew = max_future_skew  # seconds an event may be ahead of its record
         self.capacity = sequence_length + limits.history  # points kept per series (W)
         self.applied = -1  # highest input offset applied; -1 before the first
-        self.max_ts = -math.inf  # newest accepted ts in the partition: the TTL clock
+        self.max_ts = -math.inf  # the TTL clock: newest accepted ts of all series but the lead
+        self._lead_row = -1  # the series with the newest accepted ts, and that ts
+        self._lead_ts = -math.inf
         self._index: dict[str, int] = {}  # series id -> row
         self._names: list[str | None] = []
         self._free: list[int] = []
@@ -220,8 +228,9 @@ class PartitionWindows:
                     self._reemit(rec, request, result)
                 continue
             ev = decode_event(
-                rec.key, rec.value, max_bytes=self.max_event_bytes, required_features=names
-            )
+                rec.key, rec.value, max_bytes=self.max_event_bytes, required_features=names,
+                record_ts_ms=rec.timestamp, max_future_skew=self.max_future_skew,
+            )  # fmt: skip
             if isinstance(ev, Rejection):
                 result.rejected.append((rec, ev))
                 continue
@@ -289,9 +298,21 @@ class PartitionWindows:
             self._feat[row, col, j] = ev.features[name]
         self._n[row] = n + 1
         self._last_ts[row] = ev.ts
-        if ev.ts > self.max_ts:
-            self.max_ts = ev.ts
+        self._advance_clock(row, ev.ts)
         self._dirty.add(row)
+
+    def _advance_clock(self, row: int, ts: float) -> None:
+        """Series ``row`` now has newest ``ts``: keep the lead series and the clock (the newest
+        ts of every other series) up to date. Each series' newest ts only grows, so this running
+        top-two is exact whatever order the series come in."""
+        if row == self._lead_row:
+            self._lead_ts = ts
+        elif ts > self._lead_ts:
+            if self._lead_ts > self.max_ts:
+                self.max_ts = self._lead_ts
+            self._lead_row, self._lead_ts = row, ts
+        elif ts > self.max_ts:
+            self.max_ts = ts
 
     def _reemit(self, rec: RecordLike, request, result: ApplyResult) -> None:  # type: ignore[no-untyped-def]
         ev = decode_event(rec.key, rec.value, max_bytes=self.max_event_bytes, required_features=())
@@ -366,6 +387,8 @@ class PartitionWindows:
     def _forget(self, row: int) -> None:
         name = self._names[row]
         assert name is not None
+        if row == self._lead_row:  # (idle series are forgotten, and the lead one never is idle)
+            self._lead_row = -1  # its ts stays the lead ts: the clock never goes back
         del self._index[name]
         self._names[row] = None
         self._free.append(row)
@@ -425,6 +448,8 @@ class PartitionWindows:
         self._feat[row, :k] = feat[sl]
         self._n[row] = k
         self._last_ts[row] = float(ts[-1]) if k else -math.inf
+        if k:
+            self._advance_clock(row, self._last_ts[row])
 
 
 def decode_series(

@@ -34,19 +34,21 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
+from redis.exceptions import OutOfMemoryError
 
 from model.errors import NoModelError
 from model.predictor import Forecast
 from model.registry import LoadedModel, ModelRegistry
 from stream.accuracy import OnlineAccuracy
 from stream.consumer import Batch, Batcher, PartitionReplayer
+from stream.decode import Rejection
 from stream.errors import (
     KafkaUnavailableError,
     RedisUnavailableError,
@@ -54,21 +56,25 @@ from stream.errors import (
     TopicMissingError,
 )
 from stream.faults import FaultInjector
+from stream.health import Pauses, Watchdog
 from stream.inference import InferenceRunner
 from stream.metrics import HealthServer, Metrics
 from stream.publisher import (
     OutMessage,
     Publisher,
+    PublishError,
     TransactionalPublisher,
     dead_letter,
+    dlq_value_limit,
     encode_forecasts,
+    headers_only,
 )
 from stream.reloader import ModelReloader
 from stream.retry import RetryPolicy
 from stream.settings import WorkerSettings
 from stream.shadow import ShadowRunner
 from stream.store import WindowStore
-from stream.windows import ApplyResult, PartitionWindows, Snapshot, WindowBatch
+from stream.windows import ApplyResult, PartitionWindows, RecordLike, Snapshot, WindowBatch
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,8 @@ log = logging.getLogger(__name__)
 _LATENCY_SAMPLES = 32
 _ANNOUNCE_EVERY = 5.0
 _REVOKE_WAIT = 10.0
+_PUBLISH_RETRY = RetryPolicy(base=0.2, cap=5.0)  # backoff while the broker refuses a publish
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 
 
 @dataclass
@@ -95,8 +103,11 @@ class _Prepared:
     snaps: dict[TopicPartition, Snapshot]
     combined: WindowBatch
     next_offsets: dict[TopicPartition, int]
+    records: Batch
     fc: Forecast | None = None
     version: str = ""
+    # Rows whose forecast was not finite (model_output): the records, dead-lettered instead.
+    bad_output: dict[TopicPartition, list[RecordLike]] = field(default_factory=dict)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -110,10 +121,28 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.worker._on_assigned(set(assigned))
 
 
-def _slice_forecast(fc: Forecast, a: int, b: int) -> Forecast:
+def _take(fc: Forecast, rows: slice | np.ndarray) -> Forecast:
+    """The forecast of some rows (a slice, or an index array)."""
     return Forecast(
-        fc.mean[a:b], fc.std[a:b],
-        {k: v[a:b] for k, v in fc.lower.items()}, {k: v[a:b] for k, v in fc.upper.items()},
+        fc.mean[rows], fc.std[rows],
+        {k: v[rows] for k, v in fc.lower.items()}, {k: v[rows] for k, v in fc.upper.items()},
+    )  # fmt: skip
+
+
+def _finite_rows(fc: Forecast) -> np.ndarray:
+    """(R,) bool: the rows whose mean, std and bounds are all finite and whose std is > 0 (the
+    contract's forecast); the others must not be published."""
+    ok = np.isfinite(fc.mean).all(axis=1) & np.isfinite(fc.std).all(axis=1)
+    ok &= (fc.std > 0).all(axis=1)
+    for bound in (*fc.lower.values(), *fc.upper.values()):
+        ok &= np.isfinite(bound).all(axis=1)
+    return ok  # type: ignore[no-any-return]
+
+
+def _take_windows(w: WindowBatch, rows: np.ndarray) -> WindowBatch:
+    return WindowBatch(
+        w.partition, [w.series[i] for i in rows.tolist()], w.offsets[rows], w.record_ts_ms[rows],
+        w.ts[rows], w.values[rows], {n: f[rows] for n, f in w.features.items()},
     )  # fmt: skip
 
 
@@ -150,7 +179,12 @@ class Worker:
         self._abandon = False
         self._states: dict[TopicPartition, _Partition] = {}
         self._assigned: set[TopicPartition] = set()
-        self._redis_ok = True
+        # Fetching paused on purpose (Redis down or out of memory, broker not acknowledging):
+        # not ready, still alive. The watchdog is wound by every stage that finishes something.
+        self.pauses = Pauses(self.metrics.paused, self._pause_fetching)
+        self.watchdog = Watchdog(settings.liveness_timeout)
+        self._dlq_limit: int | None = None  # bytes of an original value a dead letter may carry
+        self._txn_failures = 0  # consecutive failed transactions (backoff)
         self._started = False
         self._stopped = False
         self._last_announce = 0.0
@@ -214,7 +248,9 @@ class Worker:
         s = self.settings
         self._started = True
         if s.metrics_port:
-            self.health = HealthServer(self.metrics, self.ready, s.metrics_host, s.metrics_port)
+            self.health = HealthServer(
+                self.metrics, self.ready, s.metrics_host, s.metrics_port, alive=self.alive
+            )
             await self.health.start()
         self.model = await self._first_model()
         self.runner = InferenceRunner(self.model, self.metrics, s.batch.infer_batch)
@@ -313,13 +349,30 @@ class Worker:
             self.reloader.request()
 
     def ready(self) -> bool:
-        """Model loaded, joined to the group, Redis reachable."""
+        """Model loaded, joined to the group, not paused on purpose (``/readyz``)."""
         return (
             self.runner is not None
             and self.consumer is not None
-            and self._redis_ok
+            and not self.pauses
             and not self._stop_event.is_set()
         )
+
+    def alive(self) -> bool:
+        """False when no pipeline stage has finished anything for ``--liveness-timeout`` while
+        the worker is not paused on purpose (``/healthz``, see :mod:`stream.health`). The fetch
+        stage finishes a fetch at least every poll interval even when no record arrives, so an
+        idle worker stays alive; one stuck on a batch, or failing every fetch, does not."""
+        return bool(self.pauses) or not self.watchdog.expired()
+
+    def _pause_fetching(self, paused: bool) -> None:
+        consumer = self.consumer
+        if consumer is not None:
+            assigned = consumer.assignment()
+            if paused:
+                consumer.pause(*assigned)
+            else:
+                consumer.resume(*assigned)
+        self.metrics.ready.set(0 if paused else 1)
 
     async def stop(self) -> None:
         """Release everything (consumer leaves the group; nothing is committed here)."""
@@ -389,7 +442,16 @@ class Worker:
             await self._rewind_pending({})
             # Dynamic batching: while the model is busy, records pile up into the next batch
             # (up to max_batch / max_delay); when it is idle, waiting would only add latency.
-            batch = await self._batcher.next(None if self._inflight else 0.0)
+            try:
+                batch = await self._batcher.next(None if self._inflight else 0.0)
+            except KafkaError as exc:
+                # e.g. a record batch that cannot be decompressed or fails its CRC: nothing is
+                # skipped; fetching is tried again, and /healthz fails if it never passes.
+                self.metrics.fetch_errors.labels(type(exc).__name__).inc()
+                log.error("fetch failed (%r); trying again", exc)
+                await asyncio.sleep(1.0)
+                continue
+            self.watchdog.beat()
             await self._hold.wait()  # a rebalance is waiting for the batches in flight
             if any(batch.values()):
                 self._begin()
@@ -524,13 +586,16 @@ class Worker:
             m.not_reemitted.inc(res.not_reemitted)
             for _, rej in res.rejected:
                 m.rejected.labels(rej.reason).inc()
+                if rej.unexpected:
+                    m.decode_unexpected.inc()
+                    log.error("decoding raised (a bug; dead-lettered as schema): %s", rej.message)
         cfg = self.runner.model.config
         combined = WindowBatch.concat(
             -1, [res.windows for res in results.values()], cfg.sequence_length, cfg.features
         )
         m.stage.labels("apply").observe(time.perf_counter() - t0)
         next_offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
-        return _Prepared(parts, results, snaps, combined, next_offsets)
+        return _Prepared(parts, results, snaps, combined, next_offsets, batch)
 
     async def _infer(self, prep: _Prepared) -> None:
         assert self.runner is not None
@@ -538,7 +603,35 @@ class Worker:
         model = self.runner.model
         prep.fc = await self.runner.forecast(prep.combined)
         prep.version = model.version
+        await self.faults.stall("infer")
         self.metrics.stage.labels("infer").observe(time.perf_counter() - t0)
+        self.watchdog.beat()
+        self._drop_bad_outputs(prep)
+
+    def _drop_bad_outputs(self, prep: _Prepared) -> None:
+        """Take the rows whose forecast is not finite out of ``prep`` (windows, results, forecast);
+        their records go to the dead-letter topic as ``model_output`` instead. A model that
+        checked out on its canary windows can still overflow on extreme inputs."""
+        assert prep.fc is not None
+        ok = _finite_rows(prep.fc)
+        if ok.all():
+            return
+        row = 0
+        for tp, res in prep.results.items():
+            k = len(res.windows)
+            part_ok = ok[row : row + k]
+            if not part_ok.all():
+                by_offset = {rec.offset: rec for rec in prep.records[tp]}
+                bad = res.windows.offsets[~part_ok].tolist()
+                prep.bad_output[tp] = [by_offset[o] for o in bad if o in by_offset]
+                res.windows = _take_windows(res.windows, np.flatnonzero(part_ok))
+            row += k
+        keep = np.flatnonzero(ok)
+        prep.fc = _take(prep.fc, keep)
+        prep.combined = _take_windows(prep.combined, keep)
+        n = int((~ok).sum())
+        self.metrics.rejected.labels("model_output").inc(n)
+        log.warning("%d forecast(s) not finite (model_output): dead-lettered, not published", n)
 
     async def _complete(self, prep: _Prepared) -> None:
         """Encode, publish, persist the snapshots, commit. A partition reset or reloaded since
@@ -552,18 +645,24 @@ class Worker:
         live = {tp for tp, part in prep.parts.items() if self._states.get(tp) is part}
         messages: dict[TopicPartition, list[OutMessage]] = {}
         row = 0
+        limit = await self._dlq_value_limit()
+        model_output = Rejection("model_output", f"model {version} gave a non-finite forecast")
         for tp, res in prep.results.items():
             k = len(res.windows)
             if tp in live:
                 out = encode_forecasts(
-                    res.windows, _slice_forecast(fc, row, row + k),
+                    res.windows, _take(fc, slice(row, row + k)),
                     version=version, input_topic=self.topic, output_topic=s.output_topic,
                 )  # fmt: skip
-                topic, dlq = self.topic, s.dlq_topic
-                out.extend(
-                    dead_letter(rec, rej, input_topic=topic, partition=tp.partition, dlq_topic=dlq)
-                    for rec, rej in res.rejected
-                )
+                bad = prep.bad_output.get(tp, [])
+                for rec, rej in [*res.rejected, *((r, model_output) for r in bad)]:
+                    msg = dead_letter(
+                        rec, rej, input_topic=self.topic, partition=tp.partition,
+                        dlq_topic=s.dlq_topic, max_value_bytes=limit,
+                    )  # fmt: skip
+                    if msg.value is not rec.value and rec.value is not None:
+                        m.dlq_truncated.inc()
+                    out.append(msg)
                 messages[tp] = out
             row += k
         m.stage.labels("encode").observe(time.perf_counter() - t2)
@@ -572,12 +671,19 @@ class Worker:
             await self._finish_exactly_once(messages, prep)
         else:
             await self._finish_at_least_once(messages, prep)
+        self.watchdog.beat()
         self._observe_latency(prep.combined)
         self._after_batch(prep.results, fc, version, prep.combined, prep.parts)
         for tp, nxt in prep.next_offsets.items():
             hw = self.consumer.highwater(tp)
             if hw is not None:
                 m.lag.labels(str(tp.partition)).set(max(0, hw - nxt))
+
+    async def _dlq_value_limit(self) -> int:
+        if self._dlq_limit is None:
+            self._dlq_limit = await dlq_value_limit(self.settings.kafka, self.settings.dlq_topic)
+            log.info("dead-letter records carry at most %d bytes of a value", self._dlq_limit)
+        return self._dlq_limit
 
     def _after_batch(
         self,
@@ -626,11 +732,8 @@ class Worker:
         assert self.publisher is not None and self.consumer is not None
         m = self.metrics
         t0 = time.perf_counter()
-        try:
-            await self.publisher.publish([msg for msgs in messages.values() for msg in msgs])
-        except KafkaError as exc:
-            log.error("publishing failed (%s); the batch will be processed again", exc)
-            for tp in messages:
+        if not await self._publish([msg for msgs in messages.values() for msg in msgs]):
+            for tp in messages:  # stopping, or the partitions were revoked: not committed
                 await self._reset(tp)
             return
         self._count_published(messages)
@@ -653,6 +756,43 @@ class Worker:
                 log.warning("commit of %s failed: %s", _fmt(offsets), exc)
         m.stage.labels("commit").observe(time.perf_counter() - t2)
 
+    async def _publish(self, messages: list[OutMessage]) -> bool:
+        """Publish ``messages`` until the broker acknowledged all of them; False when the worker
+        stops or must abandon the batch first (nothing may be committed then).
+
+        While the broker does not acknowledge, fetching is paused (not ready, still alive) and
+        only the records not acknowledged are sent again, with backoff: a batch is never skipped
+        and never reprocessed from scratch. A dead-letter record refused for its size is sent
+        again without its value (:func:`~stream.publisher.headers_only`)."""
+        assert self.publisher is not None
+        attempt = 0
+        try:
+            while True:
+                try:
+                    await self.publisher.publish(messages)
+                    return True
+                except PublishError as exc:
+                    self.metrics.publish_errors.inc()
+                    dlq = self.settings.dlq_topic
+                    messages = exc.failed
+                    if exc.too_large:
+                        messages = [headers_only(x) if x.topic == dlq else x for x in messages]
+                        self.metrics.dlq_truncated.inc(sum(1 for x in messages if x.topic == dlq))
+                    if attempt == 0 or attempt % 20 == 0:
+                        log.error(
+                            "publishing failed (%r): %d record(s) to send again; fetching paused",
+                            exc.cause, len(messages),
+                        )  # fmt: skip
+                    self.pauses.hold("kafka")
+                    if self._stop_event.is_set() or self._abandon:
+                        return False
+                    await asyncio.sleep(_PUBLISH_RETRY.delay(attempt))
+                    attempt += 1
+        finally:
+            if "kafka" in self.pauses.reasons:
+                log.info("the broker acknowledges again; resuming")
+                self.pauses.release("kafka")
+
     async def _finish_exactly_once(
         self, messages: dict[TopicPartition, list[OutMessage]], prep: _Prepared
     ) -> None:
@@ -666,20 +806,39 @@ class Worker:
             self.faults.hit("before_commit")
 
         async def one(tp: TopicPartition) -> TopicPartition | None:
-            try:
-                await txn.publish_and_commit(
-                    tp.partition, messages[tp], prep.next_offsets[tp], hook
-                )
-                return tp
-            except KafkaError as exc:
-                log.error(
-                    "transaction for %s[%d] failed (%s); reprocessing", tp.topic, tp.partition, exc
-                )
-                await txn.close(tp.partition)
-                await self._reset(tp)
-                return None
+            msgs = messages[tp]
+            for attempt in (0, 1):
+                try:
+                    await txn.publish_and_commit(tp.partition, msgs, prep.next_offsets[tp], hook)
+                    return tp
+                except KafkaError as exc:
+                    self.metrics.publish_errors.inc()
+                    if attempt == 0 and isinstance(exc, _TOO_LARGE):
+                        # aborted: once more, with its dead-letter records reduced to headers
+                        dlq = self.settings.dlq_topic
+                        msgs = [headers_only(x) if x.topic == dlq else x for x in msgs]
+                        continue
+                    log.error(
+                        "transaction for %s[%d] failed (%r); reprocessing",
+                        tp.topic, tp.partition, exc,
+                    )  # fmt: skip
+                    await txn.close(tp.partition)
+                    await self._reset(tp)
+                    break
+            return None
 
         done = [tp for tp in await asyncio.gather(*(one(tp) for tp in messages)) if tp is not None]
+        if len(done) < len(messages) and not self._stop_event.is_set():
+            # The aborted partitions are reprocessed from their committed offsets: back off
+            # first (fetching paused, not ready) so an unreachable broker is not hammered.
+            self.pauses.hold("kafka")
+            try:
+                await asyncio.sleep(_PUBLISH_RETRY.delay(self._txn_failures))
+            finally:
+                self.pauses.release("kafka")
+            self._txn_failures += 1
+        elif len(done) == len(messages):
+            self._txn_failures = 0
         self._count_published({tp: messages[tp] for tp in done})
         m.commits.inc(len(done))
         t1 = time.perf_counter()
@@ -694,21 +853,26 @@ class Worker:
         """Run a Redis operation under the retry policy. While Redis is unreachable, fetching is
         paused and /readyz says not ready; it resumes by itself. Raises RedisUnavailableError when
         the worker is stopping or must abandon the batch."""
-        assert self.consumer is not None
-        paused = False
+        held: set[str] = set()
 
         def on_error(exc: BaseException, attempt: int) -> None:
-            nonlocal paused
             self.metrics.redis_errors.inc()
-            if attempt == 0:
-                log.warning(
-                    "Redis unavailable during %s (%s): pausing, committing nothing", what, exc
-                )
-            if not paused and self.consumer is not None:
-                self.consumer.pause(*self.consumer.assignment())
-                paused = True
-            self._redis_ok = False
-            self.metrics.ready.set(0)
+            oom = isinstance(exc, OutOfMemoryError)
+            reason = "redis_oom" if oom else "redis"
+            if oom:
+                self.metrics.redis_oom.inc()
+            if reason not in held:
+                if oom:
+                    log.error(
+                        "Redis is out of memory (OOM: maxmemory reached) during %s: pausing, "
+                        "committing nothing until its writes pass again", what,
+                    )  # fmt: skip
+                else:
+                    log.warning(
+                        "Redis unavailable during %s (%s): pausing, committing nothing", what, exc
+                    )
+                held.add(reason)
+                self.pauses.hold(reason)
 
         try:
             return await self.retry.call(
@@ -717,12 +881,10 @@ class Worker:
         except self.retry.errors as exc:
             raise RedisUnavailableError(f"Redis unavailable during {what}: {exc}") from exc
         finally:
-            if paused:
-                self.consumer.resume(*self.consumer.assignment())
-                if not self._redis_ok:
-                    log.info("Redis is back after %s; resuming", what)
-                self._redis_ok = True
-                self.metrics.ready.set(1)
+            if held:
+                log.info("Redis is back after %s; resuming", what)
+            for reason in held:
+                self.pauses.release(reason)
 
     async def _persist_all(
         self, tps: list[TopicPartition], prep: _Prepared
@@ -781,7 +943,7 @@ class Worker:
             return False
         windows = PartitionWindows(
             tp.topic, tp.partition, sequence_length=cfg.sequence_length, features=cfg.features,
-            limits=s.limits, max_event_bytes=s.max_event_bytes,
+            limits=s.limits, max_event_bytes=s.max_event_bytes, max_future_skew=s.max_future_skew,
         )  # fmt: skip
         expected = stored.applied if stored is not None else None
         usable = stored is not None and stored.features == tuple(cfg.features)
@@ -802,8 +964,7 @@ class Worker:
                 log.warning(
                     "%s[%d]: %d unreadable window blobs dropped", tp.topic, tp.partition, bad
                 )
-            windows.applied = stored.applied
-            windows.max_ts = stored.max_ts
+            windows.applied = stored.applied  # (its clock follows from the series loaded)
         rebuilt = False
         if committed is not None and windows.applied < committed - 1:
             start = windows.applied + 1 if usable else max(0, committed - s.limits.rebuild_lookback)
@@ -814,6 +975,7 @@ class Worker:
 
             def rebuild(recs: list[Any]) -> None:
                 windows.apply(recs, emit=False)
+                self.watchdog.beat()  # a long rebuild is progress
 
             count = await self._replayer.replay(tp, start, committed, rebuild)
             windows.applied = committed - 1

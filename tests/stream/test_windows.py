@@ -49,13 +49,52 @@ def test_duplicate_late_and_redelivery() -> None:
 
 
 def test_series_cap_and_idle_ttl_in_event_time() -> None:
-    pw = windows(max_series=2, series_ttl=100)
-    res = pw.apply([rec(0, "a", 0, 1), rec(1, "b", 50, 1), rec(2, "c", 60, 1)])
+    pw = windows(max_series=3, series_ttl=100)
+    res = pw.apply([rec(0, "a", 0, 1), rec(1, "b", 50, 1), rec(2, "c", 60, 1), rec(3, "d", 70, 1)])
     assert [r.reason for _, r in res.rejected] == ["series_limit"]
-    res = pw.apply([rec(3, "b", 200, 1), rec(4, "c", 201, 1)])  # a is now idle (0 < 201 - 100)
-    assert not res.rejected and sorted(pw.series()) == ["b", "c"]
+    # b alone runs ahead: the clock (newest ts of every series but the lead) stays at c's 60.
+    res = pw.apply([rec(4, "b", 200, 1), rec(5, "d", 71, 1)])
+    assert [r.reason for _, r in res.rejected] == ["series_limit"] and pw.max_ts == 60
+    # c follows: the clock is 200, so a (0 < 200 - 100) is idle and forgotten, and d fits.
+    res = pw.apply([rec(6, "c", 201, 1), rec(7, "d", 202, 1)])
+    assert not res.rejected and sorted(pw.series()) == ["b", "c", "d"] and pw.max_ts == 201
     snap = pw.snapshot()
-    assert "a" in snap.delete and snap.applied == 4
+    assert "a" in snap.delete and snap.applied == 7
+
+
+def test_one_series_far_ahead_cannot_make_the_others_idle() -> None:
+    """A producer's unit mistake that slips through (record timestamps as wrong as the event
+    times) moves one series far ahead; every other series of the partition keeps its window."""
+    pw = windows(series_ttl=3600)
+    pw.apply([rec(i * 3 + j, s, 1000.0 + i, i) for i in range(6) for j, s in enumerate("abc")])
+    pw.apply([rec(100, "a", 1_700_000_000.0, 1)])  # a jumps ~54 years ahead
+    res = pw.apply([rec(101 + j, s, 1006.0, 6) for j, s in enumerate("bc")])
+    assert not res.rejected and res.windows.series == ["b", "c"]
+    assert len(pw.window("b")[0]) == 6 and len(pw.window("c")[0]) == 6  # nothing forgotten
+    assert pw.max_ts == 1006.0
+    # The clock is the same after a reload from the stored blobs (Redis), whatever the order.
+    again = windows(series_ttl=3600)
+    for sid in ("c", "a", "b"):
+        again.load_series(sid, pw.encode_series(pw._index[sid]))
+    assert again.max_ts == pw.max_ts
+
+
+def test_future_events_are_refused_against_the_record_timestamp() -> None:
+    pw = PartitionWindows(
+        "t", 0, sequence_length=4, features=(), limits=LimitSettings(history=2),
+        max_future_skew=300.0,
+    )  # fmt: skip
+
+    def at(offset: int, key: bytes, ts: int, record_ms: int) -> SimpleNamespace:
+        value = b'{"ts": %d, "value": 1}' % ts
+        return SimpleNamespace(offset=offset, key=key, value=value, timestamp=record_ms)
+
+    now_ms = 1_700_000_000_000
+    # 299 s ahead: accepted; 301 s: `future`; no record timestamp (-1): only the fixed range.
+    res = pw.apply([at(0, b"a", 1700000299, now_ms), at(1, b"a", 1700000301, now_ms),
+                    at(2, b"b", 1800000000, -1)])  # fmt: skip
+    assert [(r.offset, why.reason) for r, why in res.rejected] == [(1, "future")]
+    assert pw.max_ts == 1700000299.0  # the refused event never moved the clock
 
 
 def test_emit_latest_coalesces_per_series() -> None:

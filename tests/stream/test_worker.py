@@ -153,9 +153,12 @@ def test_every_bad_input_class_reaches_the_dead_letter_topic(
         (k0, ev(T0 + 1, series_id="someone-else"), "key_mismatch"),
         (None, ev(T0 + 1), "missing_key"),
         (k0, orjson.dumps({"ts": T0 + 1, "value": 1.0}), "missing_feature"),
-        (k1, ev(T0 + 5000), None),  # partition 0's clock moves: k0 and k2 become idle (TTL 1000)
-        (k3, ev(T0 + 5001), None),  # the idle series are forgotten, so k3 fits under the cap now
-        (k0, ev(T0 + 5002), None),  # k0 starts a fresh window
+        # k1 alone runs ahead: the idle clock does not move (one series cannot make the rest
+        # of its partition idle), so the cap still holds k0, k1 and k2.
+        (k1, ev(T0 + 5000), None),
+        (k3, ev(T0 + 5001), "series_limit"),
+        (k2, ev(T0 + 5000.5), None),  # a second series follows: k0 is idle now (TTL 1000)
+        (k3, ev(T0 + 5001), None),  # k0 is forgotten, so k3 fits under the cap
     ]
     records = [(k, v) for k, v, _ in cases]
     placed = produce(stack.bootstrap, topics.input, records)
@@ -198,9 +201,9 @@ def test_every_bad_input_class_reaches_the_dead_letter_topic(
 
     client = redis.Redis.from_url(redis_url)
     try:
-        win = read_window_sync(client, "eventcast", topics.input, k0, 6)
-        assert win is not None and win.ts.tolist() == [T0 + 5002]  # fresh window after idling
-        assert read_window_sync(client, "eventcast", topics.input, k2, 6) is None
+        assert read_window_sync(client, "eventcast", topics.input, k0, 6) is None  # forgotten
+        win = read_window_sync(client, "eventcast", topics.input, k2, 6)
+        assert win is not None and win.ts.tolist() == [T0, T0 + 5000.5]
     finally:
         client.close()
 
