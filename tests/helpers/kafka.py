@@ -147,28 +147,27 @@ def kcat() -> str:
     return path
 
 
-def kcat_produce(bootstrap: str, topic: str, lines: Sequence[tuple[str, str]]) -> None:
-    """Produce ``key<TAB>value`` lines with kcat, partitioned by murmur2 like Java clients."""
+def kcat_produce(
+    bootstrap: str,
+    topic: str,
+    lines: Sequence[tuple[str, str]],
+    *,
+    compression: str | None = None,
+    partition: int | None = None,
+) -> None:
+    """Produce ``key<TAB>value`` lines with kcat, partitioned by murmur2 like Java clients (or
+    all to ``partition``). ``compression``: kcat's ``-z`` codec (gzip, snappy, lz4, zstd); the
+    lines then travel in compressed record batches, several records each."""
     payload = "".join(f"{k}\t{v}\n" for k, v in lines)
-    subprocess.run(
-        [
-            kcat(),
-            "-b",
-            bootstrap,
-            "-P",
-            "-t",
-            topic,
-            "-K",
-            "\t",
-            "-X",
-            "partitioner=murmur2_random",
-            "-X",
-            "acks=all",
-        ],
-        input=payload.encode(),
-        check=True,
-        timeout=60,
-    )
+    argv = [kcat(), "-b", bootstrap, "-P", "-t", topic, "-K", "\t",
+            "-X", "partitioner=murmur2_random", "-X", "acks=all",
+            # a record may be large once decompressed (the broker checks the compressed batch)
+            "-X", "message.max.bytes=16000000"]  # fmt: skip
+    if compression:
+        argv += ["-z", compression, "-X", "linger.ms=100"]
+    if partition is not None:
+        argv += ["-p", str(partition)]
+    subprocess.run(argv, input=payload.encode(), check=True, timeout=60)
 
 
 def kcat_consume(

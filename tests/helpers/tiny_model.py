@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,12 @@ def make_tiny_model_dir(
     features: tuple[str, ...] = (),
     seed: int = 0,
     promote: bool = True,
+    tweak: Callable[[ForecastNet], None] | None = None,
+    **overrides: Any,
 ) -> str:
-    """Write a tiny seeded model version into model directory ``root`` and return its name.
+    """Write a tiny seeded model version into model directory ``root`` and return its name;
+    ``overrides`` are any other ModelConfig fields (e.g. ``interval_scale``); ``tweak`` may edit
+    the network's weights before it is written (a model with odd but finite behaviour).
 
     Untrained, but its forecasts are sane (the head starts from persistence: mean close to the
     last value, finite positive std). Promoted to CURRENT unless ``promote=False``.
@@ -66,11 +71,14 @@ def make_tiny_model_dir(
     """
     cfg = tiny_config(
         hidden_size=hidden_size, num_layers=num_layers, attention_heads=attention_heads,
-        horizon=horizon, features=features,
+        horizon=horizon, features=features, **overrides,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = ForecastNet(cfg).eval()
+    if tweak is not None:
+        with torch.no_grad():
+            tweak(net)
     canary = random_windows(np.random.default_rng(seed), 8, cfg.sequence_length, cfg.input_size)
     reg = ModelRegistry(root)
     version = reg.write_version(net, cfg, {"note": "tiny untrained test model"}, canary, int8=False)

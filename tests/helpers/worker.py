@@ -22,14 +22,18 @@ log = logging.getLogger(__name__)
 class ThreadWorker:
     """A :class:`stream.worker.Worker` running in its own event loop in a thread."""
 
-    def __init__(self, argv: list[str], **worker_kwargs: Any) -> None:
+    def __init__(
+        self, argv: list[str], environ: dict[str, str] | None = None, **worker_kwargs: Any
+    ) -> None:
         from stream.worker import Worker
 
         # No gc.freeze in the shared test process (it would pin every test's leftovers); the
         # subprocess workers (ProcWorker) run with the default, freeze on.
         if not any(a in ("--gc-freeze", "--no-gc-freeze") for a in argv):
             argv = [*argv, "--no-gc-freeze"]
-        self.settings = WorkerSettings.from_args(parse(argv, environ={}), environ={})
+        # ``environ``: only the test hooks read from it (EVENTCAST_FAULT), never the real one.
+        environ = environ or {}
+        self.settings = WorkerSettings.from_args(parse(argv, environ={}), environ=environ)
         self.worker = Worker(self.settings, **worker_kwargs)
         self.loop = asyncio.new_event_loop()
         self.error: BaseException | None = None
