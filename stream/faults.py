@@ -41,8 +41,9 @@ class FaultInjector:
             log.warning("fault injection: SIGKILL at %s (batch %d)", point, self._visits)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    async def stall(self, stage: str) -> None:
-        """Hang (until cancelled) when ``stall_<stage>`` is the configured point and reached."""
+    async def stall(self, stage: str, until: asyncio.Event) -> None:
+        """Hang until ``until`` is set (the worker is asked to stop) when ``stall_<stage>`` is
+        the configured point and reached."""
         if self._reached(f"stall_{stage}"):
             log.warning("fault injection: %s stage stalled (batch %d)", stage, self._visits)
-            await asyncio.Event().wait()
+            await until.wait()

@@ -181,7 +181,7 @@ async def dlq_value_limit(kafka: KafkaSettings, dlq_topic: str) -> int:
     admin = AIOKafkaAdminClient(**kafka.client_kwargs(), request_timeout_ms=10_000)
     try:
         await admin.start()
-        resource = ConfigResource(ConfigResourceType.TOPIC, dlq_topic, ["max.message.bytes"])
+        resource = ConfigResource(ConfigResourceType.TOPIC, dlq_topic, None)  # all entries
         for response in await admin.describe_configs([resource]):
             for res in response.resources:
                 for entry in res[-1]:  # (name, value, read_only, ...)

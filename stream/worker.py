@@ -180,9 +180,12 @@ class Worker:
         self._states: dict[TopicPartition, _Partition] = {}
         self._assigned: set[TopicPartition] = set()
         # Fetching paused on purpose (Redis down or out of memory, broker not acknowledging):
-        # not ready, still alive. The watchdog is wound by every stage that finishes something.
+        # not ready, still alive. Two watchdogs: the fetch stage winds one each time a fetch
+        # returns (records or not); the later stages wind the other each time they finish a
+        # batch in flight (see alive()).
         self.pauses = Pauses(self.metrics.paused, self._pause_fetching)
-        self.watchdog = Watchdog(settings.liveness_timeout)
+        self.fetch_clock = Watchdog(settings.liveness_timeout)
+        self.pipeline_clock = Watchdog(settings.liveness_timeout)
         self._dlq_limit: int | None = None  # bytes of an original value a dead letter may carry
         self._txn_failures = 0  # consecutive failed transactions (backoff)
         self._started = False
@@ -358,11 +361,14 @@ class Worker:
         )
 
     def alive(self) -> bool:
-        """False when no pipeline stage has finished anything for ``--liveness-timeout`` while
-        the worker is not paused on purpose (``/healthz``, see :mod:`stream.health`). The fetch
-        stage finishes a fetch at least every poll interval even when no record arrives, so an
-        idle worker stays alive; one stuck on a batch, or failing every fetch, does not."""
-        return bool(self.pauses) or not self.watchdog.expired()
+        """``/healthz`` (see :mod:`stream.health`): False when, for ``--liveness-timeout``, the
+        fetch stage has not finished a fetch (it does at least every poll interval, records or
+        not: an idle worker stays alive), or batches were in flight and none moved on through
+        inference or completion; True whenever the worker is paused on purpose."""
+        if self.pauses:
+            return True
+        stuck = self._inflight > 0 and self.pipeline_clock.expired()
+        return not stuck and not self.fetch_clock.expired()
 
     def _pause_fetching(self, paused: bool) -> None:
         consumer = self.consumer
@@ -451,7 +457,7 @@ class Worker:
                 log.error("fetch failed (%r); trying again", exc)
                 await asyncio.sleep(1.0)
                 continue
-            self.watchdog.beat()
+            self.fetch_clock.beat()
             await self._hold.wait()  # a rebalance is waiting for the batches in flight
             if any(batch.values()):
                 self._begin()
@@ -500,6 +506,8 @@ class Worker:
                 self._end()
 
     def _begin(self) -> None:
+        if not self._inflight:
+            self.pipeline_clock.beat()  # the pipeline was idle: its clock starts now
         self._inflight += 1
         self._drained.clear()
 
@@ -603,9 +611,9 @@ class Worker:
         model = self.runner.model
         prep.fc = await self.runner.forecast(prep.combined)
         prep.version = model.version
-        await self.faults.stall("infer")
+        await self.faults.stall("infer", until=self._stop_event)
         self.metrics.stage.labels("infer").observe(time.perf_counter() - t0)
-        self.watchdog.beat()
+        self.pipeline_clock.beat()
         self._drop_bad_outputs(prep)
 
     def _drop_bad_outputs(self, prep: _Prepared) -> None:
@@ -671,7 +679,7 @@ class Worker:
             await self._finish_exactly_once(messages, prep)
         else:
             await self._finish_at_least_once(messages, prep)
-        self.watchdog.beat()
+        self.pipeline_clock.beat()
         self._observe_latency(prep.combined)
         self._after_batch(prep.results, fc, version, prep.combined, prep.parts)
         for tp, nxt in prep.next_offsets.items():
@@ -975,7 +983,8 @@ class Worker:
 
             def rebuild(recs: list[Any]) -> None:
                 windows.apply(recs, emit=False)
-                self.watchdog.beat()  # a long rebuild is progress
+                self.fetch_clock.beat()  # a long rebuild (in the fetch stage) is progress
+                self.pipeline_clock.beat()
 
             count = await self._replayer.replay(tp, start, committed, rebuild)
             windows.applied = committed - 1

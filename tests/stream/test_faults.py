@@ -16,9 +16,17 @@ from typing import Any
 import numpy as np
 import pytest
 
+from deploy.stack import free_port
 from stream.store import read_window_sync
 from tests.helpers.kafka import consume_all, end_offsets, produce
-from tests.stream.conftest import Truth, forecasts_by_source, make_events, wait_for, worker_argv
+from tests.stream.conftest import (
+    Truth,
+    forecasts_by_source,
+    http_get,
+    make_events,
+    wait_for,
+    worker_argv,
+)
 from tests.stream.test_worker import check_against_offline
 
 pytestmark = pytest.mark.integration
@@ -241,7 +249,11 @@ def test_redis_stopped_10s_then_restarted(
     truth = Truth()
     first = make_events(10, 60)
     truth.add(first, produce(stack.bootstrap, topics.input, first))
-    argv = worker_argv(stack.bootstrap, url, tiny_model_dir, topics, "--metrics-port", "0")
+    port = free_port()
+    argv = worker_argv(
+        stack.bootstrap, url, tiny_model_dir, topics, "--metrics-port", str(port),
+        "--liveness-timeout", "2s",
+    )  # fmt: skip
     w = thread_worker(
         argv, retry=RetryPolicy(base=0.05, cap=0.5, errors=RetryPolicy.for_redis().errors)
     )
@@ -259,8 +271,13 @@ def test_redis_stopped_10s_then_restarted(
     t_end = time.monotonic() + 10
     while time.monotonic() < t_end:
         assert m.commits._value.get() == commits, "committed while Redis was down"
+        # A deliberate pause: out of rotation (readyz), but alive (healthz) past the liveness
+        # timeout: restarting the worker would not bring Redis back.
+        assert http_get(f"http://127.0.0.1:{port}/readyz")[0] == 503
+        assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
         time.sleep(0.5)
     assert m.redis_errors._value.get() > 0
+    assert m.paused.labels("redis")._value.get() == 1
     private_redis.start()
     wait_for(w.worker.ready, 60, "ready again after Redis is back")
     wait_all_forecasts(stack.bootstrap, topics.output, truth, 90, worker=w)
