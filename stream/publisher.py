@@ -278,12 +278,19 @@ async def _send_all(
 
 
 class Publisher:
-    """At-least-once publishing: one idempotent producer, ``acks=all``. ``stop()`` is idempotent."""
+    """At-least-once publishing: one idempotent producer, ``acks=all``. ``stop()`` is idempotent.
+
+    After a failed publish the producer is replaced before the next one: an idempotent
+    producer whose record batch failed (expired, or refused for its size) has lost track of its
+    sequence numbers, and every later send to that partition would fail with
+    ``OutOfOrderSequenceNumber``."""
 
     def __init__(self, kafka: KafkaSettings) -> None:
+        self._kafka = kafka
         self._producer = AIOKafkaProducer(**_producer_kwargs(kafka))
         self._parts = _Partitioner()
         self._started = False
+        self._broken = False
 
     async def start(self) -> None:
         await self._producer.start()
@@ -294,13 +301,27 @@ class Publisher:
             self._started = False
             await self._producer.stop()
 
+    async def _replace_producer(self) -> None:
+        old, self._producer = self._producer, AIOKafkaProducer(**_producer_kwargs(self._kafka))
+        try:
+            await old.stop()
+        except KafkaError as exc:  # its pending batches failed already
+            log.debug("stopping the failed producer: %r", exc)
+        self._started = False
+        await self._producer.start()
+        self._started = True
+        self._broken = False
+
     async def publish(self, messages: Sequence[OutMessage]) -> None:
         """Send every message, then wait until the broker acknowledged all of them. Raises
         :class:`PublishError` naming the records not acknowledged (nothing may be committed
         then; sending those again completes the publish)."""
         try:
+            if self._broken:
+                await self._replace_producer()
             sent = await _send_all(self._producer, self._parts, messages)
         except KafkaError as exc:  # which records left is unknown: all are sent again
+            self._broken = True
             raise PublishError(exc, list(messages)) from exc
         results = await asyncio.gather(*(fut for fut, _ in sent), return_exceptions=True)
         failed: list[OutMessage] = []
@@ -313,6 +334,7 @@ class Publisher:
                 if cause is None or isinstance(result, MessageSizeTooLargeError):
                     cause = result
         if cause is not None:
+            self._broken = True
             raise PublishError(cause, failed) from cause
 
 
