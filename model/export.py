@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,27 @@ from model.weights import forecast_net
 
 ONNX_OPSET = 17
 INPUT_NAME = "x"
-# ONNX vs torch (fp32) tolerance at export: relative to the largest output magnitude.
+# ONNX vs torch (both float32) tolerance at export, per output and per window, relative to the
+# scale that output is computed at (see output_diffs and docs/training.md, "Export parity").
 ONNX_RTOL = 1e-4
+# Outputs computed as (window level) + (something): the mean (shift + loc * unit) and the four
+# bounds (mean ± half-width). Their rounding error follows the terms' magnitudes, not the result's.
+LOCATION_OUTPUTS: tuple[str, ...] = ("mean", "lower_80", "upper_80", "lower_95", "upper_95")
+_TINY = 1e-12
+# Level / spread of a window up to which std is compared with itself. Rounding the window's mean
+# (6e-8 of its level in float32) shifts every normalised input by 6e-8 x level / spread; through
+# a trained network's gain (up to ~10, measured) that moves std by 6e-6 of itself at ratio 10
+# and 6e-5 at 100: beyond 100 the allowed difference grows with the ratio.
+RESOLVED_RATIO = 1e2
 # Largest relative rise of held-out MAE for which an int8 model is offered.
 INT8_MAX_MAE_RISE = 0.02
 
 
 def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| / max |b| (with a tiny floor): the relative difference used by every parity
-    check (ONNX vs torch, canary outputs). Non-finite values give ``inf``."""
+    """max |a - b| / max |b| (with a tiny floor) over the whole array: a batch-wide relative
+    difference (int8 reports, benchmarks). The export and canary checks use
+    :func:`output_diffs` instead, which does not blow up where an output cancels to near zero.
+    Non-finite values give ``inf``."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
@@ -41,6 +54,81 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-12))
 
 
+def output_scales(
+    outputs: Sequence[np.ndarray], x: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The magnitude each output of each window is computed at, (B,) per output name.
+
+    - The mean is ``shift + loc · unit`` and the bounds ``mean ± half-width``: float32 rounds
+      each term, so their error follows ``|shift|`` (the window's mean, at most its largest
+      ``|value|``), ``|mean|`` and the half-width, not the result, which cancels to near zero
+      wherever an interval crosses zero. Their scale is the window's largest of ``|x[..., 0]|``
+      (when ``x`` is given), ``|lower_95|`` and ``|upper_95|`` (= ``|mean| + half-width95``,
+      the largest term of any bound).
+    - ``std`` is a product (predicted scale × window std × constants), compared with itself:
+      its scale is the window's largest ``|std|``. Only a window whose float32 values cannot
+      resolve its own spread widens it: the network sees ``(x - mean) / spread``, which float32
+      knows to ``eps · level / spread`` of the spread (a uniform shift, through the network's
+      gain); beyond ``level / spread`` = :data:`RESOLVED_RATIO` the scale grows with the ratio
+      (``x`` given only).
+    """
+    by_name = {
+        name: np.abs(np.asarray(o, dtype=np.float64))
+        for name, o in zip(OUTPUT_NAMES, outputs, strict=True)
+    }
+    b = by_name["mean"].shape[0]
+    loc = np.maximum(
+        by_name["lower_95"].reshape(b, -1).max(axis=1),
+        by_name["upper_95"].reshape(b, -1).max(axis=1),
+    )
+    std = by_name["std"].reshape(b, -1).max(axis=1)
+    if x is not None:
+        v = np.asarray(x, dtype=np.float64)[:, :, 0]
+        level = np.abs(v).max(axis=1)
+        loc = np.maximum(loc, level)
+        # The network's own spread floor (model.network.NORM_EPS_REL): 1e-4 of the mean.
+        spread = np.maximum(v.std(axis=1), 1e-4 * np.abs(v.mean(axis=1)))
+        ratio = level / np.maximum(spread, _TINY)
+        std = std * np.maximum(1.0, ratio / RESOLVED_RATIO)
+    scales = {name: loc for name in LOCATION_OUTPUTS}
+    scales["std"] = std
+    return scales
+
+
+def output_diffs(
+    got: Sequence[np.ndarray], ref: Sequence[np.ndarray], x: np.ndarray | None = None
+) -> dict[str, float]:
+    """Per output name, the largest ``|got - ref|`` of any window divided by that window's scale
+    of the output (:func:`output_scales` of ``ref``, with the input windows ``x`` when given).
+    The parity measure of the export check and of the registry's canary; non-finite values or
+    shapes that differ give ``inf``. Per window, so a batch's other windows never hide (or
+    inflate) one window's difference."""
+    out: dict[str, float] = {}
+    scales = output_scales(ref, x)
+    for name, g, r in zip(OUTPUT_NAMES, got, ref, strict=True):
+        g64 = np.asarray(g, dtype=np.float64)
+        r64 = np.asarray(r, dtype=np.float64)
+        if g64.shape != r64.shape or not (np.isfinite(g64).all() and np.isfinite(r64).all()):
+            out[name] = float("inf")
+            continue
+        if g64.size == 0:
+            out[name] = 0.0
+            continue
+        b = r64.shape[0]
+        err = np.abs(g64 - r64).reshape(b, -1).max(axis=1)
+        out[name] = float((err / np.maximum(scales[name], _TINY)).max())
+    return out
+
+
+def fp32_copy(net: nn.Module) -> ForecastNet:
+    """A CPU float32 copy of ``net``'s ForecastNet in eval mode, its LSTM in float32 too: the
+    reference every parity check compares against (weights trained in bf16/fp16 mixed precision
+    are float32 already; a ``bf16-true`` or GPU net is converted; ``net`` is not modified)."""
+    inner: ForecastNet = copy.deepcopy(forecast_net(net)).to("cpu", torch.float32).eval()
+    inner.lstm_dtype = torch.float32
+    return inner
+
+
 def export_onnx(net: nn.Module, path: Path | str, *, opset: int = ONNX_OPSET) -> Path:
     """Export ``net`` (EventForecaster or ForecastNet) to ``path`` as one self-contained ONNX file.
 
@@ -49,7 +137,7 @@ def export_onnx(net: nn.Module, path: Path | str, *, opset: int = ONNX_OPSET) ->
     which onnxruntime runs (and quantizes) far faster than an unrolled loop. The network is
     deep-copied to the CPU in eval mode; ``net`` itself is not modified.
     """
-    inner = copy.deepcopy(forecast_net(net)).to("cpu", torch.float32).eval()
+    inner = fp32_copy(net)
     cfg = inner.config
     dummy = torch.zeros(2, cfg.sequence_length, cfg.input_size)
     dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
@@ -86,12 +174,13 @@ def onnx_session(path: Path | str | bytes, threads: int | None = 1) -> Any:
 
 
 def run_torch(net: nn.Module, x: np.ndarray) -> list[np.ndarray]:
-    """The six outputs of ``net`` on ``x`` (B, T, C) as float32 numpy, CPU fp32, eval mode."""
+    """The six outputs of ``net`` on ``x`` (B, T, C) as float32 numpy, in eval mode, outside any
+    autocast region (a caller inside a mixed-precision context still gets float32 arithmetic)."""
     inner = forecast_net(net)
     was_training = inner.training
     inner.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
             outs = inner(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
     finally:
         inner.train(was_training)
@@ -107,24 +196,29 @@ def verify_onnx(
     seed: int = 0,
     x: np.ndarray | None = None,
 ) -> float:
-    """Check the ONNX file against torch at each batch size; return the worst relative difference.
+    """Check the ONNX file against torch at each batch size; return the worst difference.
 
-    Windows are random-walk series (or ``x``, cut into the batch sizes). Raises AssertionError
-    naming the output and batch when the difference exceeds ``rtol``.
+    Like with like: the reference is a CPU float32 copy of ``net`` (:func:`fp32_copy`), run
+    outside autocast, as the ONNX graph is float32. Windows are random-walk series (or ``x``, cut
+    into the batch sizes). The measure is :func:`output_diffs` (per output, per window, relative
+    to the scale the output is computed at). Raises AssertionError naming the output and batch
+    when the difference exceeds ``rtol``.
     """
-    cfg: Any = forecast_net(net).config
+    ref_net = fp32_copy(net)
+    cfg: Any = ref_net.config
     sess = onnx_session(path)
     worst = 0.0
     rng = np.random.default_rng(seed)
     for b in batches:
         xb = x[:b] if x is not None else random_windows(rng, b, cfg.sequence_length, cfg.input_size)
+        xb = np.ascontiguousarray(xb, dtype=np.float32)
         got = sess.run(None, {INPUT_NAME: xb})
-        ref = run_torch(net, xb)
-        for name, g, r in zip(OUTPUT_NAMES, got, ref, strict=True):
-            d = rel_diff(g, r)
+        ref = run_torch(ref_net, xb)
+        for name, d in output_diffs(got, ref, xb).items():
             if not d <= rtol:
                 raise AssertionError(
-                    f"ONNX {name} at batch {b} differs from torch: {d:.2e} > {rtol}"
+                    f"ONNX {name} at batch {b} differs from torch: {d:.2e} > {rtol} "
+                    "(relative to the window's scale of that output)"
                 )
             worst = max(worst, d)
     return worst

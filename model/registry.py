@@ -57,8 +57,10 @@ METRICS = "metrics.json"
 MANIFEST_FORMAT = 1
 MAX_CANARY = 64  # windows kept in canary.json: enough to catch bad weights, small to check
 
-# Canary tolerances (max |a - b| / max |b|, see model.export.rel_diff). The fp32 torch check is
-# the contract's 1e-4; the serving backend is also checked against its own expected precision.
+# Canary tolerances, per output and per window relative to the scale the output is computed at
+# (model.export.output_diffs: the window's level for the mean and the bounds, its largest std for
+# std). The fp32 torch check is the contract's 1e-4; the serving backend is also checked against
+# its own expected precision.
 CANARY_RTOL = 1e-4
 SERVING_RTOL = {
     "onnx": 1e-4,
@@ -451,7 +453,9 @@ class ModelRegistry:
         )
 
         canary_x, recorded, recorded_int8 = _read_canary(blobs[CANARY], config, vdir)
-        _compare(vdir, "torch fp32", _run_canary_torch(net, canary_x), recorded, CANARY_RTOL)
+        _compare(
+            vdir, "torch fp32", _run_canary_torch(net, canary_x), recorded, CANARY_RTOL, canary_x
+        )
 
         # Every listed ONNX file is scanned, served or not: a version carrying a file that points
         # outside its folder is not trustworthy whichever backend this process picked.
@@ -483,7 +487,7 @@ class ModelRegistry:
         else:
             ref, key = recorded, ""
         if key:
-            _compare(vdir, f"{backend} on {device}", served, ref, SERVING_RTOL[key])
+            _compare(vdir, f"{backend} on {device}", served, ref, SERVING_RTOL[key], canary_x)
         log.info(
             "model version %s loaded (backend %s on %s)", name, predictor.backend, predictor.device
         )
@@ -646,14 +650,20 @@ def _forecast_arrays(fc: Any) -> list[np.ndarray]:
 
 
 def _compare(
-    vdir: Path, what: str, got: list[np.ndarray], ref: list[np.ndarray], rtol: float
+    vdir: Path,
+    what: str,
+    got: list[np.ndarray],
+    ref: list[np.ndarray],
+    rtol: float,
+    x: np.ndarray,
 ) -> None:
-    from model.export import rel_diff
+    from model.export import output_diffs
 
-    for name, g, r in zip(OUTPUT_NAMES, got, ref, strict=True):
+    diffs = output_diffs(got, ref, x)
+    for name, g in zip(OUTPUT_NAMES, got, strict=True):
         if not np.isfinite(g).all():
             raise ModelLoadError(f"{vdir}: canary {name} is not finite with {what}", "canary")
-        d = rel_diff(g, r)
+        d = diffs[name]
         if not d <= rtol:
             raise ModelLoadError(
                 f"{vdir}: canary {name} with {what} differs from the recorded output by "
