@@ -316,6 +316,12 @@ class EventDataModule(L.LightningDataModule):
     def window_counts(self) -> dict[str, int]:
         return {SPLIT_NAMES[k]: len(s) for k, s in self.sets.items()}
 
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
     def _loader(self, split: int, *, train: bool) -> DataLoader[Any]:
         ds = self.sets[split]
         kw: dict[str, Any] = {
@@ -323,6 +329,27 @@ class EventDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "persistent_workers": self.num_workers > 0,
         }
+        rank, world = self._rank_world()
+        if world > 1:
+            # Several processes (DDP): this rank's share, every window once per epoch, the same
+            # number of training batches on every rank (train.distributed).
+            from train.distributed import ShardedBatchSampler
+
+            batches = ShardedBatchSampler(
+                len(ds),
+                self.batch_size if train else self.eval_batch_size,
+                rank=rank,
+                world=world,
+                shuffle=train,
+                seed=self.seed,
+                num_samples=self.train_windows_per_epoch if train else None,
+            )
+            if train:
+                log.info(
+                    "rank %d/%d: %d of %d training windows per epoch in %d batches",
+                    rank, world, len(batches.share()), len(ds), len(batches),
+                )  # fmt: skip
+            return DataLoader(ds, batch_sampler=batches, **kw)
         if not train:
             return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, **kw)
         gen = torch.Generator().manual_seed(self.seed)

@@ -43,7 +43,8 @@ CHECKPOINT_NAME = "event-forecaster-{epoch:02d}-{val_loss:.2f}"
 
 @dataclass
 class FitResult:
-    """What a training run produced: the module holding the best weights (CPU, eval mode)."""
+    """What a training run produced: the module holding the best weights (CPU, eval mode; on a
+    rank other than 0 of a distributed run, the last weights: only rank 0 reads checkpoints)."""
 
     module: EventForecaster
     config: ModelConfig
@@ -53,6 +54,13 @@ class FitResult:
     seconds: float
     stopped_by: str  # "max_epochs" | "early_stopping" | "time_budget"
     batch_size: int
+    version: str | None = None  # rank 0's version name (SharedRun), when fit_model was given one
+    run_dir: Path | None = None  # rank 0's run directory, likewise
+    precision: str = "32-true"  # what the Trainer ran (Lightning runs 16-mixed as bf16 on a CPU)
+    world_size: int = 1
+    train_batches: int = 0  # training batches of this process (all epochs)
+    optimizer_steps: int = 0  # trainer.global_step
+    gradients: dict[str, Any] = dataclasses.field(default_factory=dict)  # clipping evidence
 
 
 class ForecastPlotCallback(Callback):
@@ -177,7 +185,9 @@ def make_trainer(
     tr, hw = settings.training, settings.hardware
     early = EarlyStopping(monitor="val_loss", min_delta=tr.min_delta, patience=tr.patience,
                           mode="min")  # fmt: skip
-    callbacks: list[Callback] = [early, *extra_callbacks]
+    from train.distributed import RankMetrics
+
+    callbacks: list[Callback] = [early, *extra_callbacks, RankMetrics()]
     ckpt: ModelCheckpoint | None = None
     if checkpoint:
         ckpt = ModelCheckpoint(
@@ -226,7 +236,7 @@ def _trainer(
         devices=hw.devices,
         strategy=hw.strategy,
         num_nodes=hw.num_nodes,
-        precision=hw.precision,  # type: ignore[arg-type]
+        precision=_precision(hw.precision, hw.accelerator),  # type: ignore[arg-type]
         max_epochs=tr.max_epochs,
         max_time=tr.time_budget,
         gradient_clip_val=tr.gradient_clip_val,
@@ -236,12 +246,29 @@ def _trainer(
         callbacks=callbacks,
         logger=list(loggers) if loggers else False,
         enable_checkpointing=checkpoint,
+        # Under DDP the data module shards the windows itself (every window once per epoch,
+        # train.distributed.ShardedBatchSampler); Lightning's sampler would pad with repeats.
+        use_distributed_sampler=False,
         enable_progress_bar=tty,
         enable_model_summary=tty,
         default_root_dir=str(run_dir),
         log_every_n_steps=10,
         num_sanity_val_steps=0,
     )
+
+
+def _precision(precision: str, accelerator: str) -> str:
+    """``precision`` as Lightning will run it: ``16-mixed`` on a CPU is ``bf16-mixed`` (Lightning
+    2.x has no float16 autocast there and would substitute it with a UserWarning; said here once
+    as a log line by :func:`_log_precision`, recorded as ``precision_used``)."""
+    if precision not in ("16", "16-mixed"):
+        return precision
+    on_cpu = accelerator == "cpu" or (
+        accelerator == "auto"
+        and not torch.cuda.is_available()
+        and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+    )
+    return "bf16-mixed" if on_cpu else precision
 
 
 def _tune(
@@ -259,6 +286,12 @@ def _tune(
         settings, training=dataclasses.replace(tr, max_epochs=10_000, time_budget=None)
     )
     trainer, _, _ = make_trainer(tune_settings, run_dir / "tune", [], checkpoint=False)
+    if trainer.world_size > 1:
+        raise ConfigError(
+            "--lr-find/--scale-batch-size: Lightning's tuner runs in one process; tune without "
+            "--strategy/--devices/--num-nodes first, then pass the --learning-rate/--batch-size "
+            "it found"
+        )
     tuner = Tuner(trainer)
     if tr.scale_batch_size:
         module = EventForecaster(config)
@@ -287,21 +320,31 @@ def fit_model(
     loggers: Sequence[Any] = (),
     *,
     extra_callbacks: Sequence[Callback] = (),
+    version: str | None = None,
 ) -> tuple[FitResult, L.Trainer]:
     """Tune (if asked), train, and load the best checkpoint's weights into the returned module.
 
     The module comes back on the CPU in eval mode. The Trainer is returned too (callers check
-    ``trainer.is_global_zero`` before writing anything shared).
+    ``trainer.is_global_zero`` before writing anything shared). With ``version``, rank 0's
+    version name and ``run_dir`` are broadcast to every rank (``FitResult.version`` /
+    ``run_dir``; train.distributed.SharedRun).
     """
+    from train.distributed import SharedRun
+
     L.seed_everything(settings.training.seed, workers=True, verbose=False)
     if settings.hardware.threads:
         torch.set_num_threads(settings.hardware.threads)
     config = _tune(settings, config, dm, run_dir)
     module = EventForecaster(config)
     plot_cb = ForecastPlotCallback(dm, settings.training.plot_every_n_epochs)
+    shared = SharedRun(version, run_dir) if version is not None else None
     trainer, ckpt, early = make_trainer(
-        settings, run_dir, loggers, extra_callbacks=[plot_cb, *extra_callbacks]
+        settings,
+        run_dir,
+        loggers,
+        extra_callbacks=[*([shared] if shared else []), plot_cb, *extra_callbacks],
     )
+    _log_precision(settings, trainer)
     start = time.monotonic()
     trainer.fit(module, datamodule=dm)
     seconds = time.monotonic() - start
@@ -311,7 +354,8 @@ def fit_model(
     if ckpt is not None and ckpt.best_model_path:
         best_path = Path(ckpt.best_model_path)
         best_loss = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
-        module.net.load_state_dict(load_checkpoint_weights(best_path))
+        if trainer.is_global_zero:  # the file is rank 0's (another node may not even see it)
+            module.net.load_state_dict(load_checkpoint_weights(best_path))
     module = module.to("cpu").eval()
     if early.stopped_epoch > 0:
         stopped = "early_stopping"
@@ -328,5 +372,28 @@ def fit_model(
         seconds=seconds,
         stopped_by=stopped,
         batch_size=dm.batch_size,
+        version=shared.version if shared else None,
+        run_dir=shared.run_dir if shared else None,
+        precision=str(trainer.precision),
+        world_size=int(trainer.world_size),
+        train_batches=module.train_batches,
+        optimizer_steps=int(trainer.global_step),
+        gradients={
+            "clip_val": settings.training.gradient_clip_val,
+            "clip_algorithm": settings.training.gradient_clip_algorithm
+            if settings.training.gradient_clip_val
+            else None,
+            "accumulate_grad_batches": settings.training.accumulate_grad_batches,
+            **module.grad_stats,
+        },
     )
     return result, trainer
+
+
+def _log_precision(settings: RetrainSettings, trainer: L.Trainer) -> None:
+    """Say so when Lightning runs another precision than the one asked for (16-mixed on a CPU
+    becomes bf16-mixed: Lightning 2.x has no float16 autocast on the CPU, and oneDNN has no
+    float16 LSTM on most CPUs)."""
+    asked, used = settings.hardware.precision, str(trainer.precision)
+    if asked != used and (asked, used) not in (("32", "32-true"), ("16", "16-mixed")):
+        log.warning("--precision %s: Lightning trains with %s on this accelerator", asked, used)

@@ -13,6 +13,11 @@
 
 A crash anywhere leaves ``CURRENT`` and every existing version untouched: the new version is
 invisible until its folder is renamed into place, and ``CURRENT`` changes by one rename.
+
+Under distributed data parallel every rank runs this function: they train together, then rank 0
+alone carries on from calibration to the registry under the one run directory and version name
+it broadcast, while the others wait at a barrier and return without a version
+(train.distributed).
 """
 
 from __future__ import annotations
@@ -159,11 +164,19 @@ def _run_name(version: str) -> str:
 def retrain_once(settings: RetrainSettings) -> RetrainResult:
     """One complete retrain (see module docstring). Raises ConfigError for unusable data or
     settings; the model directory is only ever changed by the atomic registry operations."""
+    from train.distributed import barrier, env_rank, reap_children
+
     t0 = time.monotonic()
+    # Provisional on ranks other than 0: rank 0's name and folder are broadcast once the process
+    # group is up (train.distributed.SharedRun); only rank 0 creates its run directory.
+    rank = env_rank()
     version = new_version_name()
     run_dir = settings.logging.run_dir / _run_name(version)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    mmap = settings.mmap_dir / version if settings.mmap_dir else None
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    mmap = None
+    if settings.mmap_dir:
+        mmap = settings.mmap_dir / (version if rank == 0 else f"{version}.rank{rank}")
     arrays, data_report = prepare_arrays(settings.data, settings.split, mmap)
     config = settings.model.replace(features=list(data_report.features))
     if settings.calendar_year_auto:
@@ -185,10 +198,44 @@ def retrain_once(settings: RetrainSettings) -> RetrainResult:
 
         fit, trainer, sweep_info = run_sweep(settings, config, dm, run_dir, loggers)
     else:
-        fit, trainer = fit_model(settings, config, dm, run_dir, loggers)
+        fit, trainer = fit_model(settings, config, dm, run_dir, loggers, version=version)
         sweep_info = None
+        version, run_dir = fit.version or version, fit.run_dir or run_dir
     if not trainer.is_global_zero:
+        log.info(
+            "rank %d/%d: training done; waiting at the barrier while rank 0 calibrates, "
+            "evaluates, exports and writes version %s",
+            trainer.global_rank, trainer.world_size, version,
+        )  # fmt: skip
+        barrier(trainer, "eventcast-retrain-done")
+        log.info("rank %d/%d: rank 0 is done with version %s; exiting 0",
+                 trainer.global_rank, trainer.world_size, version)  # fmt: skip
         return RetrainResult(None, False, "not the global-zero process", run_dir=run_dir)
+    try:
+        result = _finish(settings, fit, trainer, loggers, dm, arrays, data_report, version,
+                         run_dir, sweep_info, t0)  # fmt: skip
+    finally:
+        # The other ranks wait here whatever happened to rank 0 (its exit status is the command's).
+        barrier(trainer, "eventcast-retrain-done")
+    if trainer.world_size > 1:
+        reap_children(trainer)
+    return result
+
+
+def _finish(
+    settings: RetrainSettings,
+    fit: Any,
+    trainer: Any,
+    loggers: list[Any],
+    dm: EventDataModule,
+    arrays: SeriesArrays,
+    data_report: DataReport,
+    version: str,
+    run_dir: Path,
+    sweep_info: dict[str, Any] | None,
+    t0: float,
+) -> RetrainResult:
+    """Rank 0's part after training: calibration, evaluation, the gate, the registry, MLflow."""
     config = fit.config
 
     # Interval calibration on the validation split, before the held-out evaluation and the
@@ -210,7 +257,14 @@ def retrain_once(settings: RetrainSettings) -> RetrainResult:
         "batch_size": fit.batch_size,
         "config": config.to_dict(),
         "precision": settings.hardware.precision,
+        "precision_used": fit.precision,
         "seed": settings.training.seed,
+        "world_size": fit.world_size,
+        "num_nodes": settings.hardware.num_nodes,
+        "strategy": settings.hardware.strategy,
+        "train_batches": fit.train_batches,  # of rank 0 (every rank runs as many)
+        "optimizer_steps": fit.optimizer_steps,
+        "gradients": fit.gradients,
     }
     report["calibration"] = calibration
     if sweep_info is not None:
@@ -256,9 +310,18 @@ def retrain_once(settings: RetrainSettings) -> RetrainResult:
         from train.tracking import log_to_mlflow
 
         log_to_mlflow(settings, loggers, result, registry.path(version))
+    _finish_wandb(loggers)
     report["total_seconds"] = round(time.monotonic() - t0, 1)
     (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    """Close the W&B run of this retrain (offline: its files are complete on disk), so a next
+    round or retrain in the same process starts its own run."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
+            lg.experiment.finish()
 
 
 def _log_figure(
