@@ -72,6 +72,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model-dir", default=None, help="model directory (versions + CURRENT)")
     p.add_argument("--force", action="store_true", help="promote even if not better")
     p.add_argument("--every", default=None, help="retrain on a schedule, e.g. 1h (until SIGTERM)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="with --every: stop after N rounds (default: until SIGTERM)")  # fmt: skip
     p.add_argument("--sweep", type=int, default=0, help="Optuna trials; the best one is kept")
     p.add_argument("--mmap-dir", default=None,
                    help="keep training arrays here, memory-mapped")  # fmt: skip
@@ -179,7 +181,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     if settings.every is not None:
         from train.schedule import run_every
 
-        return run_every(settings)
+        return run_every(settings, rounds=settings.rounds)
     from train.retrain import retrain_once
 
     result = retrain_once(settings)

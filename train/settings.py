@@ -212,6 +212,7 @@ class RetrainSettings:
     season: int | None = None
     force: bool = False
     every: dt.timedelta | None = None
+    rounds: int | None = None  # with every: stop after this many rounds (None: until signalled)
     sweep: int = 0
     mmap_dir: Path | None = None
     # calendar_year neither set nor refused: decided by the data (train.retrain.year_channels).
@@ -345,6 +346,9 @@ def settings_from_args(
     sweep = int(args.sweep or 0)
     if sweep < 0:
         raise ConfigError(f"--sweep: must be >= 0, got {sweep}")
+    rounds = getattr(args, "rounds", None)
+    if rounds is not None and (int(rounds) < 1 or not args.every):
+        raise ConfigError(f"--rounds: needs --every and a count >= 1, got {rounds}")
     return RetrainSettings(
         data=data,
         model_dir=Path(args.model_dir),
@@ -392,6 +396,7 @@ def settings_from_args(
         season=args.season,
         force=bool(args.force),
         every=parse_duration(args.every, "--every"),
+        rounds=int(rounds) if rounds is not None else None,
         sweep=sweep,
         mmap_dir=Path(args.mmap_dir) if args.mmap_dir else None,
         calendar_year_auto=calendar_year_is_auto(args),

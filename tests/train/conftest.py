@@ -6,12 +6,16 @@ points, so a whole retrain (fit, evaluation, ONNX export, registry write) takes 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from model.export import ONNX_RTOL, onnx_session, output_diffs, random_windows, run_torch
+from model.registry import ModelRegistry
 from train.sources import synthetic_frame
 
 TINY = ["--hidden-size", "16", "--num-layers", "1", "--dropout", "0", "--threads", "1"]
@@ -50,3 +54,32 @@ def retrain_args(tmp_path: Path, synthetic_csv: Path) -> Callable[..., list[str]
 def write_csv(path: Path, rows: list[dict[str, object]]) -> Path:
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+def serves(model_dir: Path, version: str) -> dict:
+    """Load ``version`` as the worker does (backend onnx: every check, the canary with torch
+    fp32 and with onnx), predict its canary windows, and compare the export with float32 torch
+    on them and on 200 random windows one at a time. Returns metrics.json plus ``parity``."""
+    reg = ModelRegistry(model_dir)
+    loaded = reg.load(version, backend="onnx")
+    vdir = reg.path(version)
+    x = np.asarray(json.loads((vdir / "canary.json").read_text())["inputs"], np.float32)
+    fc = loaded.predictor.predict(x)
+    assert np.isfinite(fc.mean).all() and (fc.std > 0).all()
+    net = reg.load(version, backend="torch").predictor.net  # type: ignore[attr-defined]
+    sess = onnx_session(vdir / "model.onnx")
+    cfg = loaded.config
+    rng = np.random.default_rng(0)
+    batches = [
+        x,
+        *(random_windows(rng, 1, cfg.sequence_length, cfg.input_size) for _ in range(200)),
+    ]
+    worst = 0.0
+    for xb in batches:
+        worst = max(
+            worst, *output_diffs(sess.run(None, {"x": xb}), run_torch(net, xb), xb).values()
+        )
+    assert worst <= ONNX_RTOL
+    metrics = json.loads((vdir / "metrics.json").read_text())
+    metrics["parity"] = worst
+    return metrics

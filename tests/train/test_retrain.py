@@ -13,6 +13,7 @@ import torch
 
 from model.registry import ModelRegistry
 from stream.cli import main
+from tests.train.conftest import serves
 from train import fit as fit_mod
 from train.sources import synthetic_frame
 
@@ -211,6 +212,10 @@ def test_sweep_keeps_the_best_trial(
     cfg = stored["training"]["config"]
     assert cfg["hidden_size"] == sweep["best_params"]["hidden_size"]
     assert cfg["distribution"] == sweep["best_params"]["distribution"]
+    # The chosen trial's model exports and serves (issue 21: it failed the parity check).
+    served = serves(tmp_path / "models", version)
+    assert served["training"]["config"]["hidden_size"] == cfg["hidden_size"]
+    print(f"sweep: worst export difference {served['parity']:.2e}")
 
 
 def test_tuner_csv_logger_and_tensorboard_forecast_plots(
@@ -224,6 +229,8 @@ def test_tuner_csv_logger_and_tensorboard_forecast_plots(
     cfg = result["training"]["config"]
     assert cfg["learning_rate"] != pytest.approx(1e-3)  # the finder's suggestion
     assert cfg["batch_size"] >= 32
+    served = serves(tmp_path / "models", result["version"])  # the tuned model serves
+    assert served["training"]["batch_size"] == cfg["batch_size"]
     run_dir = Path(result["run_dir"])
     assert (run_dir / "csv" / "metrics.csv").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -238,10 +245,14 @@ def test_tuner_csv_logger_and_tensorboard_forecast_plots(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--logger", "wandb"], "wandb"),
         (["--precision", "8-bits"], "--precision"),
         (["--time-budget", "soon"], "--time-budget"),
         (["--strategy", "deepspeed"], "deepspeed"),
+        (["--lr-find", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"], "--lr-find"),
+        (
+            ["--sweep", "2", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"],
+            "--sweep",
+        ),
         (["--hidden-size", "15"], "attention_heads"),
         (
             ["--accelerator", "gpu"] if not torch.cuda.is_available() else ["--devices", "99"],
