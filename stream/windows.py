@@ -221,68 +221,68 @@ class PartitionWindows:
             first_end.setdefault(row, end)
 
         for rec in records:
-            offset = rec.offset
-            if offset <= self.applied:
-                result.redelivered += 1
-                if emit:
-                    self._reemit(rec, request, result)
-                continue
-            ev = decode_event(
-                rec.key, rec.value, max_bytes=self.max_event_bytes, required_features=names,
-                record_ts_ms=rec.timestamp, max_future_skew=self.max_future_skew,
-            )  # fmt: skip
-            if isinstance(ev, Rejection):
-                result.rejected.append((rec, ev))
-                continue
-            row = self._index.get(ev.series_id)
-            if row is not None and ttl and self._last_ts[row] < self.max_ts - ttl:
-                if row in first_end:
-                    flush()
-                self._forget(row)
-                row = None
-            if row is None:
-                if len(self._index) >= self.limits.max_series:
-                    if first_end:
+            try:
+                offset = rec.offset
+                if offset <= self.applied:
+                    result.redelivered += 1
+                    if emit:
+                        self._reemit(rec, request, result)
+                    continue
+                ev = decode_event(
+                    rec.key, rec.value, max_bytes=self.max_event_bytes, required_features=names,
+                    record_ts_ms=rec.timestamp, max_future_skew=self.max_future_skew,
+                )  # fmt: skip
+                if isinstance(ev, Rejection):
+                    result.rejected.append((rec, ev))
+                    continue
+                row = self._index.get(ev.series_id)
+                if row is not None and ttl and self._last_ts[row] < self.max_ts - ttl:
+                    if row in first_end:
                         flush()
-                    self._sweep_idle()
-                if len(self._index) >= self.limits.max_series:
-                    result.rejected.append(
-                        (
-                            rec,
-                            Rejection(
-                                "series_limit",
-                                f"partition holds {len(self._index)} series, the limit",
-                            ),
+                    self._forget(row)
+                    row = None
+                if row is None:
+                    if len(self._index) >= self.limits.max_series:
+                        if first_end:
+                            flush()
+                        self._sweep_idle()
+                    if len(self._index) >= self.limits.max_series:
+                        result.rejected.append(
+                            (
+                                rec,
+                                Rejection(
+                                    "series_limit",
+                                    f"partition holds {len(self._index)} series, the limit",
+                                ),
+                            )
                         )
-                    )
-                    continue
-                row = self._allocate(ev.series_id)
-            else:
-                last = self._last_ts[row]
-                if ev.ts == last:
-                    result.rejected.append(
-                        (rec, Rejection("duplicate", f"ts {ev.ts} equals the last accepted ts"))
-                    )
-                    continue
-                if ev.ts < last:
-                    result.rejected.append(
-                        (
-                            rec,
-                            Rejection("late", f"ts {ev.ts} is before the last accepted ts {last}"),
+                        continue
+                    row = self._allocate(ev.series_id)
+                else:
+                    last = self._last_ts[row]
+                    if ev.ts == last:
+                        result.rejected.append(
+                            (rec, Rejection("duplicate", f"ts {ev.ts} equals the last accepted ts"))
                         )
-                    )
-                    continue
-            n = self._n[row]
-            pending = first_end.get(row)
-            if pending is not None and n + 1 - cap > pending - seq_len:
-                flush()  # the next point would overwrite a window still waiting to be gathered
-            self._append(row, n, offset, ev)
-            result.accepted += 1
-            if n + 1 >= seq_len:
-                if emit:
-                    request(row, n + 1, offset, rec.timestamp)
-            else:
-                result.warming += 1
+                        continue
+                    if ev.ts < last:
+                        why = f"ts {ev.ts} is before the last accepted ts {last}"
+                        result.rejected.append((rec, Rejection("late", why)))
+                        continue
+                n = self._n[row]
+                pending = first_end.get(row)
+                if pending is not None and n + 1 - cap > pending - seq_len:
+                    flush()  # the next point would overwrite a window still waiting to be gathered
+                self._append(row, n, offset, ev)
+                result.accepted += 1
+                if n + 1 >= seq_len:
+                    if emit:
+                        request(row, n + 1, offset, rec.timestamp)
+                else:
+                    result.warming += 1
+            except Exception as exc:  # the last resort: a bug, never a stopped worker
+                why = f"unexpected {type(exc).__name__} while admitting the event: {exc}"
+                result.rejected.append((rec, Rejection("schema", why[:300], True)))
         if records:
             self.applied = max(self.applied, records[-1].offset)
         flush()

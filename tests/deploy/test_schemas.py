@@ -135,7 +135,18 @@ numbers = st.floats(allow_nan=False, allow_infinity=False, width=64)
 # RFC 3339 offsets are whole minutes (the decoder also takes Python's ±HH:MM:SS; the schema does
 # not, which is stricter than the worker on purpose).
 offsets = st.integers(-23 * 60 - 59, 23 * 60 + 59).map(lambda m: timezone(timedelta(minutes=m)))
-rfc3339 = st.datetimes(timezones=offsets).map(lambda d: d.isoformat())
+# The schema checks the year of the written date-time (1900-2199), the decoder the instant: they
+# differ only within a day of the two boundaries, where the offset decides, so those days are
+# left out.
+rfc3339 = (
+    st.datetimes(timezones=offsets)
+    .filter(
+        lambda d: (
+            (d.month, d.day) not in ((1, 1), (12, 31)) or d.year not in (1899, 1900, 2199, 2200)
+        )
+    )
+    .map(lambda d: d.isoformat())
+)
 naive = st.datetimes().map(lambda d: d.isoformat(timespec="seconds"))
 
 

@@ -123,8 +123,12 @@ def test_bad_input_reaches_the_dead_letter_topic(
         (k0, ev(T0 + 1, series_id="someone-else"), "key_mismatch"),
         (None, ev(T0 + 1), "missing_key"),
         (k0, orjson.dumps({"ts": T0 + 1, "value": 1.0}), "missing_feature"),
-        (k1, ev(T0 + 5000), None),  # partition 0's clock moves: k0 and k2 become idle (TTL 1000)
-        (k3, ev(T0 + 5001), None),  # the idle series are forgotten, so k3 fits under the cap now
+        # k1 alone runs ahead: the idle clock does not move (one series cannot make the rest
+        # of its partition idle), so the cap still holds k0, k1 and k2.
+        (k1, ev(T0 + 5000), None),
+        (k3, ev(T0 + 5001), "series_limit"),
+        (k2, ev(T0 + 5000.5), None),  # a second series follows: k0 is idle now (TTL 1000)
+        (k3, ev(T0 + 5001), None),  # k0 is forgotten, so k3 fits under the cap
     ]
     placed = produce(stack.bootstrap, topics.input, [(k, v) for k, v, _ in cases])
     good = [
@@ -164,7 +168,7 @@ def test_bad_input_reaches_the_dead_letter_topic(
 
     client = redis.Redis.from_url(redis_url)
     try:
-        assert read_window_sync(client, "eventcast", topics.input, k2, 6) is None  # idle: gone
+        assert read_window_sync(client, "eventcast", topics.input, k0, 6) is None  # idle: gone
         win = read_window_sync(client, "eventcast", topics.input, k3, 6)
         assert win is not None and win.ts.tolist() == [T0 + 5001]
     finally:

@@ -43,8 +43,14 @@ def good(series: str, i: int) -> tuple[str, bytes]:
     return series, orjson.dumps(doc)
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_poison_records_never_stop_or_blind_the_worker(
-    stack: Any, make_topic: Any, redis_url: str, tmp_path: Path, thread_worker: Any
+    stack: Any,
+    make_topic: Any,
+    redis_url: str,
+    tmp_path: Path,
+    thread_worker: Any,
+    guarantee: str,
 ) -> None:
     from types import SimpleNamespace
 
@@ -122,9 +128,11 @@ def test_poison_records_never_stop_or_blind_the_worker(
     expected_fc = {o for offs in by_series.values() for o in offs[47:]}
     assert len(expected_fc) == 2 * (n_good - 47)
 
-    w = thread_worker(
-        worker_argv(stack.bootstrap, redis_url, model_dir, topics, "--metrics-port", "0")
-    )
+    argv = worker_argv(
+        stack.bootstrap, redis_url, model_dir, topics, "--metrics-port", "0",
+        "--guarantee", guarantee,
+    )  # fmt: skip
+    w = thread_worker(argv)
     dlq = consume_all(stack.bootstrap, topics.dlq, expected=len(expected_dlq), timeout=120, idle=30)
     out = consume_all(
         stack.bootstrap, topics.output, expected=len(expected_fc), timeout=120, idle=15

@@ -125,3 +125,24 @@ def test_blob_round_trip_with_features() -> None:
     other.applied = pw.applied
     res = other.apply([rec(6, "a", 6, 6, f=-6, g=12)])
     np.testing.assert_array_equal(res.windows.features["g"][0], [8, 10, 12])
+
+
+def test_an_unexpected_error_in_admission_becomes_a_marked_rejection() -> None:
+    """The last resort of apply(): a record that makes admission raise (here a record object
+    whose timestamp cannot be read) is refused as `schema`, marked unexpected (the worker counts
+    it), and the records after it are applied as usual."""
+
+    class Broken:
+        offset, key, value = 1, b"a", b'{"ts": 2, "value": 1}'
+
+        @property
+        def timestamp(self) -> int:
+            raise RuntimeError("no timestamp")
+
+    pw = windows()
+    res = pw.apply([rec(0, "a", 1, 1), Broken(), rec(2, "a", 3, 1)])  # type: ignore[list-item]
+    assert res.accepted == 2 and pw.applied == 2
+    [(bad, why)] = res.rejected
+    assert bad.offset == 1 and why.reason == "schema" and why.unexpected
+    assert "RuntimeError" in why.message
+    assert pw.window("a")[1].tolist() == [1.0, 3.0]
