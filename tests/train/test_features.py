@@ -123,6 +123,9 @@ def _check_ddp(log: str, out: str, tmp_path: Path, capsys: pytest.CaptureFixture
     ev = json.loads(capsys.readouterr().out)
     assert code == 0 and ev["version"] == version
     assert ev["metrics"]["model"]["mae"] == pytest.approx(metrics["metrics"]["model"]["mae"])
+    for line in log.splitlines():  # shown by pytest -rP: both ranks' view of the run
+        if re.search(r"rank \d(/2)?: ", line):
+            print(line.split(" INFO ", 1)[-1], file=sys.stderr)
 
 
 @pytest.mark.slow
