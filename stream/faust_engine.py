@@ -51,14 +51,12 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from model.errors import ConfigError
-from stream.errors import RedisUnavailableError, StreamError
-from stream.inference import InferenceRunner
-from stream.metrics import HealthServer, Metrics
-from stream.publisher import Publisher
-from stream.reloader import ModelReloader
+from stream.errors import StreamError
+from stream.metrics import Metrics
 from stream.retry import RetryPolicy
+from stream.runtime import freeze_startup_objects
 from stream.settings import KafkaSettings, WorkerSettings
-from stream.store import WindowStore
+from stream.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +113,7 @@ class _FaustPartitions:
         self.rewound = set()
 
     def assignment(self) -> set[TopicPartition]:
-        return set(self.engine.core._assigned)
+        return set(self.engine.core.partitions.assigned)
 
     async def committed(self, tp: TopicPartition) -> int | None:
         return self.positions.get(tp)
@@ -185,8 +183,6 @@ class FaustEngine:
         retry: RetryPolicy | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        from stream.worker import Worker
-
         check_supported(settings)
         self.settings = settings
         # The native engine's core: its Kafka consumer is never created (see start()).
@@ -207,52 +203,30 @@ class FaustEngine:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """As the native worker's start (model, Redis, topics, publisher, metrics, reloader),
-        then the Faust app joins the group. Raises NoModelError (exit 3), TopicMissingError (2),
+        """The native worker's shared start-up (:mod:`stream.runtime`: metrics, model and
+        inference runner with the batch flags, Redis, topics, publisher, reloader), then the
+        Faust app joins the group. Raises NoModelError (exit 3), TopicMissingError (2),
         KafkaUnavailableError or RedisUnavailableError (1)."""
         core, s = self.core, self.settings
-        core._started = True
-        if s.metrics_port:
-            core.health = HealthServer(self.metrics, self.ready, s.metrics_host, s.metrics_port)
-            await core.health.start()
-        core.model = await core._first_model()
-        core.runner = InferenceRunner(core.model, self.metrics)
-        core.runner.swap(core.model)
-        core._redis = s.redis.client()
-        core.store = WindowStore(core._redis, s.redis.prefix, core.topic)
-        try:
-            await RetryPolicy(attempts=8, cap=1.0, errors=core.retry.errors).call(core._redis.ping)
-        except core.retry.errors as exc:
-            raise RedisUnavailableError(f"Redis at {s.redis.url} is unreachable: {exc}") from exc
-        policy = await core.store.eviction_policy()
-        if policy not in (None, "noeviction"):
-            log.warning(
-                "Redis maxmemory-policy is %s: Redis may evict window keys under memory pressure "
-                "(they would be rebuilt from Kafka); set it to noeviction", policy,
-            )  # fmt: skip
-        await core._check_topics()
-        core.publisher = Publisher(s.kafka)
-        await core.publisher.start()
-        core.consumer = self.view  # type: ignore[assignment]
-        core.reloader = ModelReloader(
-            core.registry,
-            core.model,
-            core.load_model,
-            interval=s.reload_interval,
-            on_failure=lambda reason: self.metrics.reload_failures.labels(reason).inc(),
-        )
-        core.reloader.start()
+        await core.start_resources(self.view, ready=self.ready, alive=self.alive)
         self.app = self._make_app()
         await self.app.start()
         self._app_started = True
         self._tick_task = asyncio.get_running_loop().create_task(self._tick(), name="faust-tick")
         if s.gc_freeze:
-            from stream.worker import freeze_startup_objects
-
             freeze_startup_objects()
+        conf = self.app.conf
         log.info(
-            "faust engine started: %s -> %s (group %s, model %s, %s, %s)",
-            core.topic, s.output_topic, s.group_id, core.model.version, s.guarantee, s.emit,
+            "batching: max_batch=%d max_delay_ms=%g queue_size=%d infer_batch=%d "
+            "(faust: broker_max_poll_records %d, stream buffer %d)",
+            s.batch.max_batch, s.batch.max_delay * 1000, s.batch.queue_size,
+            core.runner.cpu_chunk if core.runner else -1,
+            conf.broker_max_poll_records, conf.stream_buffer_maxsize,
+        )  # fmt: skip
+        log.info(
+            "faust engine started: %s -> %s (group %s, model %s, %s, %s)", s.input_topic,
+            s.output_topic, s.group_id, core.runner.version if core.runner else None,
+            s.guarantee, s.emit,
         )  # fmt: skip
 
     def _make_app(self) -> Any:
@@ -310,6 +284,14 @@ class FaustEngine:
     def ready(self) -> bool:
         """Model loaded, Faust app running, Redis reachable."""
         return self._app_started and self._failure is None and self.core.ready()
+
+    def alive(self) -> bool:
+        """``/healthz``: False when a batch has been in the agent for ``--liveness-timeout``
+        without finishing, unless the worker is paused on purpose (Redis, broker)."""
+        started = self._batch_started
+        if self.core.pauses or started is None:
+            return True
+        return time.monotonic() - started <= self.settings.liveness_timeout
 
     async def run(self) -> None:
         """Wait until :meth:`request_stop`; raises StreamError when the engine failed."""
@@ -399,26 +381,25 @@ class FaustEngine:
             if self._failure is not None:
                 return
             self.view.begin(pending)
-            async with core._lock:
+            async with core.gate.batch_lock:
                 self._batch_started = time.monotonic()
-                core._abandon = False
+                core.abandon(False)
                 try:
-                    core._maybe_swap_model()
+                    core.runtime.swap_model()
                     # Faust delivers only assigned partitions' events to the agent (a revoke
                     # first waits for the batch in flight), so every partition here is ours.
-                    core._assigned |= set(pending)
-                    await core._process(pending)
-                    core.batches += 1
+                    core.partitions.adopt(set(pending))
+                    await core.processor.process(pending)
                 finally:
                     self._batch_started = None
-                abandoned = core._abandon
+                abandoned = core.abandoning
             for tp in list(pending):
                 if tp in self.view.done:
                     finished.add(tp)
                     del pending[tp]
             if not pending:
                 break
-            if abandoned or core._stop_event.is_set():
+            if abandoned or core.stopping.is_set():
                 return  # stop or rebalance during a Redis outage: withheld, read again later
             delay = core.retry.delay(attempt)
             attempt += 1
@@ -434,13 +415,13 @@ class FaustEngine:
 
     async def _on_revoked(self, sender: Any, revoked: Any, **kwargs: Any) -> None:
         # Faust has already waited for the batch in flight (stream_wait_empty) and committed it.
-        await self.core._on_revoked({TopicPartition(tp.topic, tp.partition) for tp in revoked})
+        await self.core.on_revoked({TopicPartition(tp.topic, tp.partition) for tp in revoked})
 
     async def _on_assigned(self, sender: Any, assigned: Any, **kwargs: Any) -> None:
         tps = {TopicPartition(tp.topic, tp.partition) for tp in assigned}
-        tps = {tp for tp in tps if tp.topic == self.core.topic}
-        async with self.core._lock:  # never under a batch in flight
-            await self.core._on_assigned(tps)
+        tps = {tp for tp in tps if tp.topic == self.settings.input_topic}
+        async with self.core.gate.batch_lock:  # never under a batch in flight
+            await self.core.on_assigned(tps)
 
     async def _tick(self) -> None:
         """Between batches: model swap, idle sweep, status announcement; abandon a batch that
@@ -454,15 +435,15 @@ class FaustEngine:
                 and getattr(self.app, "rebalancing", False)
                 and time.monotonic() - started > _REVOKE_WAIT
             ):
-                core._abandon = True
+                core.abandon(True)
             if self.app is not None and self.app.crashed:
                 self._fail(self.app.crash_reason or StreamError("the faust app crashed"))
                 return
-            if core._lock.locked():
+            if core.gate.batch_lock.locked():
                 continue
-            async with core._lock:
-                core._maybe_swap_model()
-                await core._idle()
+            async with core.gate.batch_lock:
+                core.runtime.swap_model()
+                await core.housekeeping()
 
 
 async def serve(settings: WorkerSettings) -> int:

@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
+from deploy.cli import parse
 from deploy.stack import free_port
-from stream.cli import parse
 from stream.settings import WorkerSettings
 from tests.helpers.kafka import produce
 from tests.stream.conftest import REPO, make_events, worker_argv
@@ -21,7 +21,7 @@ from tests.stream.conftest import REPO, make_events, worker_argv
 
 def run_cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "stream.cli", *argv],
+        [sys.executable, "-m", "deploy.cli", *argv],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -70,7 +70,7 @@ def test_gc_freeze_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> Non
     assert settings(["--gc-freeze"], {"EVENTCAST_GC_FREEZE": "0"}).gc_freeze is True
     # What the flag does, in a fresh interpreter: the start-up objects leave the collector's view.
     code = (
-        "import gc, torch; from stream.worker import freeze_startup_objects; "
+        "import gc, torch; from stream.runtime import freeze_startup_objects; "
         "n = len(gc.get_objects()); freeze_startup_objects(); "
         "print(n, gc.get_freeze_count(), len(gc.get_objects()))"
     )
@@ -142,7 +142,7 @@ def test_topics_create_status_and_sigterm(
     # SIGUSR1: thread and asyncio task stacks in the log; the worker goes on serving.
     dump = w.dump()
     assert "thread stacks" in dump and "end of dump" in dump, dump
-    assert "-- task fetch" in dump and "_fetch_stage" in dump, dump
+    assert "-- task fetch" in dump and "in _fetch" in dump, dump
     assert w.ready()
     assert w.terminate() == 0, w.log()
     assert "stopped cleanly" in w.log()

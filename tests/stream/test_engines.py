@@ -1,5 +1,5 @@
 """Both engines (``--engine native`` and ``--engine faust``) through one end-to-end suite, against
-the real broker and Redis, each worker a subprocess (``python -m stream.cli start --engine ...``).
+the real broker and Redis, each worker a subprocess (``python -m deploy.cli start --engine ...``).
 
 The same checks for both: every expected forecast by source (partition, offset) and no other,
 windows in Redis equal to the last accepted events, every bad-input class in the dead-letter topic
@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 import pytest
 
+from deploy.cli import main
 from model.registry import ModelRegistry
-from stream.cli import main
 from stream.store import partition_for, read_window_sync
 from tests.helpers.kafka import consume_all, produce
 from tests.helpers.tiny_model import make_tiny_model_dir
@@ -61,11 +61,20 @@ def test_happy_path_every_forecast_and_windows(
     expected = truth.expected_sources()
     assert len(expected) == 20 * 23
 
-    argv = worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics, "--engine", engine)
+    # Every batch flag reaches either engine (one start-up shared by both, stream/runtime.py).
+    batching = ("--max-batch", "64", "--max-delay-ms", "5", "--queue-size", "1",
+                "--infer-batch", "7")  # fmt: skip
+    argv = worker_argv(
+        stack.bootstrap, redis_url, tiny_model_dir, topics, "--engine", engine, *batching
+    )
     w = proc_worker(argv).wait_ready()
     recs = consume_all(stack.bootstrap, topics.output, expected=len(expected), timeout=120, idle=30)
     published = metric_value(w.metrics(), "eventcast_forecasts_published_total")
     assert w.terminate() == 0, w.log()
+    log_text = w.log_path.read_text(errors="replace")
+    assert "batching: max_batch=64 max_delay_ms=5 queue_size=1 infer_batch=7" in log_text
+    if engine == "faust":
+        assert "broker_max_poll_records 64, stream buffer 64" in log_text
 
     by_src = forecasts_by_source(recs)
     assert set(by_src) == expected

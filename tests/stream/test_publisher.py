@@ -121,15 +121,17 @@ class FlakyPublisher:
 
 
 def test_publish_retries_only_what_failed_while_paused(tmp_path: Path) -> None:
-    """The retry loop of the worker (pure logic: the publisher is a stand-in)."""
+    """The at-least-once retry loop (pure logic: the publisher is a stand-in)."""
+    from stream.delivery import AtLeastOnce, DeliveryContext
     from stream.settings import WorkerSettings
     from stream.worker import Worker
 
     w = Worker(WorkerSettings(model_dir=tmp_path, liveness_timeout=0.01))
     flaky = FlakyPublisher(w)
-    w.publisher = flaky  # type: ignore[assignment]
+    ctx = DeliveryContext(w.partitions, w.metrics, w.faults, w.pauses, "dlq", w.giving_up)
+    delivery = AtLeastOnce(flaky, ctx)  # type: ignore[arg-type]
     msgs = [OutMessage("forecasts", b"s", b"%d" % i, None, []) for i in range(5)]
-    assert asyncio.run(w._publish(msgs))
+    assert asyncio.run(delivery.publish(msgs))
     assert [len(c) for c in flaky.calls] == [5, 2, 2] and flaky.calls[1] == msgs[-2:]
     # Retrying: paused on purpose for "kafka", so not ready but alive past the timeout.
     assert flaky.seen[1:] == [(["kafka"], False, True), (["kafka"], False, True)]

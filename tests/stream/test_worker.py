@@ -250,9 +250,13 @@ def test_new_input_partitions_are_picked_up(
         "1000",
     )
     w = thread_worker(argv)
-    wait_for(lambda: len(w.worker._assigned) == 2, 30, "2 partitions assigned")
+    wait_for(lambda: len(w.worker.partitions.assigned) == 2, 30, "2 partitions assigned")
     _add_partitions(stack.bootstrap, topics.input, 4)
-    wait_for(lambda: len(w.worker._assigned) == 4, 60, "4 partitions assigned after the increase")
+    wait_for(
+        lambda: len(w.worker.partitions.assigned) == 4,
+        60,
+        "4 partitions assigned after the increase",
+    )
     # Events produced to the new partitions are forecast.
     events = make_events(1, 48, prefix="np")
     produce(stack.bootstrap, topics.input, events, partition=3)

@@ -1,0 +1,349 @@
+"""The worker's input partitions: which are ours, their in-memory windows, and how that state
+is loaded, rebuilt, reset, persisted and given up.
+
+A partition's windows are loaded from Redis before its first batch (assign), completed from Kafka
+when Redis is behind the committed offset (docs/design.md invariant 6), and dropped when it is
+revoked. Whenever Redis's copy cannot be trusted (the fenced write is refused, a batch had to be
+abandoned), the partition is *reset*: its memory is dropped and the consumer seeks back to the
+committed offset, so it is reloaded before its next records are processed.
+
+The consumer is reached through :class:`ConsumerPort`, which aiokafka's consumer satisfies and
+the faust engine answers for Faust (``stream.faust_engine``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+
+from model.config import ModelConfig
+from stream.consumer import Batch, PartitionReplayer
+from stream.errors import RedisUnavailableError, StateConflictError
+from stream.metrics import Metrics
+from stream.publisher import TransactionalPublisher
+from stream.redis_guard import GuardedRedis
+from stream.settings import WorkerSettings
+from stream.store import StoredPartition, WindowStore
+from stream.windows import PartitionWindows, Snapshot
+
+log = logging.getLogger(__name__)
+
+
+class ConsumerPort(Protocol):
+    """What the worker needs of a group consumer (aiokafka's ``AIOKafkaConsumer`` fits)."""
+
+    def assignment(self) -> set[TopicPartition]: ...
+
+    async def committed(self, tp: TopicPartition) -> int | None: ...
+
+    def seek(self, tp: TopicPartition, offset: int) -> None: ...
+
+    async def seek_to_beginning(self, *tps: TopicPartition) -> Any: ...
+
+    async def seek_to_end(self, *tps: TopicPartition) -> Any: ...
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> Any: ...
+
+    def pause(self, *tps: TopicPartition) -> None: ...
+
+    def resume(self, *tps: TopicPartition) -> None: ...
+
+    def highwater(self, tp: TopicPartition) -> int | None: ...
+
+
+@dataclass
+class PartitionState:
+    """One partition's windows, and the applied offset Redis holds as far as we know (None:
+    nothing): the fence of the next write."""
+
+    windows: PartitionWindows
+    expected: int | None
+
+
+class Partitions:
+    """The assigned input partitions and their state (see the module docstring).
+
+    ``config()``: the serving model's config (window length, features). ``store()`` and
+    ``txn()``: the window store and, with exactly-once, the transactional publisher (both made at
+    start-up). ``on_progress`` is called while a long rebuild reads Kafka (the liveness clocks);
+    ``on_drop(partition)`` when a partition's state is forgotten (online accuracy, shadow).
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        metrics: Metrics,
+        redis: GuardedRedis,
+        *,
+        config: Callable[[], ModelConfig],
+        store: Callable[[], WindowStore],
+        txn: Callable[[], TransactionalPublisher | None],
+        on_progress: Callable[[], None] = lambda: None,
+        on_drop: Callable[[int], None] = lambda partition: None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.redis = redis
+        self._config = config
+        self._store = store
+        self._txn = txn
+        self._on_progress = on_progress
+        self._on_drop = on_drop
+        self.consumer: ConsumerPort | None = None  # set at start-up
+        self.assigned: set[TopicPartition] = set()
+        self._states: dict[TopicPartition, PartitionState] = {}
+        # While the native pipeline runs, resets are rewound by its fetch stage between two
+        # fetches (no fetch in flight can then return records from before the seek).
+        self.defer_rewinds = False
+        self._rewind: set[TopicPartition] = set()
+        self._replayer = PartitionReplayer(
+            settings.kafka, "read_committed" if settings.exactly_once else "read_uncommitted"
+        )
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def state(self, tp: TopicPartition) -> PartitionState | None:
+        return self._states.get(tp)
+
+    def is_current(self, tp: TopicPartition, state: PartitionState) -> bool:
+        """Whether ``state`` is still the partition's (not reset or revoked since)."""
+        return self._states.get(tp) is state
+
+    def states(self) -> Iterable[PartitionState]:
+        return self._states.values()
+
+    def series_count(self) -> int:
+        return sum(len(p.windows) for p in self._states.values())
+
+    # ---- assign, load, drop, reset, revoke -----------------------------------------------------
+
+    def assign(self, tps: set[TopicPartition]) -> None:
+        self.assigned |= tps
+        for tp in tps:
+            self._states.pop(tp, None)  # load afresh from Redis before its first batch
+        self.metrics.assigned.set(len(self.assigned))
+        log.info("partitions assigned: %s", sorted(tp.partition for tp in tps))
+
+    def adopt(self, tps: set[TopicPartition]) -> None:
+        """Count ``tps`` as ours without reloading them (the faust engine: Faust hands the agent
+        only assigned partitions' events, possibly before its assignment signal)."""
+        self.assigned |= tps
+
+    async def revoke(self, tps: set[TopicPartition]) -> None:
+        """Forget revoked partitions (the batches in flight are finished or abandoned first:
+        see :class:`stream.pipeline.RebalanceGate`)."""
+        txn = self._txn()
+        for tp in tps:
+            self.drop(tp)
+            self.assigned.discard(tp)
+            self._rewind.discard(tp)
+            with contextlib.suppress(KeyError):
+                self.metrics.lag.remove(str(tp.partition))
+            if txn is not None:
+                await txn.close(tp.partition)
+        self.metrics.assigned.set(len(self.assigned))
+        log.info("partitions revoked: %s", sorted(tp.partition for tp in tps))
+
+    def drop(self, tp: TopicPartition) -> None:
+        self._states.pop(tp, None)
+        self._on_drop(tp.partition)
+
+    async def reset(self, tp: TopicPartition) -> None:
+        """Forget a partition's memory and rewind it to the committed offset; it is reloaded
+        (and rebuilt if needed) before its next records are processed."""
+        self.drop(tp)
+        if tp not in self.assigned:
+            return
+        if self.defer_rewinds:
+            self._rewind.add(tp)
+        else:
+            await self._seek_committed(tp)
+
+    async def rewind_pending(self, batch: Batch) -> None:
+        """Seek the partitions reset since the last fetch back to their committed offsets and
+        drop their records from ``batch`` (the fetch stage calls it between two fetches)."""
+        while self._rewind:
+            tp = self._rewind.pop()
+            batch.pop(tp, None)
+            await self._seek_committed(tp)
+
+    async def _seek_committed(self, tp: TopicPartition) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        if tp not in self.assigned:
+            return
+        try:
+            committed = await consumer.committed(tp)
+            if committed is not None:
+                consumer.seek(tp, committed)
+            elif self.settings.auto_offset_reset == "earliest":
+                await consumer.seek_to_beginning(tp)
+            else:
+                await consumer.seek_to_end(tp)
+        except (KafkaError, AssertionError, ValueError) as exc:  # partition revoked meanwhile
+            log.warning("could not rewind %s[%d]: %s", tp.topic, tp.partition, exc)
+
+    async def load(self, tp: TopicPartition) -> bool:
+        """Bring a partition's windows into memory: from Redis, completed from Kafka when Redis is
+        behind the committed offset (or lost it). False when abandoned (stop/revoke)."""
+        consumer = self.consumer
+        assert consumer is not None
+        cfg = self._config()
+        txn = self._txn()
+        if txn is not None:
+            await txn.open(tp.partition)  # fences a previous owner's open transaction first
+        committed = await consumer.committed(tp)
+        store = self._store()
+        where = f"{tp.topic}[{tp.partition}]"
+        try:
+            stored = await self.redis.call(f"load of {where}", lambda: store.load(tp.partition))
+        except RedisUnavailableError:
+            return False
+        windows = self._windows(tp, cfg)
+        expected = stored.applied if stored is not None else None
+        usable = stored is not None and stored.features == tuple(cfg.features)
+        if stored is not None and usable:
+            self._restore(windows, stored)
+        elif stored is not None:
+            log.warning(
+                "%s: stored windows hold features %s, the model needs %s; rebuilding",
+                where, list(stored.features), list(cfg.features),
+            )  # fmt: skip
+        rebuilt = not usable and stored is not None  # rewrite the unusable copy
+        if committed is not None and windows.applied < committed - 1:
+            lookback = self.settings.limits.rebuild_lookback
+            start = windows.applied + 1 if usable else max(0, committed - lookback)
+            await self._rebuild(tp, windows, start, committed, expected)
+            rebuilt = True
+        if rebuilt:
+            snap = windows.snapshot(full=True)
+            try:
+                await self.redis.call(
+                    f"rebuild write of {where}",
+                    lambda: store.persist(
+                        tp.partition,
+                        snap,
+                        expected=expected,
+                        features=tuple(cfg.features),
+                        replace=True,
+                    ),
+                )
+            except StateConflictError as exc:
+                self.metrics.state_conflicts.inc()
+                log.warning("%s during rebuild; retrying the load", exc)
+                return await self.load(tp)
+            except RedisUnavailableError:
+                return False
+            expected = snap.applied
+        else:
+            windows.snapshot()  # nothing to write: what was loaded is what Redis holds
+        self._states[tp] = PartitionState(windows, expected)
+        log.info(
+            "%s loaded: %d series, applied offset %s, committed %s%s", where, len(windows),
+            windows.applied, committed, " (rebuilt from Kafka)" if rebuilt else "",
+        )  # fmt: skip
+        return True
+
+    def _windows(self, tp: TopicPartition, cfg: ModelConfig) -> PartitionWindows:
+        s = self.settings
+        return PartitionWindows(
+            tp.topic, tp.partition, sequence_length=cfg.sequence_length, features=cfg.features,
+            limits=s.limits, max_event_bytes=s.max_event_bytes, max_future_skew=s.max_future_skew,
+        )  # fmt: skip
+
+    @staticmethod
+    def _restore(windows: PartitionWindows, stored: StoredPartition) -> None:
+        bad = 0
+        for series_id, blob in stored.blobs.items():
+            try:
+                windows.load_series(series_id, blob)
+            except ValueError:
+                bad += 1
+        if bad:
+            log.warning(
+                "%s[%d]: %d unreadable window blobs dropped",
+                windows.topic, windows.partition, bad,
+            )  # fmt: skip
+        windows.applied = stored.applied  # (its clock follows from the series loaded)
+
+    async def _rebuild(
+        self,
+        tp: TopicPartition,
+        windows: PartitionWindows,
+        start: int,
+        committed: int,
+        expected: int | None,
+    ) -> None:
+        log.warning(
+            "%s[%d]: Redis holds offset %s, the group committed %d: rebuilding windows from "
+            "offset %d", tp.topic, tp.partition, expected, committed, start,
+        )  # fmt: skip
+
+        def apply(recs: list[Any]) -> None:
+            windows.apply(recs, emit=False)
+            self._on_progress()  # a long rebuild is progress
+
+        count = await self._replayer.replay(tp, start, committed, apply)
+        windows.applied = committed - 1
+        self.metrics.rebuilds.inc()
+        self.metrics.rebuild_records.inc(count)
+
+    # ---- persisting ----------------------------------------------------------------------------
+
+    async def persist(
+        self, items: dict[TopicPartition, tuple[PartitionState, Snapshot]]
+    ) -> list[TopicPartition]:
+        """Write each partition's snapshot with its fence; returns the partitions persisted (safe
+        to commit). A partition reset since its batch was prepared (``state`` is no longer its
+        state) is skipped; one whose write is refused (fence) or abandoned is reset."""
+
+        async def one(tp: TopicPartition, part: PartitionState, snap: Snapshot) -> bool:
+            if not self.is_current(tp, part):
+                return False
+            if snap.applied == part.expected and not snap.set and not snap.delete:
+                return True
+            store = self._store()
+            try:
+                await self.redis.call(
+                    f"window write of {tp.topic}[{tp.partition}]",
+                    lambda: store.persist(
+                        tp.partition,
+                        snap,
+                        expected=part.expected,
+                        features=part.windows.feature_names,
+                    ),
+                )
+            except StateConflictError as exc:
+                self.metrics.state_conflicts.inc()
+                log.warning("%s; reloading the partition, not committing this batch", exc)
+                await self.reset(tp)
+                return False
+            except RedisUnavailableError as exc:
+                log.warning("%s; abandoning the batch of %s[%d]", exc, tp.topic, tp.partition)
+                await self.reset(tp)
+                return False
+            part.expected = snap.applied
+            return True
+
+        tps = list(items)
+        done: list[bool] = await asyncio.gather(*(one(tp, *items[tp]) for tp in tps))
+        return [tp for tp, ok in zip(tps, done, strict=True) if ok]
+
+    async def ensure_loaded(self, tps: Iterable[TopicPartition]) -> bool:
+        """Load every partition of ``tps`` not in memory yet. False when one had to be
+        abandoned (stopping, or revoked while Redis is down): then all of ``tps`` are reset, so
+        that no fetched record is skipped should the partitions stay ours."""
+        tps = list(tps)
+        for tp in tps:
+            if tp not in self._states and not await self.load(tp):
+                for other in tps:
+                    await self.reset(other)
+                return False
+        return True

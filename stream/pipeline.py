@@ -1,0 +1,247 @@
+"""The native engine's three-stage pipeline, and the two things that coordinate it with
+rebalances: in-flight slots and the rebalance gate.
+
+Three stages run concurrently, joined by bounded FIFO queues (docs/design.md, "Worker loop"):
+
+    fetch + decode + window update  ──►  inference (a thread)  ──►  publish, persist, commit
+    (BatchSteps.prepare)                  (BatchSteps.infer)         (BatchSteps.complete)
+
+While the model works on one batch, the next is fetched and applied and the previous one is
+published and committed. Every stage takes batches in fetch order, so per-partition order and
+commit-last hold. When the inference queue is full, fetching stops (aiokafka keeps at most one
+prefetched response per partition), so memory stays bounded.
+
+- :class:`InflightSlots` counts the batches between fetch and completion. A batch takes a
+  :class:`Slot` when it is fetched and gives it back when it is completed, or when it is dropped
+  on the way, in one ``with`` each.
+- :class:`RebalanceGate` makes batches and rebalances take turns: a batch is prepared and
+  completed under its lock, and a rebalance (``async with gate.closed():``) stops new batches,
+  waits for those in flight (abandoning them after a while if Redis keeps them from finishing)
+  and holds the lock while partitions change hands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+from aiokafka.errors import KafkaError
+
+from stream.consumer import Batch, Batcher
+from stream.health import Watchdog
+from stream.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Slot:
+    """One batch's place in the pipeline. As a context manager it gives the place back on exit,
+    unless :meth:`hand_over` passed it on (to the batch, which completes it later)."""
+
+    def __init__(self, slots: InflightSlots) -> None:
+        self._slots = slots
+        self._held = True
+        self._handed = False
+
+    def hand_over(self) -> Slot:
+        self._handed = True
+        return self
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots._give_back()
+
+    def __enter__(self) -> Slot:
+        self._handed = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._handed or exc[0] is not None:
+            self.release()
+
+
+class InflightSlots:
+    """How many batches are between fetch and completion; :meth:`drained` waits for none.
+    ``on_busy`` runs when the first batch enters an idle pipeline."""
+
+    def __init__(self, on_busy: Callable[[], None] = lambda: None) -> None:
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._on_busy = on_busy
+
+    def __len__(self) -> int:
+        return self._count
+
+    def take(self) -> Slot:
+        if not self._count:
+            self._on_busy()
+        self._count += 1
+        self._idle.clear()
+        return Slot(self)
+
+    def _give_back(self) -> None:
+        self._count -= 1
+        if not self._count:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        while self._count:
+            await self._idle.wait()
+
+
+class RebalanceGate:
+    """Batches and rebalances take turns (see the module docstring). ``abandon(flag)`` is told
+    when the batches in flight must give up (they did not finish within ``timeout``) and when
+    that is over."""
+
+    def __init__(
+        self, slots: InflightSlots, abandon: Callable[[bool], None], timeout: float = 10.0
+    ) -> None:
+        self.batch_lock = asyncio.Lock()  # held while a batch is prepared or completed
+        self._slots = slots
+        self._abandon = abandon
+        self._timeout = timeout
+        self._open = asyncio.Event()
+        self._open.set()
+
+    async def wait_open(self) -> None:
+        """Return once no rebalance is waiting for the pipeline."""
+        await self._open.wait()
+
+    async def _quiesce(self) -> None:
+        await self._slots.drained()
+        await self.batch_lock.acquire()
+
+    @contextlib.asynccontextmanager
+    async def closed(self) -> AsyncIterator[None]:
+        """Let the batches in flight finish (and commit) while the partitions are still ours; if
+        they do not within the timeout, have them abandoned (their offsets stay uncommitted for
+        the next owner). No new batch is prepared meanwhile; the body runs under the batch lock.
+        """
+        self._open.clear()
+        try:
+            try:
+                await asyncio.wait_for(self._quiesce(), timeout=self._timeout)
+            except TimeoutError:
+                self._abandon(True)
+                await self._quiesce()
+            try:
+                yield
+            finally:
+                self._abandon(False)
+                self.batch_lock.release()
+        finally:
+            self._open.set()
+
+
+class BatchSteps(Protocol):
+    """What the pipeline runs on each batch (:class:`stream.batch.BatchProcessor`)."""
+
+    async def prepare(self, batch: Batch) -> Any | None: ...
+
+    async def infer(self, prep: Any) -> None: ...
+
+    async def complete(self, prep: Any) -> None: ...
+
+
+class Pipeline:
+    """The three stages of :meth:`run` over ``steps``. ``between_batches`` runs in the fetch
+    stage after each fetch (housekeeping); ``swap_model`` where no batch is mid-inference;
+    ``rewind`` seeks reset partitions back before a fetch and drops their records from a
+    fetched batch (see :meth:`stream.partitions.Partitions.rewind_pending`)."""
+
+    def __init__(
+        self,
+        steps: BatchSteps,
+        batcher: Batcher,
+        gate: RebalanceGate,
+        slots: InflightSlots,
+        *,
+        metrics: Metrics,
+        fetch_clock: Watchdog,
+        queue_size: int,
+        swap_model: Callable[[], None],
+        rewind: Callable[[Batch], Awaitable[None]],
+        between_batches: Callable[[], Awaitable[None]],
+        stopping: asyncio.Event,
+    ) -> None:
+        self.steps = steps
+        self.batcher = batcher
+        self.gate = gate
+        self.slots = slots
+        self.metrics = metrics
+        self.fetch_clock = fetch_clock
+        self.queue_size = queue_size
+        self.swap_model = swap_model
+        self.rewind = rewind
+        self.between_batches = between_batches
+        self.stopping = stopping
+
+    async def run(self) -> None:
+        """Run the stages until ``stopping`` is set; the batches in flight are finished first.
+        Raises the first exception of a stage."""
+        to_infer: asyncio.Queue[Any] = asyncio.Queue(self.queue_size)
+        to_finish: asyncio.Queue[Any] = asyncio.Queue(self.queue_size)
+        stages = [
+            asyncio.create_task(self._fetch(to_infer), name="fetch"),
+            asyncio.create_task(self._infer(to_infer, to_finish), name="infer"),
+            asyncio.create_task(self._finish(to_finish), name="finish"),
+        ]
+        try:
+            done, _ = await asyncio.wait(stages, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in stages:
+                task.cancel()
+            await asyncio.gather(*stages, return_exceptions=True)
+
+    async def _fetch(self, out: asyncio.Queue[Any]) -> None:
+        while not self.stopping.is_set():
+            if not len(self.slots):
+                self.swap_model()  # idle: no inference in flight (else the infer stage)
+            await self.rewind({})
+            # Dynamic batching: while the model is busy, records pile up into the next batch
+            # (up to max_batch / max_delay); when it is idle, waiting would only add latency.
+            try:
+                batch = await self.batcher.next(None if len(self.slots) else 0.0)
+            except KafkaError as exc:
+                # e.g. a record batch that cannot be decompressed or fails its CRC: nothing is
+                # skipped; fetching is tried again, and /healthz fails if it never passes.
+                self.metrics.fetch_errors.labels(type(exc).__name__).inc()
+                log.error("fetch failed (%r); trying again", exc)
+                await asyncio.sleep(1.0)
+                continue
+            self.fetch_clock.beat()
+            await self.gate.wait_open()  # a rebalance is waiting for the batches in flight
+            if any(batch.values()):
+                with self.slots.take() as slot:
+                    async with self.gate.batch_lock:
+                        # Partitions reset by a later stage while these records were fetched:
+                        # the records predate the rewind and are read again.
+                        await self.rewind(batch)
+                        prep = await self.steps.prepare(batch)
+                    if prep is not None:
+                        prep.slot = slot.hand_over()
+                        await out.put(prep)
+            await self.between_batches()
+        await out.put(None)
+
+    async def _infer(self, inp: asyncio.Queue[Any], out: asyncio.Queue[Any]) -> None:
+        while (prep := await inp.get()) is not None:
+            self.swap_model()  # between batches: a batch never mixes versions
+            await self.steps.infer(prep)
+            await out.put(prep)
+        await out.put(None)
+
+    async def _finish(self, inp: asyncio.Queue[Any]) -> None:
+        while (prep := await inp.get()) is not None:
+            with prep.slot:
+                async with self.gate.batch_lock:
+                    await self.steps.complete(prep)
