@@ -85,7 +85,7 @@ class EndOffsets:
 def worker(engine: str, args: argparse.Namespace, model_dir: Path, out: str, group: str,
            prefix: str, log: Path) -> subprocess.Popen[bytes]:  # fmt: skip
     argv = [
-        sys.executable, "-m", "stream.cli", "start", "--engine", engine,
+        sys.executable, "-m", "deploy.cli", "start", "--engine", engine,
         "--bootstrap-servers", args.bootstrap_servers, "--redis-url", args.redis_url,
         "--redis-prefix", prefix, "--model-dir", str(model_dir), "--input-topic", args.input,
         "--output-topic", out, "--dlq-topic", args.dlq, "--group-id", group,

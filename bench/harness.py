@@ -249,7 +249,7 @@ def worker_argv(
     metrics_port: int = 0,
 ) -> list[str]:
     return [
-        sys.executable, "-m", "stream.cli", "--log-level", "WARNING", "start",
+        sys.executable, "-m", "deploy.cli", "--log-level", "WARNING", "start",
         "--bootstrap-servers", stack.bootstrap,
         "--redis-url", stack.redis_url(db),
         "--model-dir", str(model_dir),

@@ -1,5 +1,5 @@
 """``worker`` subcommands of the deploy package: ``serve``, ``plot``, ``dlq replay``,
-``series delete`` (registered by :mod:`stream.cli`).
+``series delete`` (registered by :mod:`deploy.cli`).
 
 Each ``func`` takes the resolved :class:`argparse.Namespace` and returns an exit code; errors are
 raised as :mod:`model.errors` exceptions and mapped to exit codes by the CLI (ConfigError 2,
@@ -18,7 +18,7 @@ from typing import Any
 
 from model.config import BACKENDS, DEVICES
 from model.errors import ConfigError
-from stream.cli import add_config_argument
+from stream.cliconfig import add_config_argument
 from stream.decode import REASONS
 from stream.settings import (
     KafkaSettings,

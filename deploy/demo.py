@@ -45,7 +45,7 @@ class SeriesView:
 
 
 def worker_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "stream.cli", *args]
+    return [sys.executable, "-m", "deploy.cli", *args]
 
 
 def export_data(path: Path) -> pd.DataFrame:

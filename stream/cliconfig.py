@@ -1,9 +1,8 @@
-"""The ``worker`` command: one entry point, subcommands registered by each package.
+"""The ``worker`` command's configuration layering, shared by every package's ``commands`` module.
 
-Each package owns its own subcommands in a ``commands`` module exposing ``register(subparsers)``:
-``stream.commands`` (start, topics, status), ``train.commands`` (retrain, evaluate, predict,
-models), ``deploy.commands`` (serve, plot, dlq). Every subparser sets ``func`` to a function taking
-the resolved :class:`argparse.Namespace` and returning an exit code.
+The entry point itself (``build_parser``, ``parse``, ``main``) is :mod:`deploy.cli`, the top layer,
+which imports ``stream.commands``, ``train.commands`` and ``deploy.commands``; this module holds
+the generic plumbing they and it use, so the stream layer never imports the layers above it.
 
 Settings come from, lowest priority first: built-in defaults, ``--config FILE`` (YAML), environment
 variables ``EVENTCAST_<FLAG>`` (upper snake case: ``--bootstrap-servers`` →
@@ -11,52 +10,21 @@ variables ``EVENTCAST_<FLAG>`` (upper snake case: ``--bootstrap-servers`` →
 (``bootstrap-servers: ...``) or sectioned (``model: / training: / hardware:``); scalar keys of any
 section that match a flag set that flag, and the parsed document is handed to the command as
 ``args.config_data`` for whatever else it holds (e.g. the ``model:`` section of ``retrain``).
-
-Exit codes (CONTRACT.md): 0 success or clean stop, 1 runtime failure, 2 bad usage or
-configuration, 3 no model in the model directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
-import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from model.errors import ConfigError, EventcastError, NoModelError
-
-log = logging.getLogger(__name__)
+from model.errors import ConfigError
 
 ENV_PREFIX = "EVENTCAST_"
-# Packages that contribute subcommands; a package whose ``commands`` module is missing is skipped,
-# so the CLI works while the project is assembled piece by piece.
-COMMAND_MODULES = ("stream.commands", "train.commands", "deploy.commands")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="worker",
-        description="eventcast: streaming forecasts from Kafka events, with uncertainty.",
-    )
-    parser.add_argument("--log-level", default=os.environ.get("EVENTCAST_LOG_LEVEL", "INFO"))
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # the module exists but one of its imports is missing: a bug
-                raise
-            continue
-        module.register(sub)
-    return parser
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
-    """Give a subcommand the ``--config FILE`` option (YAML) understood by :func:`main`."""
+    """Give a subcommand the ``--config FILE`` option (YAML) understood by :func:`parse_layered`."""
     parser.add_argument("--config", default=None, help="YAML file with settings (flags win)")
 
 
@@ -148,10 +116,15 @@ def _subparser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
     return current
 
 
-def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` with defaults layered from ``--config`` and ``EVENTCAST_*`` variables."""
-    environ = os.environ if environ is None else environ
-    parser = build_parser()
+def parse_layered(
+    parser: argparse.ArgumentParser, argv: Sequence[str], environ: Mapping[str, str]
+) -> argparse.Namespace:
+    """Parse ``argv`` with defaults layered from ``--config`` and ``EVENTCAST_*`` variables.
+
+    Two passes: the first finds the subcommand and ``--config``; the selected (sub)subparser then
+    gets its defaults from the YAML file and the environment (which wins), and the second pass
+    lets the command line win over both. The YAML document is kept as ``args.config_data``.
+    """
     first = parser.parse_args(argv)
     yaml_data: dict[str, Any] = {}
     config_path = getattr(first, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
@@ -161,34 +134,3 @@ def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> argp
     args = parser.parse_args(argv)
     args.config_data = yaml_data
     return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = parse(argv)
-    except ConfigError as exc:
-        print(f"worker: configuration error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=str(args.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"worker: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except NoModelError as exc:
-        print(f"worker: {exc}", file=sys.stderr)
-        return 3
-    except EventcastError as exc:
-        print(f"worker: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``worker start``, ``worker topics create`` and ``worker status`` (registered by stream.cli).
+"""``worker start``, ``worker topics create`` and ``worker status`` (registered by deploy.cli).
 
 Exit codes (CONTRACT.md): 0 clean stop; 1 runtime failure (brokers or Redis unreachable: the
 environment, not the command line, is at fault and a retry may succeed); 2 configuration (a bad
@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from stream.cli import add_config_argument
+from stream.cliconfig import add_config_argument
 from stream.errors import KafkaUnavailableError
 from stream.settings import (
     KafkaSettings,

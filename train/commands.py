@@ -1,6 +1,6 @@
 """``worker retrain | evaluate | predict | models``: the trainer's subcommands.
 
-Registered by ``stream.cli`` (``register(subparsers)``); each sets ``func`` taking the resolved
+Registered by ``deploy.cli`` (``register(subparsers)``); each sets ``func`` taking the resolved
 Namespace and returning an exit code. These functions are the only place in ``train/`` that
 prints: JSON results go to stdout, human notes to stderr through logging.
 """
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import ConfigError
+from stream.cliconfig import add_config_argument
+from stream.settings import KafkaSettings, add_kafka_arguments
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,6 @@ def _add_data_arguments(p: argparse.ArgumentParser, *, required: bool = True) ->
     g.add_argument("--since", default=None, help="kafka:// replay: first broker timestamp")
     g.add_argument("--until", default=None, help="kafka:// replay: last broker timestamp")
     g.add_argument("--max-event-bytes", type=int, default=65536)
-    from stream.settings import add_kafka_arguments
-
     add_kafka_arguments(p)
 
 
@@ -59,8 +59,6 @@ def _require(args: argparse.Namespace, name: str) -> Any:
 
 
 def register(subparsers: Any) -> None:
-    from stream.cli import add_config_argument
-
     # ---- retrain --------------------------------------------------------------------------------
     p = subparsers.add_parser(
         "retrain",
@@ -198,8 +196,6 @@ def _data_settings(args: argparse.Namespace) -> Any:
     uri = str(_require(args, "data"))
     kafka = None
     if uri.startswith("kafka://"):
-        from stream.settings import KafkaSettings
-
         kafka = KafkaSettings.from_args(args)
     data = DataSettings(
         uri=uri,

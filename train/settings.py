@@ -8,7 +8,7 @@ The YAML file given with ``--config`` is shaped like::
     logging:     # logger, mlflow_tracking_uri, mlflow_experiment, wandb_project, run_dir
     data:        # data, features, test_fraction, val_fraction, season, since, until
 
-The CLI dispatcher (``stream.cli``) already turns every scalar key that matches a flag into that
+The CLI layering (``stream.cliconfig``) already turns every scalar key that matches a flag into that
 flag's default (flags and ``EVENTCAST_*`` variables win); :func:`settings_from_args` then checks
 that no section holds a key nobody reads (a typo must not be silently ignored) and builds the
 model config from the ``model:`` section plus the model flags.

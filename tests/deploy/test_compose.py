@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream.cli import ENV_PREFIX, build_parser, parse
+from deploy.cli import build_parser, parse
+from stream.cliconfig import ENV_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -29,7 +30,7 @@ def _environment(service: dict) -> dict[str, str]:
 
 def _flag_dests(argv: list[str]) -> set[str]:
     """The option dests of the subcommand ``argv`` selects."""
-    from stream.cli import _subparser
+    from stream.cliconfig import _subparser
 
     sub = _subparser(build_parser(), argv)
     return {a.dest for a in sub._actions if a.option_strings}

@@ -17,8 +17,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from deploy.cli import main as worker_main
 from deploy.dlq import replay, replay_async
-from stream.cli import main as worker_main
 from stream.decode import Rejection
 from stream.publisher import dead_letter
 from stream.settings import KafkaSettings

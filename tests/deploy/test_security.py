@@ -152,7 +152,7 @@ def test_wrong_scram_password_fails_clearly(
     assert asyncio.run(kafka_failure_detail(sasl_settings(sasl_kafka))) is None
 
     # Through the CLI: an operator sees the failed authentication, exit code 1.
-    from stream.cli import main as worker_main
+    from deploy.cli import main as worker_main
 
     code = worker_main([
         "dlq", "replay", "--bootstrap-servers", bad.bootstrap_servers,

@@ -564,7 +564,7 @@ def test_a_window_the_model_cannot_handle_gets_a_422_not_nulls(client: TestClien
     ],
 )
 def test_command_help_renders(argv: list[str], capsys: Any) -> None:
-    from stream.cli import build_parser
+    from deploy.cli import build_parser
 
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)
@@ -572,9 +572,9 @@ def test_command_help_renders(argv: list[str], capsys: Any) -> None:
 
 
 def test_serve_flags_and_environment_build_the_settings(tiny_model_dir: Path) -> None:
+    from deploy.cli import parse
     from deploy.commands import serve_settings
     from model.errors import ConfigError
-    from stream.cli import parse
 
     env = {"EVENTCAST_MODEL_DIR": str(tiny_model_dir), "EVENTCAST_RELOAD_TOKEN": "t0k"}
     args = parse(["serve", "--port", "8123", "--max-body-bytes", "100"], environ=env)

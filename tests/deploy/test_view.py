@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 import pytest
 
+from deploy.cli import main as worker_main
 from deploy.plot import ACTUAL, BAND80, BAND95, ChartData, render_svg
 from deploy.serve import (
     ForecastHistory,
@@ -35,7 +36,6 @@ from deploy.serve import (
 )
 from model.features import build_inputs
 from model.registry import ModelRegistry
-from stream.cli import main as worker_main
 from stream.settings import KafkaSettings, LimitSettings, RedisSettings
 from stream.store import WindowStore, partition_for
 from stream.windows import PartitionWindows

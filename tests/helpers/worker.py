@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from stream.cli import parse
+from deploy.cli import parse
 from stream.settings import WorkerSettings
 
 log = logging.getLogger(__name__)

@@ -136,14 +136,14 @@ def thread_worker() -> Iterator[Callable[..., ThreadWorker]]:
 
 
 class ProcWorker:
-    """``python -m stream.cli start ...`` as a subprocess (for kill -9 and signal tests)."""
+    """``python -m deploy.cli start ...`` as a subprocess (for kill -9 and signal tests)."""
 
     def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.metrics_port = free_port()
         self.argv = [
             sys.executable,
             "-m",
-            "stream.cli",
+            "deploy.cli",
             *argv,
             "--metrics-port",
             str(self.metrics_port),

@@ -22,8 +22,8 @@ import numpy as np
 import orjson
 import pytest
 
+from deploy.cli import parse
 from deploy.stack import free_port
-from stream.cli import parse
 from stream.metrics import Metrics
 from stream.settings import WorkerSettings
 from stream.shadow import ShadowRunner

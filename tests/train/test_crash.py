@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from deploy.cli import main
 from model.registry import ModelRegistry
-from stream.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ CHILD = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_replace(src, dst, *a, **kw)
         model.registry.os.replace = replace
-    from stream.cli import main
+    from deploy.cli import main
     sys.exit(main(sys.argv[3:]))
     """
 )

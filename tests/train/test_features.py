@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from deploy.cli import main
 from model.registry import ModelRegistry
-from stream.cli import main
 from tests.train.conftest import TINY, serves
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def _env() -> dict[str, str]:
 
 def _ddp_args(tmp_path: Path, real_csv: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "stream.cli", "retrain", "--data", str(real_csv),
+        sys.executable, "-m", "deploy.cli", "retrain", "--data", str(real_csv),
         "--model-dir", str(tmp_path / "models"), "--run-dir", str(tmp_path / "runs"),
         "--max-epochs", "1", "--logger", "csv", *TINY,
         "--accelerator", "cpu", "--strategy", "ddp", *extra,

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deploy.cli import parse
 from model.errors import ConfigError
 from model.registry import ModelRegistry
-from stream.cli import parse
 from stream.settings import KafkaSettings
 from train.schedule import run_every
 from train.settings import settings_from_args

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from deploy.cli import main
 from model.registry import ModelRegistry
-from stream.cli import main
 from tests.train.conftest import serves
 from train import fit as fit_mod
 from train.sources import synthetic_frame
@@ -271,7 +271,7 @@ def test_bad_settings_exit_2_naming_the_setting(
 def test_yaml_sections_set_flags_and_typos_are_refused(
     tmp_path: Path, retrain_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    from stream.cli import parse
+    from deploy.cli import parse
     from train.settings import settings_from_args
 
     cfg = tmp_path / "c.yaml"
