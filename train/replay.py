@@ -23,6 +23,8 @@ from typing import Any
 import pandas as pd
 
 from model.errors import ConfigError, EventcastError
+from stream.decode import Event, decode_event
+from stream.settings import KafkaSettings
 from train.sources import DataReport, DataSettings, SeriesFrame
 
 log = logging.getLogger(__name__)
@@ -154,8 +156,6 @@ def decode_records(
 ) -> SeriesFrame:
     """Decode records as the worker does (see module docstring) into a :class:`SeriesFrame`.
     ConfigError when no event is usable."""
-    from stream.decode import Event, decode_event
-
     report = DataReport(source, rows=len(records), features=features)
     last_ts: dict[str, float] = {}
     rows: list[tuple[Any, ...]] = []
@@ -195,8 +195,6 @@ def replay_topic(settings: DataSettings) -> SeriesFrame:
     )
     kafka = settings.kafka
     if kafka is None:
-        from stream.settings import KafkaSettings
-
         kafka = KafkaSettings()
     records = asyncio.run(read_topic(topic, kafka.client_kwargs(), since=since, until=until))
     return decode_records(records, settings.uri, tuple(settings.features), settings.max_event_bytes)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 
 from model.config import ModelConfig, as_config
 from model.errors import ConfigError
+from stream.decode import parse_timestamp
+from stream.settings import KafkaSettings, parse_duration
 from train.data import SplitSettings
 from train.sources import DataSettings
 
@@ -40,46 +41,6 @@ MODEL_FLAGS = ("horizon", "hidden_size", "num_layers", "learning_rate", "batch_s
                "distribution", "dropout", "sequence_length", "calendar_year")  # fmt: skip
 SECTIONS = ("model", "training", "hardware", "logging", "data")
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: str | float | int | None, flag: str) -> dt.timedelta | None:
-    """``"10m"``, ``"1h30m"``, ``"90s"``, ``"250ms"``, ``"2d"``, ``"HH:MM:SS"`` or plain seconds
-    -> timedelta; None or "" -> None. ConfigError naming ``flag`` for anything else or <= 0."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        s = str(text).strip()
-        try:
-            seconds = float(s)
-        except ValueError:
-            if ":" in s:
-                parts = s.split(":")
-                try:
-                    nums = [float(p) for p in parts]
-                except ValueError:
-                    raise ConfigError(f"{flag}: cannot read duration {text!r}") from None
-                seconds = 0.0
-                for n in nums:
-                    seconds = seconds * 60 + n
-            else:
-                pos, seconds = 0, 0.0
-                for m in _DURATION.finditer(s):
-                    if s[pos : m.start()].strip():
-                        break
-                    seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2).lower()]
-                    pos = m.end()
-                if pos == 0 or s[pos:].strip():
-                    raise ConfigError(
-                        f"{flag}: cannot read duration {text!r} (e.g. 90s, 10m, 1h30m)"
-                    ) from None
-    if not seconds > 0:
-        raise ConfigError(f"{flag}: must be a positive duration, got {text!r}")
-    return dt.timedelta(seconds=seconds)
-
 
 def parse_time(text: str | float | None, flag: str) -> float | None:
     """Epoch seconds from a number or an RFC 3339 string with offset; None stays None."""
@@ -89,8 +50,6 @@ def parse_time(text: str | float | None, flag: str) -> float | None:
         return float(text)
     except (TypeError, ValueError):
         pass
-    from stream.decode import parse_timestamp
-
     try:
         return parse_timestamp(str(text))
     except ValueError as exc:
@@ -320,8 +279,6 @@ def settings_from_args(
         data_features = tuple(f for f in str(feats_flag).replace(",", " ").split() if f)
     kafka = None
     if str(args.data or "").startswith("kafka://"):
-        from stream.settings import KafkaSettings
-
         kafka = KafkaSettings.from_args(args)
     data = DataSettings(
         uri=str(args.data or ""),
