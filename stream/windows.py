@@ -7,8 +7,8 @@ points, and collects the windows to forecast as dense ``(R, T)`` arrays, gathere
 fancy-indexing pass per batch rather than per event.
 
 The state is a pure function of the sequence of records applied since the partition was empty,
-so re-reading the input topic rebuilds it exactly (DESIGN.md invariant 6). That is why idle TTL is
-measured in *event time*, not wall clock: against the partition's clock :attr:`max_ts`, which is
+so re-reading the input topic rebuilds it exactly (docs/design.md invariant 6). That is why idle
+TTL is measured in *event time*, not wall clock: against the partition's clock :attr:`max_ts`,
 the newest ``ts`` accepted from any series *but the one furthest ahead* (the second-highest last
 ``ts`` of the series held). Only accepted events move it, and one series far ahead of the rest
 (a producer sending milliseconds as seconds, a broken device clock) cannot make every other
@@ -16,23 +16,27 @@ series of its partition idle: that takes two.
 
 Records at or below :attr:`PartitionWindows.applied` are Kafka redeliveries: they change nothing;
 when their point is still retained the window as it stood at their offset is forecast again.
+
+This module is the admission policy (decoding, ordering, limits, the idle clock, redelivery);
+the points themselves live in :class:`stream.rings.SeriesRings`, which also encodes them as the
+blobs Redis stores.
 """
 
 from __future__ import annotations
 
 import math
-import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from stream.decode import Event, Rejection, decode_event
+from stream.rings import SeriesRings, decode_series
 from stream.settings import LimitSettings
 
-_BLOB_HEADER = struct.Struct("<BHH")  # format version, points retained, feature count
-_BLOB_VERSION = 1
+__all__ = ["ApplyResult", "PartitionWindows", "RecordLike", "Snapshot", "WindowBatch",
+           "decode_series"]  # fmt: skip
 
 
 class RecordLike(Protocol):
@@ -130,51 +134,33 @@ class PartitionWindows:
         self.max_event_bytes = max_event_bytes
         self.max_future_skew = max_future_skew  # seconds an event may be ahead of its record
         self.capacity = sequence_length + limits.history  # points kept per series (W)
+        self.rings = SeriesRings(self.capacity, self.feature_names)
         self.applied = -1  # highest input offset applied; -1 before the first
         self.max_ts = -math.inf  # the TTL clock: newest accepted ts of all series but the lead
         self._lead_row = -1  # the series with the newest accepted ts, and that ts
         self._lead_ts = -math.inf
-        self._index: dict[str, int] = {}  # series id -> row
-        self._names: list[str | None] = []
-        self._free: list[int] = []
-        self._n: list[int] = []  # points appended to each row since it was (re)created
-        self._last_ts: list[float] = []
-        self._rows = 0
-        w, f = self.capacity, len(self.feature_names)
-        self._off = np.zeros((0, w), np.int64)
-        self._ts = np.zeros((0, w), np.float64)
-        self._val = np.zeros((0, w), np.float64)
-        self._feat = np.zeros((0, w, f), np.float64)
-        self._dirty: set[int] = set()
-        self._deleted: set[str] = set()
+        self._dirty: set[int] = set()  # rows changed since the last snapshot
+        self._deleted: set[str] = set()  # series forgotten since the last snapshot
 
     # ---- reading -------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         """Number of series held."""
-        return len(self._index)
+        return len(self.rings)
 
     def series(self) -> list[str]:
-        return list(self._index)
+        return list(self.rings.index)
 
     def window(
         self, series_id: str
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """``(offsets, ts, values, features)`` of every retained point of a series, oldest first.
         Raises KeyError for an unknown series."""
-        row = self._index[series_id]
-        idx = self._retained(row)
-        feats = {n: self._feat[row, idx, j].copy() for j, n in enumerate(self.feature_names)}
-        return (
-            self._off[row, idx].copy(),
-            self._ts[row, idx].copy(),
-            self._val[row, idx].copy(),
-            feats,
-        )
+        return self.rings.window(series_id)
 
-    def _retained(self, row: int) -> np.ndarray:
-        n = self._n[row]
-        return np.arange(max(0, n - self.capacity), n) % self.capacity
+    def encode(self, series_id: str) -> bytes:
+        """The blob Redis stores for a series (:mod:`stream.rings`). KeyError when unknown."""
+        return self.rings.encode(self.rings.index[series_id])
 
     # ---- applying records ----------------------------------------------------------------------
 
@@ -185,11 +171,12 @@ class PartitionWindows:
 
         ``emit=False`` (rebuilding from Kafka) collects no windows. ``latest=True`` keeps only the
         newest window of each series (coalescing). Bad events are returned in ``rejected`` with
-        their reason; they and every other record advance :attr:`applied`.
+        their reason; they and every other record advance :attr:`applied`. Never raises for a
+        record: an unforeseen error is a ``schema`` rejection marked ``unexpected``.
         """
         seq_len, cap = self.seq_len, self.capacity
-        ttl = self.limits.series_ttl
         names = self.feature_names
+        rings = self.rings
         res_rows: list[int] = []
         res_ends: list[int] = []
         res_offs: list[int] = []
@@ -235,45 +222,16 @@ class PartitionWindows:
                 if isinstance(ev, Rejection):
                     result.rejected.append((rec, ev))
                     continue
-                row = self._index.get(ev.series_id)
-                if row is not None and ttl and self._last_ts[row] < self.max_ts - ttl:
-                    if row in first_end:
-                        flush()
-                    self._forget(row)
-                    row = None
-                if row is None:
-                    if len(self._index) >= self.limits.max_series:
-                        if first_end:
-                            flush()
-                        self._sweep_idle()
-                    if len(self._index) >= self.limits.max_series:
-                        result.rejected.append(
-                            (
-                                rec,
-                                Rejection(
-                                    "series_limit",
-                                    f"partition holds {len(self._index)} series, the limit",
-                                ),
-                            )
-                        )
-                        continue
-                    row = self._allocate(ev.series_id)
-                else:
-                    last = self._last_ts[row]
-                    if ev.ts == last:
-                        result.rejected.append(
-                            (rec, Rejection("duplicate", f"ts {ev.ts} equals the last accepted ts"))
-                        )
-                        continue
-                    if ev.ts < last:
-                        why = f"ts {ev.ts} is before the last accepted ts {last}"
-                        result.rejected.append((rec, Rejection("late", why)))
-                        continue
-                n = self._n[row]
+                row = self._admit(ev, flush if first_end else None, first_end)
+                if isinstance(row, Rejection):
+                    result.rejected.append((rec, row))
+                    continue
                 pending = first_end.get(row)
-                if pending is not None and n + 1 - cap > pending - seq_len:
+                if pending is not None and rings.n[row] + 1 - cap > pending - seq_len:
                     flush()  # the next point would overwrite a window still waiting to be gathered
-                self._append(row, n, offset, ev)
+                n = rings.append(row, offset, ev.ts, ev.value, ev.features)
+                self._advance_clock(row, ev.ts)
+                self._dirty.add(row)
                 result.accepted += 1
                 if n + 1 >= seq_len:
                     if emit:
@@ -289,17 +247,37 @@ class PartitionWindows:
         result.windows = WindowBatch.concat(self.partition, parts, seq_len, names)
         return result
 
-    def _append(self, row: int, n: int, offset: int, ev: Event) -> None:
-        col = n % self.capacity
-        self._off[row, col] = offset
-        self._ts[row, col] = ev.ts
-        self._val[row, col] = ev.value
-        for j, name in enumerate(self.feature_names):
-            self._feat[row, col, j] = ev.features[name]
-        self._n[row] = n + 1
-        self._last_ts[row] = ev.ts
-        self._advance_clock(row, ev.ts)
-        self._dirty.add(row)
+    def _admit(
+        self, ev: Event, flush: Callable[[], None] | None, pending: dict[int, int]
+    ) -> int | Rejection:
+        """The row that takes ``ev``, or why it is refused: an idle series starts afresh, a new
+        one needs room under the series cap (idle series are swept first), a known one must be
+        newer than its last point (``duplicate``, ``late``). ``flush`` gathers the windows still
+        pending before a row is forgotten (its points would be overwritten)."""
+        rings = self.rings
+        ttl = self.limits.series_ttl
+        row = rings.index.get(ev.series_id)
+        if row is not None and ttl and rings.last_ts[row] < self.max_ts - ttl:
+            if flush is not None and row in pending:
+                flush()
+            self._forget(row)
+            row = None
+        if row is None:
+            if len(rings) >= self.limits.max_series:
+                if flush is not None:
+                    flush()
+                self._sweep_idle()
+            if len(rings) >= self.limits.max_series:
+                return Rejection("series_limit", f"partition holds {len(rings)} series, the limit")
+            row = rings.allocate(ev.series_id)
+            self._deleted.discard(ev.series_id)
+            return row
+        last = rings.last_ts[row]
+        if ev.ts == last:
+            return Rejection("duplicate", f"ts {ev.ts} equals the last accepted ts")
+        if ev.ts < last:
+            return Rejection("late", f"ts {ev.ts} is before the last accepted ts {last}")
+        return row
 
     def _advance_clock(self, row: int, ts: float) -> None:
         """Series ``row`` now has newest ``ts``: keep the lead series and the clock (the newest
@@ -314,23 +292,21 @@ class PartitionWindows:
         elif ts > self.max_ts:
             self.max_ts = ts
 
-    def _reemit(self, rec: RecordLike, request, result: ApplyResult) -> None:  # type: ignore[no-untyped-def]
+    def _reemit(
+        self, rec: RecordLike, request: Callable[[int, int, int, int], None], result: ApplyResult
+    ) -> None:
         ev = decode_event(rec.key, rec.value, max_bytes=self.max_event_bytes, required_features=())
         if not isinstance(ev, Event):
             return  # it was rejected the first time; its dead-letter record exists already
-        row = self._index.get(ev.series_id)
+        row = self.rings.index.get(ev.series_id)
         if row is None:
             return
-        n = self._n[row]
-        base = max(0, n - self.capacity)
-        hits = np.flatnonzero(self._off[row, : min(n, self.capacity)] == rec.offset)
-        if len(hits) == 0:
+        end = self.rings.end_of(row, rec.offset)
+        if end is None:
             return  # not accepted the first time (late, duplicate...) or no longer retained
-        col = int(hits[0])
-        end = base + ((col - base) % self.capacity) + 1
         if end < self.seq_len:
             return  # the series was still warming at that offset
-        if end - self.seq_len < base:
+        if end - self.seq_len < max(0, self.rings.n[row] - self.capacity):
             result.not_reemitted += 1
             return
         request(row, end, rec.offset, rec.timestamp)
@@ -338,62 +314,19 @@ class PartitionWindows:
     def _gather(
         self, rows: list[int], ends: list[int], offs: list[int], tsms: list[int]
     ) -> WindowBatch:
-        t = self.seq_len
-        r = np.asarray(rows, dtype=np.int64)[:, None]  # (R, 1)
-        cols = (
-            np.asarray(ends, dtype=np.int64)[:, None] - t + np.arange(t)
-        ) % self.capacity  # (R, T)
-        feats = {n: self._feat[r, cols, j] for j, n in enumerate(self.feature_names)}
+        series, ts, values, feats = self.rings.gather(rows, ends, self.seq_len)
         return WindowBatch(
-            self.partition,
-            [self._names[i] for i in rows],  # type: ignore[misc]
-            np.asarray(offs, dtype=np.int64),
-            np.asarray(tsms, dtype=np.int64),
-            self._ts[r, cols],
-            self._val[r, cols],
-            feats,
-        )
+            self.partition, series, np.asarray(offs, dtype=np.int64),
+            np.asarray(tsms, dtype=np.int64), ts, values, feats,
+        )  # fmt: skip
 
-    # ---- rows ----------------------------------------------------------------------------------
-
-    def _allocate(self, series_id: str) -> int:
-        if self._free:
-            row = self._free.pop()
-            self._names[row] = series_id
-            self._n[row] = 0
-            self._last_ts[row] = -math.inf
-        else:
-            row = self._rows
-            self._rows += 1
-            if row >= len(self._off):
-                self._grow(max(64, 2 * len(self._off)))
-            self._names.append(series_id)
-            self._n.append(0)
-            self._last_ts.append(-math.inf)
-        self._index[series_id] = row
-        self._deleted.discard(series_id)
-        return row
-
-    def _grow(self, rows: int) -> None:
-        def grown(a: np.ndarray) -> np.ndarray:
-            out = np.zeros((rows, *a.shape[1:]), a.dtype)
-            out[: len(a)] = a
-            return out
-
-        self._off, self._ts, self._val, self._feat = map(
-            grown, (self._off, self._ts, self._val, self._feat)
-        )
+    # ---- forgetting ----------------------------------------------------------------------------
 
     def _forget(self, row: int) -> None:
-        name = self._names[row]
-        assert name is not None
         if row == self._lead_row:  # (idle series are forgotten, and the lead one never is idle)
             self._lead_row = -1  # its ts stays the lead ts: the clock never goes back
-        del self._index[name]
-        self._names[row] = None
-        self._free.append(row)
         self._dirty.discard(row)
-        self._deleted.add(name)
+        self._deleted.add(self.rings.forget(row))
 
     def _sweep_idle(self) -> None:
         """Forget every idle series (see :class:`~stream.settings.LimitSettings`)."""
@@ -401,74 +334,33 @@ class PartitionWindows:
         if not ttl:
             return
         horizon = self.max_ts - ttl
-        for row in list(self._index.values()):
-            if self._last_ts[row] < horizon:
+        last_ts = self.rings.last_ts
+        for row in list(self.rings.index.values()):
+            if last_ts[row] < horizon:
                 self._forget(row)
 
     def sweep(self) -> int:
         """Forget idle series now (between batches, to free memory); returns how many."""
-        before = len(self._index)
+        before = len(self.rings)
         self._sweep_idle()
-        return before - len(self._index)
+        return before - len(self.rings)
 
     # ---- persistence ---------------------------------------------------------------------------
 
-    def encode_series(self, row: int) -> bytes:
-        idx = self._retained(row)
-        header = _BLOB_HEADER.pack(_BLOB_VERSION, len(idx), len(self.feature_names))
-        return b"".join(
-            (
-                header,
-                self._off[row, idx].tobytes(),
-                self._ts[row, idx].tobytes(),
-                self._val[row, idx].tobytes(),
-                np.ascontiguousarray(self._feat[row, idx, :]).tobytes(),
-            )
-        )
-
     def snapshot(self, *, full: bool = False) -> Snapshot:
         """The changes since the last snapshot (every series with ``full``), then forget them."""
-        rows = range(self._rows) if full else sorted(self._dirty)
-        blobs = {self._names[r]: self.encode_series(r) for r in rows if self._names[r] is not None}
+        rings = self.rings
+        rows = range(rings.rows) if full else sorted(self._dirty)
+        blobs = {rings.names[r]: rings.encode(r) for r in rows if rings.names[r] is not None}
         snap = Snapshot(self.applied, self.max_ts, blobs, sorted(self._deleted))  # type: ignore[arg-type]
         self._dirty.clear()
         self._deleted.clear()
         return snap
 
     def load_series(self, series_id: str, blob: bytes) -> None:
-        """Restore one series from :meth:`encode_series` bytes (loading a partition from Redis).
-        Raises ValueError when the blob is malformed or has another feature count."""
-        off, ts, val, feat = decode_series(blob, len(self.feature_names))
-        k = min(len(off), self.capacity)
-        row = self._allocate(series_id)
-        sl = slice(len(off) - k, len(off))
-        self._off[row, :k] = off[sl]
-        self._ts[row, :k] = ts[sl]
-        self._val[row, :k] = val[sl]
-        self._feat[row, :k] = feat[sl]
-        self._n[row] = k
-        self._last_ts[row] = float(ts[-1]) if k else -math.inf
-        if k:
-            self._advance_clock(row, self._last_ts[row])
-
-
-def decode_series(
-    blob: bytes, features: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Parse a series blob into ``(offsets (k,), ts (k,), values (k,), features (k, F))``, oldest
-    first. Raises ValueError on a malformed blob or (when given) another feature count."""
-    if len(blob) < _BLOB_HEADER.size:
-        raise ValueError("window blob too short")
-    version, k, f = _BLOB_HEADER.unpack_from(blob)
-    if version != _BLOB_VERSION:
-        raise ValueError(f"window blob format {version} is not {_BLOB_VERSION}")
-    if features is not None and f != features:
-        raise ValueError(f"window blob has {f} features, expected {features}")
-    if len(blob) != _BLOB_HEADER.size + 8 * k * (3 + f):
-        raise ValueError("window blob has the wrong length")
-    pos = _BLOB_HEADER.size
-    off = np.frombuffer(blob, np.int64, k, pos)
-    ts = np.frombuffer(blob, np.float64, k, pos + 8 * k)
-    val = np.frombuffer(blob, np.float64, k, pos + 16 * k)
-    feat = np.frombuffer(blob, np.float64, k * f, pos + 24 * k).reshape(k, f)
-    return off, ts, val, feat
+        """Restore one series from its blob (loading a partition from Redis). Raises ValueError
+        when the blob is malformed or has another feature count."""
+        row = self.rings.load(series_id, blob)
+        self._deleted.discard(series_id)
+        if self.rings.n[row]:
+            self._advance_clock(row, self.rings.last_ts[row])

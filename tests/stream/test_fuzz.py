@@ -161,6 +161,6 @@ def test_window_admission(recs: list[SimpleNamespace], ttl: float, max_series: i
         "t", 0, sequence_length=4, features=(), limits=pw.limits, max_future_skew=300.0
     )
     for sid in pw.series():
-        again.load_series(sid, pw.encode_series(pw._index[sid]))
+        again.load_series(sid, pw.encode(sid))
     assert sorted(again.series()) == sorted(pw.series())
     assert again.max_ts == pw.max_ts or not pw.series()

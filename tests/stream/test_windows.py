@@ -75,7 +75,7 @@ def test_one_series_far_ahead_cannot_make_the_others_idle() -> None:
     # The clock is the same after a reload from the stored blobs (Redis), whatever the order.
     again = windows(series_ttl=3600)
     for sid in ("c", "a", "b"):
-        again.load_series(sid, pw.encode_series(pw._index[sid]))
+        again.load_series(sid, pw.encode(sid))
     assert again.max_ts == pw.max_ts
 
 
