@@ -31,10 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.harness import backlog_file, kcat_produce, write_model_dir  # noqa: E402
 from deploy.stack import create_topics  # noqa: E402
-from tests.helpers.kafka import produce  # noqa: E402
-from tests.helpers.tiny_model import make_tiny_model_dir  # noqa: E402
-from tests.stream.conftest import make_events  # noqa: E402
 
 
 @dataclass
@@ -202,12 +200,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
         model_dir = Path(tmp) / "models"
         heads = max(1, args.hidden // 16)
-        make_tiny_model_dir(model_dir, hidden_size=args.hidden, num_layers=args.layers,
-                            attention_heads=heads)  # fmt: skip
-        events = make_events(args.series, args.events, prefix="b")
+        write_model_dir(model_dir, hidden_size=args.hidden, num_layers=args.layers,
+                        attention_heads=heads)  # fmt: skip
+        n_events = backlog_file(Path(tmp) / "backlog.tsv", args.series, args.events)
         t = time.monotonic()
-        produce(args.bootstrap_servers, args.input, events)
-        print(f"backlog: {len(events)} events ({args.series} series x {args.events}) produced in "
+        kcat_produce(args.bootstrap_servers, args.input, Path(tmp) / "backlog.tsv")
+        print(f"backlog: {n_events} events ({args.series} series x {args.events}) produced in "
               f"{time.monotonic() - t:.1f}s to {args.input}; model h{args.hidden} x{args.layers}, "
               f"onnx, {args.threads} threads, max batch {args.max_batch}, "
               f"cpus {os.cpu_count()}", flush=True)  # fmt: skip

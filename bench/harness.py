@@ -79,17 +79,26 @@ class BenchStack:
 def write_model(root: Path, name: str) -> Path:
     """A model directory holding one promoted version of the ``name`` architecture (seeded,
     untrained weights: speed does not depend on them), with ONNX and int8 ONNX files."""
+    return write_model_dir(root / f"model-{name}", **MODELS[name], int8=True)
+
+
+def write_model_dir(
+    root: Path, *, hidden_size: int, num_layers: int, attention_heads: int, int8: bool = False
+) -> Path:
+    """Model directory ``root`` holding one promoted, seeded, untrained version of this size."""
     from model.config import ModelConfig
     from model.export import random_windows
     from model.network import ForecastNet
     from model.registry import ModelRegistry
 
-    cfg = ModelConfig(**MODELS[name])
+    cfg = ModelConfig(
+        hidden_size=hidden_size, num_layers=num_layers, attention_heads=attention_heads
+    )
     torch.manual_seed(0)
     net = ForecastNet(cfg).eval()
     canary = random_windows(np.random.default_rng(0), 16, cfg.sequence_length, cfg.input_size)
-    reg = ModelRegistry(root / f"model-{name}")
-    version = reg.write_version(net, cfg, {"bench": True}, canary, int8=True)
+    reg = ModelRegistry(root)
+    version = reg.write_version(net, cfg, {"bench": True}, canary, int8=int8)
     reg.promote(version)
     return reg.root
 
