@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from model.errors import EventcastError
+from stream.consumer import offset_bounds, read_ranges
+from stream.errors import KafkaUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +127,12 @@ async def replay_async(
                 f"cannot reach Kafka at {kafka.bootstrap_servers}: {detail}"
             ) from exc
         tps = await assigned_partitions(consumer, dlq_topic, timeout)
-        begins = await consumer.beginning_offsets(tps)
-        ends = await consumer.end_offsets(tps)
+        bounds = await offset_bounds(consumer, tps)
+        ends = {tp: end for tp, (_, end) in bounds.items()}
         report.end_offsets = {tp.partition: ends[tp] for tp in tps}
-        start = {tp: max(begins[tp], from_offset or 0) for tp in tps}
-        pending = {tp for tp in tps if start[tp] < ends[tp]}
+        ranges = {tp: (max(begin, from_offset or 0), end) for tp, (begin, end) in bounds.items()}
         for tp in tps:
-            consumer.seek(tp, start[tp])
-            report.next_offsets[tp.partition] = start[tp]
-        consumer.pause(*[tp for tp in tps if tp not in pending])
+            report.next_offsets[tp.partition] = ranges[tp][0]
         if on_start is not None:
             await on_start(dict(report.end_offsets))
         log.info("replaying %s up to %s into %s (reasons: %s)", dlq_topic, report.end_offsets,
@@ -154,21 +152,10 @@ async def replay_async(
                 report.published += 1
             inflight.clear()
 
-        deadline = time.monotonic() + timeout
-        while pending:
-            batch = await consumer.getmany(*pending, timeout_ms=500, max_records=ACK_BATCH)
-            if not batch:
-                if time.monotonic() > deadline:
-                    raise EventcastError(
-                        f"timed out reading {dlq_topic}: no records for {timeout:.0f}s before "
-                        f"the end offsets {report.end_offsets}"
-                    )
-                continue
-            deadline = time.monotonic() + timeout
-            for tp, records in batch.items():
+        reading = read_ranges(consumer, ranges, stall=timeout, max_records=ACK_BATCH)
+        try:
+            async for tp, records in reading:
                 for rec in records:
-                    if rec.offset >= ends[tp]:
-                        break
                     report.scanned += 1
                     reason = _reason(rec.headers)
                     report.by_reason[reason] += 1
@@ -183,11 +170,13 @@ async def replay_async(
                         input_topic, key=rec.key, value=rec.value, headers=[("replay.of", origin)]
                     )
                     inflight.append((fut, rec))
-                if await consumer.position(tp) >= ends[tp]:
-                    pending.discard(tp)
-                    consumer.pause(tp)
-            if len(inflight) >= ACK_BATCH:
-                await drain()
+                if len(inflight) >= ACK_BATCH:
+                    await drain()
+        except KafkaUnavailableError as exc:
+            raise EventcastError(
+                f"timed out reading {dlq_topic}: no records for {timeout:.0f}s before "
+                f"the end offsets {report.end_offsets}"
+            ) from exc
         await drain()
         # Transactions' control records may sit at the end: the scan stops at the end offsets.
         for tp in tps:

@@ -279,13 +279,6 @@ def render_png(
 # --- reading forecasts from the topic ------------------------------------------------------------
 
 
-def partition_for_key(key: bytes, partitions: int) -> int:
-    """The partition a key lands on with murmur2 (Java clients, aiokafka, kcat murmur2_random)."""
-    from aiokafka.partitioner import murmur2
-
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
-
-
 async def read_series_forecasts_async(
     kafka: Any, topic: str, series_id: str, *, scan: int = 20_000, timeout: float = 15.0
 ) -> list[dict[str, Any]]:
@@ -300,6 +293,9 @@ async def read_series_forecasts_async(
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from model.errors import EventcastError
+    from stream.consumer import offset_bounds, read_ranges
+    from stream.errors import KafkaUnavailableError
+    from stream.store import partition_for
 
     key = series_id.encode()
     consumer = AIOKafkaConsumer(
@@ -314,29 +310,25 @@ async def read_series_forecasts_async(
         raise EventcastError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {detail}") from exc
     try:
         tps = await assigned_partitions(consumer, topic, timeout)
-        tp = TopicPartition(topic, partition_for_key(key, len(tps)))
+        tp = TopicPartition(topic, partition_for(key, len(tps)))
         # Only the key's partition is read: the others stay paused.
         consumer.pause(*[other for other in tps if other != tp])
-        begin = (await consumer.beginning_offsets([tp]))[tp]
-        end = (await consumer.end_offsets([tp]))[tp]
-        consumer.seek(tp, max(begin, end - scan))
+        begin, end = (await offset_bounds(consumer, [tp]))[tp]
         out: list[dict[str, Any]] = []
-        deadline = time.monotonic() + timeout
-        while end > begin and await consumer.position(tp) < end:
-            if time.monotonic() > deadline:
-                raise EventcastError(f"timed out reading {topic}[{tp.partition}] up to {end}")
-            batch = await consumer.getmany(tp, timeout_ms=500)
-            for msg in batch.get(tp, []):
-                if msg.offset >= end:
-                    break
-                if msg.key != key or msg.value is None:
-                    continue
-                try:
-                    doc = orjson.loads(msg.value)
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(doc, dict):
-                    out.append(doc)
+        try:
+            ranges = {tp: (max(begin, end - scan), end)}
+            async for _, batch in read_ranges(consumer, ranges, timeout=timeout):
+                for msg in batch:
+                    if msg.key != key or msg.value is None:
+                        continue
+                    try:
+                        doc = orjson.loads(msg.value)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(doc, dict):
+                        out.append(doc)
+        except KafkaUnavailableError as exc:
+            raise EventcastError(f"timed out reading {topic}[{tp.partition}] up to {end}") from exc
         return out
     finally:
         await consumer.stop()

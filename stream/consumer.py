@@ -1,10 +1,15 @@
-"""Kafka reading: the micro-batcher over the group consumer, and the replayer that re-reads a
-partition to rebuild lost windows."""
+"""Kafka reading: the micro-batcher over the group consumer, and bounded reads of offset ranges.
+
+:func:`offset_bounds` and :func:`read_ranges` are the one implementation of "read ``[start, end)``
+of some partitions, then stop": the worker's rebuild (:class:`PartitionReplayer`), the trainer's
+``kafka://`` replay (``train/replay.py``), ``worker dlq replay`` (``deploy/dlq.py``) and
+``worker plot`` (``deploy/plot.py``) all read through it.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -54,6 +59,72 @@ class Batcher:
         return batch
 
 
+async def offset_bounds(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition]
+) -> dict[TopicPartition, tuple[int, int]]:
+    """``(first retained offset, end offset)`` of each partition, now."""
+    begins = await consumer.beginning_offsets(tps)
+    ends = await consumer.end_offsets(tps)
+    return {tp: (begins[tp], ends[tp]) for tp in tps}
+
+
+async def read_ranges(
+    consumer: AIOKafkaConsumer,
+    ranges: Mapping[TopicPartition, tuple[int, int]],
+    *,
+    stall: float | None = None,
+    timeout: float | None = None,
+    max_records: int = 10_000,
+) -> AsyncIterator[tuple[TopicPartition, list[Any]]]:
+    """Yield ``(partition, records)`` with ``start <= offset < end`` for each partition of
+    ``ranges``, in offset order per partition, and stop once every partition's position reached
+    its ``end``. ``consumer`` is started and assigned every partition of ``ranges`` (it may hold
+    others: they are left as they are); ``start`` should be at or above the partition's first
+    retained offset (see :func:`offset_bounds`). Finished partitions are paused.
+
+    The end is judged by the consumer's position, not by the last offset seen: transaction
+    markers occupy offsets too, so the last record may sit below ``end``. Raises
+    :class:`KafkaUnavailableError` when no record arrives for ``stall`` seconds, or when the
+    whole read takes longer than ``timeout`` seconds (either None: no limit).
+    """
+    pending: set[TopicPartition] = set()
+    for tp, (start, end) in ranges.items():
+        if start < end:
+            consumer.seek(tp, start)
+            consumer.resume(tp)
+            pending.add(tp)
+        else:
+            consumer.pause(tp)
+    t0 = last = time.monotonic()
+    while pending:
+        got = await consumer.getmany(*pending, timeout_ms=500, max_records=max_records)
+        for tp, recs in got.items():
+            end = ranges[tp][1]
+            recs = [r for r in recs if r.offset < end]
+            if recs:
+                last = time.monotonic()
+                yield tp, recs
+        for tp in list(pending):
+            if await consumer.position(tp) >= ranges[tp][1]:
+                pending.discard(tp)
+                consumer.pause(tp)
+        now = time.monotonic()
+        if pending and stall is not None and now - last > stall:
+            raise KafkaUnavailableError(_describe(pending, ranges, f"stalled for {stall:.0f} s"))
+        if pending and timeout is not None and now - t0 > timeout:
+            raise KafkaUnavailableError(_describe(pending, ranges, f"not done in {timeout:.0f} s"))
+
+
+def _describe(
+    pending: set[TopicPartition], ranges: Mapping[TopicPartition, tuple[int, int]], what: str
+) -> str:
+    parts = ", ".join(
+        f"{tp.topic}[{tp.partition}] offsets {ranges[tp][0]}..{ranges[tp][1] - 1}"
+        for tp in sorted(pending, key=lambda t: (t.topic, t.partition))
+    )
+    return f"reading {parts}: {what}"
+
+
 class PartitionReplayer:
     """Re-reads ``[start, end)`` of one input partition without a group (nothing committed)."""
 
@@ -82,23 +153,16 @@ class PartitionReplayer:
         count = 0
         try:
             consumer.assign([tp])
-            low = (await consumer.beginning_offsets([tp]))[tp]
+            low, _ = (await offset_bounds(consumer, [tp]))[tp]
             start = max(start, low)
             if start >= end:
                 return 0
-            consumer.seek(tp, start)
-            last = time.monotonic()
-            while await consumer.position(tp) < end:
-                got = await consumer.getmany(tp, timeout_ms=500, max_records=20_000)
-                recs = [r for r in got.get(tp, []) if r.offset < end]
-                if recs:
-                    apply(recs)
-                    count += len(recs)
-                    last = time.monotonic()
-                elif time.monotonic() - last > self.stall:
-                    raise KafkaUnavailableError(
-                        f"{tp.topic}[{tp.partition}]: re-reading offsets {start}..{end - 1} stalled"
-                    )
+            ranges = {tp: (start, end)}
+            async for _, recs in read_ranges(
+                consumer, ranges, stall=self.stall, max_records=20_000
+            ):
+                apply(recs)
+                count += len(recs)
             return count
         finally:
             await consumer.stop()

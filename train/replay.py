@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,9 @@ from typing import Any
 import pandas as pd
 
 from model.errors import ConfigError, EventcastError
+from stream.consumer import offset_bounds, read_ranges
 from stream.decode import Event, decode_event
+from stream.errors import KafkaUnavailableError
 from stream.settings import KafkaSettings
 from train.sources import DataReport, DataSettings, SeriesFrame
 
@@ -84,44 +85,28 @@ async def read_topic(
         partitions = await _partitions(topic, client_kwargs)
         tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
-        begin = await consumer.beginning_offsets(tps)
-        end = await consumer.end_offsets(tps)
-        start = dict(begin)
-        stop = dict(end)
+        bounds = await offset_bounds(consumer, tps)
+        start = {tp: begin for tp, (begin, _) in bounds.items()}
+        stop = {tp: end for tp, (_, end) in bounds.items()}
         if since is not None:
             found = await consumer.offsets_for_times({tp: int(since * 1000) for tp in tps})
-            start = {tp: (found[tp].offset if found[tp] else end[tp]) for tp in tps}
+            start = {tp: (found[tp].offset if found[tp] else stop[tp]) for tp in tps}
         if until is not None:
             # The first record strictly after `until` is where the range stops.
             found = await consumer.offsets_for_times({tp: int(until * 1000) + 1 for tp in tps})
-            stop = {tp: min(end[tp], found[tp].offset if found[tp] else end[tp]) for tp in tps}
-        pending = set()
-        for tp in tps:
-            if start[tp] < stop[tp]:
-                consumer.seek(tp, start[tp])
-                pending.add(tp)
-            else:
-                consumer.pause(tp)
+            stop = {tp: min(stop[tp], found[tp].offset if found[tp] else stop[tp]) for tp in tps}
         out: dict[int, list[RawRecord]] = {tp.partition: [] for tp in tps}
-        deadline = time.monotonic() + timeout
-        while pending:
-            if time.monotonic() > deadline:
-                raise EventcastError(
-                    f"--data kafka://{topic}: replay did not finish in {timeout:.0f} s "
-                    f"({sum(map(len, out.values()))} records read)"
+        ranges = {tp: (start[tp], stop[tp]) for tp in tps}
+        try:
+            async for tp, msgs in read_ranges(consumer, ranges, timeout=timeout):
+                out[tp.partition].extend(
+                    RawRecord(tp.partition, m.offset, m.key, m.value, m.timestamp) for m in msgs
                 )
-            batch = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
-            for tp, msgs in batch.items():
-                for m in msgs:
-                    if m.offset < stop[tp]:
-                        out[tp.partition].append(
-                            RawRecord(tp.partition, m.offset, m.key, m.value, m.timestamp)
-                        )
-            for tp in list(pending):
-                # Position, not the last offset seen: transaction markers occupy offsets too.
-                if await consumer.position(tp) >= stop[tp]:
-                    pending.discard(tp)
-                    consumer.pause(tp)
+        except KafkaUnavailableError as exc:
+            raise EventcastError(
+                f"--data kafka://{topic}: replay did not finish in {timeout:.0f} s "
+                f"({sum(map(len, out.values()))} records read): {exc}"
+            ) from exc
         log.info(
             "replayed %s: %d records from %d partitions",
             topic, sum(map(len, out.values())), len(tps),
