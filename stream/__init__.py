@@ -1,16 +1,26 @@
 """The streaming worker (``worker start``): Kafka events → Redis-backed windows → micro-batched
-inference → forecasts. Read in this order:
+inference → forecasts. Read in this order (the order a batch meets them, docs/design.md "How a
+batch flows"):
 
-- ``settings``  — frozen settings (Kafka, Redis, worker) built once from flags/YAML/env;
-- ``decode``    — one record → ``Event`` or ``Rejection`` (CONTRACT.md reasons);
-- ``windows``   — a partition's in-memory ring buffers: ordering checks, limits, window gathering;
-- ``store``     — the Redis layout, fenced atomic persistence, ``read_window`` for other services;
-- ``consumer``  — the micro-batcher and the replayer that rebuilds lost windows from Kafka;
-- ``inference`` — model inputs and inference in a thread;
-- ``publisher`` — forecast encoding, idempotent and transactional producers;
-- ``reloader``  — hot reload of the model directory's ``CURRENT`` (and SIGHUP);
-- ``metrics``   — Prometheus metrics, ``/metrics`` ``/healthz`` ``/readyz``;
-- ``worker``    — the loop that ties them together (invariants of DESIGN.md);
-- ``commands``  — ``worker start``, ``worker topics create``, ``worker status``;
-- ``faults``    — test-only ``EVENTCAST_FAULT`` kill hook; ``retry`` — the Redis retry policy.
+- ``settings``     — frozen settings (Kafka, Redis, worker) built once from flags/YAML/env;
+- ``worker``       — the façade: builds the pieces below, starts, runs, stops;
+- ``runtime``      — start-up and what both engines share (model, Redis, topics, publisher);
+- ``pipeline``     — the three concurrent stages, in-flight slots, the rebalance gate;
+- ``consumer``     — the micro-batcher, and the replayer that rebuilds lost windows from Kafka;
+- ``batch``        — one batch: prepare → infer → complete;
+- ``partitions``   — the assigned partitions' state: load, rebuild, reset, persist, revoke;
+- ``windows``      — admission of records into a partition's windows (ordering, limits, idle clock);
+- ``rings``        — the ring buffers under the windows, and the blob Redis stores per series;
+- ``decode``       — one record → ``Event`` or ``Rejection`` (the contract's reasons; total);
+- ``inference``    — the model on a batch of windows, in a thread;
+- ``publisher``    — forecast and dead-letter encoding, idempotent and transactional producers;
+- ``delivery``     — at-least-once and exactly-once: publish, persist, commit;
+- ``store``        — the Redis layout and the fenced atomic write;
+- ``redis_guard``  — Redis calls under the retry policy, with deliberate pauses;
+- ``health``       — pauses and watchdogs behind ``/readyz`` and ``/healthz``; ``metrics`` the
+  Prometheus collectors and the HTTP endpoint;
+- ``reloader``, ``accuracy``, ``shadow`` — hot reload, online accuracy, a challenger version;
+- ``faust_engine`` — ``--engine faust``: the same pieces with Faust as the consumer;
+- ``commands``     — ``worker start``, ``worker topics create``, ``worker status``;
+- ``faults``, ``retry``, ``diagnostics`` — test-only fault hooks, the retry policy, stack dumps.
 """
