@@ -13,7 +13,7 @@ help:
 	@echo "make test          set up and run the whole test suite against its own real Kafka + Redis"
 	@echo "make stack-up      start Kafka (127.0.0.1:9092) and Redis (127.0.0.1:6379) locally"
 	@echo "make stack-down    stop them        make stack-status    show them"
-	@echo "make lint          ruff + mypy      make bench           benchmark tables (bench/)"
+	@echo "make lint          ruff + mypy + import contracts   make bench   benchmark tables (bench/)"
 
 setup:
 	@bash deploy/setup_env.sh >/dev/null
@@ -38,7 +38,8 @@ stack-status:
 	@venv=$(ENV) && "$$venv/bin/python" -m deploy.stack status
 
 lint:
-	@venv=$(ENV) && "$$venv/bin/ruff" check . && "$$venv/bin/ruff" format --check . && "$$venv/bin/mypy"
+	@venv=$(ENV) && "$$venv/bin/ruff" check . && "$$venv/bin/ruff" format --check . && "$$venv/bin/mypy" \
+	  && "$$venv/bin/lint-imports"
 
 format:
 	@venv=$(ENV) && "$$venv/bin/ruff" format . && "$$venv/bin/ruff" check --fix .
