@@ -233,10 +233,6 @@ class _Partitioner:
             hit = self._cache[(topic, key)] = partition_for(key, n)
         return hit
 
-    def forget_counts(self) -> None:
-        self._counts.clear()
-        self._cache.clear()
-
 
 async def _send_all(
     producer: AIOKafkaProducer, parts: _Partitioner, messages: Sequence[OutMessage]

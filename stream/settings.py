@@ -254,14 +254,6 @@ class RedisSettings:
         kwargs.update(extra)
         return aioredis.Redis.from_url(self.url, **kwargs)
 
-    def sync_client(self, **extra: Any) -> Any:
-        """A new synchronous ``redis.Redis`` client with the same settings."""
-        import redis
-
-        kwargs = {"socket_timeout": 5.0, "socket_connect_timeout": 3.0, **self.client_kwargs()}
-        kwargs.update(extra)
-        return redis.Redis.from_url(self.url, **kwargs)
-
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RedisSettings:
         """From the flags of :func:`add_redis_arguments`; invalid → ConfigError naming the flag."""

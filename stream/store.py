@@ -205,17 +205,6 @@ class WindowStore:
             await pipe.execute()
 
 
-def read_window_sync(
-    client: Any, prefix: str, topic: str, series_id: str, num_partitions: int
-) -> SeriesWindow | None:
-    """Synchronous :meth:`WindowStore.read_window` for a ``redis.Redis`` client."""
-    p = partition_for(series_id, num_partitions)
-    meta_key, win_key = partition_keys(prefix, topic, p)
-    return _series_window(
-        series_id, p, client.hget(meta_key, "features"), client.hget(win_key, series_id)
-    )
-
-
 def _series_window(
     series_id: str, partition: int, raw_features: bytes | None, blob: bytes | None
 ) -> SeriesWindow | None:

@@ -91,10 +91,6 @@ class SeriesArrays:
     def n_series(self) -> int:
         return len(self.ids)
 
-    def series_index(self) -> np.ndarray:
-        """(N,) int64: which series each flat point belongs to."""
-        return np.repeat(np.arange(self.n_series, dtype=np.int64), self.lengths)
-
     @classmethod
     def from_frame(
         cls,
@@ -262,12 +258,6 @@ class WindowSet(Dataset[int]):
     def collate(self, items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y, _ = self.arrays_for(np.asarray(items, dtype=np.int64))
         return torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
-
-    def all_inputs(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(x, y)`` of the first ``limit`` (default all) windows, in order."""
-        n = len(self) if limit is None else min(limit, len(self))
-        x, y, _ = self.arrays_for(np.arange(n))
-        return x, y
 
 
 class EventDataModule(L.LightningDataModule):

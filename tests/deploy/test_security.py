@@ -28,6 +28,7 @@ from model.errors import ModelLoadError
 from model.registry import ModelRegistry
 from stream.settings import KafkaSettings, RedisSettings
 from stream.store import WindowStore, partition_for
+from tests.helpers.store import sync_client
 from tests.helpers.worker import ThreadWorker
 
 T0 = 1_732_600_000.0
@@ -215,7 +216,7 @@ def test_acl_user_is_limited_to_the_project_prefix(tmp_path: Path) -> None:
         win = asyncio.run(store_round_trip())
         assert win is not None and win.values.tolist() == [1.0, 2.0]
 
-        c = settings.sync_client()
+        c = sync_client(settings)
         try:
             c.set("eventcast:ok", b"1")
             for op in (

@@ -28,12 +28,12 @@ from deploy.serve import (
     ServeSettings,
     Window,
     create_app,
-    serve_in_thread,
     validate_predict,
 )
 from model.config import ModelConfig
 from model.features import build_inputs
 from model.registry import ModelRegistry
+from tests.helpers.http import serve_in_thread
 
 with warnings.catch_warnings():
     # starlette's TestClient warns at import that httpx will be replaced by httpx2

@@ -32,14 +32,15 @@ from deploy.serve import (
     TopicForecastFeed,
     create_app,
     forecast_objects,
-    serve_in_thread,
 )
 from model.features import build_inputs
 from model.registry import ModelRegistry
 from stream.settings import KafkaSettings, LimitSettings, RedisSettings
 from stream.store import WindowStore, partition_for
 from stream.windows import PartitionWindows
+from tests.helpers.http import serve_in_thread
 from tests.helpers.kafka import produce
+from tests.helpers.store import sync_client
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -140,7 +141,7 @@ def test_series_delete_removes_only_that_series(redis_url: str) -> None:
     assert read_window_sync(redis, "beta", partitions=PARTITIONS) is not None
     assert delete_series_sync(redis, "alpha") is False
     # the partition's applied offset (the worker's fence) is untouched
-    client = redis.sync_client()
+    client = sync_client(redis)
     try:
         meta = client.hget(
             WindowStore(client, redis.prefix, "events").keys(partition_for("alpha", PARTITIONS))[0],

@@ -19,8 +19,9 @@ import pytest
 
 from deploy.cli import main
 from model.registry import ModelRegistry
-from stream.store import partition_for, read_window_sync
+from stream.store import partition_for
 from tests.helpers.kafka import consume_all, produce
+from tests.helpers.store import read_window_sync
 from tests.helpers.tiny_model import make_tiny_model_dir
 from tests.stream.conftest import (
     T0,

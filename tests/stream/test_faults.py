@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from deploy.stack import free_port
-from stream.store import read_window_sync
 from tests.helpers.kafka import consume_all, end_offsets, produce
+from tests.helpers.store import read_window_sync
 from tests.stream.conftest import (
     Truth,
     forecasts_by_source,
