@@ -3,8 +3,8 @@ rules query is one the code really exports, the provisioning matches docker-comp
 Dockerfile builds a slim non-root image in CPU and CUDA variants.
 
 Exported names are read from the live registries of the worker (``stream.metrics.Metrics``), the
-HTTP service (``deploy.serve``) and the online-accuracy scorer (``deploy.accuracy``, the sidecar
-form of the worker's own ``stream.accuracy``), not from a hand-kept list.
+HTTP service (``deploy.serve``) and the worker's online-accuracy scorer (``stream.accuracy``), not
+from a hand-kept list.
 """
 
 from __future__ import annotations
@@ -56,9 +56,13 @@ def serve_names() -> set[str]:
 
 
 def accuracy_names() -> set[str]:
-    from deploy.accuracy import OnlineAccuracy
+    from prometheus_client import CollectorRegistry
 
-    return exported(OnlineAccuracy().registry)
+    from stream.accuracy import AccuracyMetrics
+
+    registry = CollectorRegistry()
+    AccuracyMetrics(registry)
+    return exported(registry)
 
 
 def dashboard() -> dict[str, Any]:
