@@ -1,4 +1,4 @@
-"""All benchmark tables of DESIGN.md "Performance targets" in one run (what ``make bench`` runs).
+"""All benchmark tables of docs/design.md "Performance targets" in one run (``make bench``).
 
 Starts a private Kafka + Redis on free ports, writes the default (hidden 256, 3 layers) and small
 (hidden 64, 2 layers) model versions, produces one backlog topic beforehand with kcat, then:

@@ -1,7 +1,7 @@
 """``worker dlq replay``: re-publish dead-letter records to the input topic once fixed.
 
-A dead-letter record (CONTRACT.md "Dead-letter topic") holds the original key and value bytes of
-a refused event and its ``error.reason`` header. Replaying sends exactly those bytes back to the
+A dead-letter record (docs/contract.md "Dead-letter topic") holds the original key and value bytes
+of a refused event and its ``error.reason`` header. Replaying sends exactly those bytes back to the
 input topic, so the worker decodes them again (after a model with the missing feature was
 promoted, a series limit raised, a producer bug fixed...).
 

@@ -38,8 +38,8 @@ TEXT = "#333333"
 
 @dataclass(frozen=True)
 class ChartData:
-    """What a chart shows: the window's actuals (oldest first) and forecast objects (CONTRACT.md
-    "Forecasts"; any order)."""
+    """What a chart shows: the window's actuals (oldest first) and forecast objects
+    (docs/contract.md "Forecasts"; any order)."""
 
     series_id: str
     ts: Sequence[float] = ()

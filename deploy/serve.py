@@ -1,6 +1,6 @@
 """The HTTP service (``worker serve``): predict, series state, health, metrics, reload, live view.
 
-Endpoints (CONTRACT.md, "HTTP POST /predict"):
+Endpoints (docs/contract.md, "HTTP POST /predict"):
 
 - ``POST /predict``: a window of ``sequence_length`` timestamps and values (plus every feature the
   model was trained with) → the same object as a forecast message, without ``source``. Bad input
@@ -60,7 +60,7 @@ from stream.decode import parse_timestamp
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB (CONTRACT.md)
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB (docs/contract.md)
 MAX_SERIES_ID_CHARS = 256
 # The network computes in float32: larger magnitudes become inf on the way in.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -284,7 +284,7 @@ class PredictRequest(BaseModel):
 
 
 class ForecastResponse(BaseModel):
-    """A forecast object (CONTRACT.md "Forecasts"), without ``source``."""
+    """A forecast object (docs/contract.md "Forecasts"), without ``source``."""
 
     schema_version: int
     series_id: str
@@ -483,7 +483,7 @@ def forecast_objects(
     forecast: Forecast,
     model_version: str,
 ) -> list[dict[str, Any]]:
-    """Forecast objects (CONTRACT.md "Forecasts", without ``source``) for B windows.
+    """Forecast objects (docs/contract.md "Forecasts", without ``source``) for B windows.
 
     ``ts`` is the (B, T) window timestamps; ``forecast`` the predictor's output for them. Built
     by the worker's own encoder (:func:`stream.publisher.encode_forecasts`), so an HTTP answer is
@@ -680,7 +680,7 @@ def create_app(
     app = FastAPI(
         title=f"{settings.title} forecasting service",
         version="1",
-        summary="Forecasts with 80 % and 95 % intervals for event series (see CONTRACT.md).",
+        summary="Forecasts with 80 % and 95 % intervals for event series (see docs/contract.md).",
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -299,8 +299,8 @@ class KafkaServer(_ManagedProcess):
             "min.insync.replicas=1",
             "default.replication.factor=1",
             # No time-based retention on this local stack. Forecast records carry the newest
-            # observation's ts as their Kafka timestamp (CONTRACT.md), and the demo, the tests and
-            # the benchmarks replay historical data (2010 temperatures, fixed 2023 test times):
+            # observation's ts as their Kafka timestamp (docs/contract.md), and the demo, the tests
+            # and the benchmarks replay historical data (2010 temperatures, fixed 2023 test times):
             # with a time limit the broker's retention check (30 s after start, then every 5 min)
             # deletes those forecasts minutes after they were written — it made fault tests lose
             # "forecasts" at random. Nothing is deleted here (`make stack-down` keeps the data;

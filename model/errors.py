@@ -2,7 +2,7 @@
 
 Every error eventcast raises on purpose derives from :class:`EventcastError`, so callers (the CLI,
 the worker loop, the HTTP service) can tell an expected, explained failure from a bug. The CLI maps
-them to the exit codes of CONTRACT.md: :class:`ConfigError` → 2, :class:`NoModelError` → 3, any
+them to the exit codes of docs/contract.md: :class:`ConfigError` → 2, :class:`NoModelError` → 3, any
 other :class:`EventcastError` → 1.
 
 This module lives in ``model/`` because ``model/`` is the one package every other package imports

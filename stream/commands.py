@@ -1,6 +1,6 @@
 """``worker start``, ``worker topics create`` and ``worker status`` (registered by deploy.cli).
 
-Exit codes (CONTRACT.md): 0 clean stop; 1 runtime failure (brokers or Redis unreachable: the
+Exit codes (docs/contract.md): 0 clean stop; 1 runtime failure (brokers or Redis unreachable: the
 environment, not the command line, is at fault and a retry may succeed); 2 configuration (a bad
 flag, or a topic that does not exist: fix the names or run ``worker topics create``); 3 no model.
 """

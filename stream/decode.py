@@ -32,7 +32,7 @@ MAX_ABS_VALUE = 1e30
 MIN_TS = -2_208_988_800.0  # 1900-01-01T00:00:00Z
 MAX_TS = 7_258_118_400.0  # 2200-01-01T00:00:00Z
 
-# The dead-letter reasons of CONTRACT.md, in one place.
+# The dead-letter reasons of docs/contract.md, in one place.
 REASONS = (
     "invalid_json",
     "schema",

@@ -75,7 +75,7 @@ class OutMessage:
 def encode_forecasts(
     windows: WindowBatch, fc: Forecast, *, version: str, input_topic: str, output_topic: str
 ) -> list[OutMessage]:
-    """Forecast messages (CONTRACT.md "Forecasts") for each row of ``windows``, in row order:
+    """Forecast messages (docs/contract.md "Forecasts") for each row of ``windows``, in row order:
     key = series id, record timestamp = newest ts (ms), header ``model_version``."""
     r = len(windows)
     if r == 0:

@@ -575,7 +575,7 @@ class WorkerSettings:
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every flag of ``worker start`` (CONTRACT.md plus batching, limits and tuning knobs)."""
+    """Every flag of ``worker start`` (docs/contract.md plus batching, limits and tuning knobs)."""
     add_kafka_arguments(parser)
     add_redis_arguments(parser)
     g = parser.add_argument_group("worker")

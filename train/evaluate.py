@@ -3,10 +3,10 @@
 The held-out set is every test window (all ``H`` targets in the last ``test_fraction`` of their
 series, see :mod:`train.data`) for which the seasonal naive forecast is defined, i.e. one season
 of gap-free history exists before each target. Every method is scored on exactly these windows,
-so on identical (series, ts, step) points. The report is the JSON of CONTRACT.md
+so on identical (series, ts, step) points. The report is the JSON of docs/contract.md
 (``version, points, horizon, metrics{model, persistence, seasonal_naive}``) with more fields:
 ``linear_ar`` in ``metrics``, MAE per forecast step, ratios against the best naive method and
-the quality targets of DESIGN.md.
+the quality targets of docs/design.md.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from train.metrics import QUANTILE_LEVELS, per_step_mae, score
 
 log = logging.getLogger(__name__)
 
-# DESIGN.md "Forecast quality targets": MAE ratio to the better naive baseline, coverage band.
+# docs/design.md "Forecast quality targets": MAE ratio to the better naive baseline, coverage band.
 MAE_RATIO_TARGET = {1: 0.9, "multi": 0.7}
 COVERAGE_TOLERANCE = 0.05
 AR_MAX_WINDOWS = 200_000
@@ -161,7 +161,7 @@ def _with_intervals(y: np.ndarray, f: dict[str, np.ndarray], scale: np.ndarray) 
 
 
 def quality_check(report: dict[str, Any]) -> dict[str, Any]:
-    """DESIGN.md's table applied to a report: the model's MAE over the better naive baseline's
+    """docs/design.md's table applied to a report: the model's MAE over the better naive baseline's
     (≤ 0.9 at horizon 1, ≤ 0.7 beyond) and coverage within ±5 points of 80 % and 95 %."""
     m = report["metrics"]
     best_name = min(("persistence", "seasonal_naive"), key=lambda k: m[k]["mae"])

@@ -86,7 +86,7 @@ def score(
     lower: dict[str, np.ndarray] | None = None,
     upper: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float | None]:
-    """The metrics object of CONTRACT.md for one method: ``mae, mase, smape, wql, coverage_80,
+    """The metrics object of docs/contract.md for one method: ``mae, mase, smape, wql, coverage_80,
     coverage_95``; the last three are None when the method gives no quantiles / intervals."""
     out: dict[str, float | None] = {
         "mae": mae(y, mean),

@@ -1,6 +1,6 @@
 """``worker predict``: batch forecasts of a data file, offline, as JSON lines.
 
-One forecast object (CONTRACT.md "Forecasts", without ``source``) per observation that ends a
+One forecast object (docs/contract.md "Forecasts", without ``source``) per observation that ends a
 full window, as the worker would emit it: the window is the series' last ``sequence_length``
 accepted points (whatever their spacing), built by the shared feature builder and run through
 the same checked predictor the worker loads. ``--latest`` keeps only each series' newest one.

@@ -16,7 +16,7 @@ Rejection reasons of files (the first one that applies, in this order):
 ``duplicate``       a second row for the same (series, ts); the first one in file order is kept
 
 A Kafka replay uses the worker's own decoder (:func:`stream.decode.decode_event`) so its
-rejection reasons are the dead-letter reasons of CONTRACT.md (see :mod:`train.replay`).
+rejection reasons are the dead-letter reasons of docs/contract.md (see :mod:`train.replay`).
 """
 
 from __future__ import annotations

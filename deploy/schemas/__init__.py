@@ -1,4 +1,4 @@
-"""JSON Schemas (draft 2020-12) of the objects of CONTRACT.md, shipped with the project.
+"""JSON Schemas (draft 2020-12) of the objects of docs/contract.md, shipped with the project.
 
 - ``event.schema.json``: an input event (the value of an input record).
 - ``forecast.schema.json``: a forecast message (the value of a forecast record).

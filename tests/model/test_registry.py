@@ -1,5 +1,5 @@
 """The model directory: writing, promotion, rollback, pruning, and refusal of every bad version
-of DESIGN.md's hot-reload fault list, each with its own reason."""
+of docs/design.md's hot-reload fault list, each with its own reason."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""`worker start` fails fast with CONTRACT.md's exit codes; `topics create`, `status` and a clean
-SIGTERM stop."""
+"""`worker start` fails fast with docs/contract.md's exit codes; `topics create`, `status` and a
+clean SIGTERM stop."""
 
 from __future__ import annotations
 

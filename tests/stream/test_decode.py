@@ -1,4 +1,4 @@
-"""Event decoding and validation: each dead-letter reason of CONTRACT.md that needs no state."""
+"""Event decoding and validation: each dead-letter reason of docs/contract.md needing no state."""
 
 from __future__ import annotations
 
