@@ -319,4 +319,10 @@ def quantize_torch_dynamic(net: nn.Module) -> nn.Module:
     inner: ForecastNet = copy.deepcopy(forecast_net(net)).to("cpu", torch.float32).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notice
-        return quantize_dynamic(inner, {nn.LSTM, nn.Linear}, dtype=torch.qint8)
+        q = quantize_dynamic(inner, {nn.LSTM, nn.Linear}, dtype=torch.qint8)
+    # The AR skip stays float32: it carries most of the signal (int8 would cost accuracy for a
+    # T x H matrix that is negligible work), and the forward reads its weight as a tensor, which
+    # a dynamically quantized Linear no longer has.
+    if inner.ar is not None:
+        q.ar = inner.ar
+    return q  # type: ignore[no-any-return]

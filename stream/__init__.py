@@ -6,7 +6,8 @@ batch flows"):
 - ``worker``       — the façade: builds the pieces below, starts, runs, stops;
 - ``runtime``      — start-up and what both engines share (model, Redis, topics, publisher);
 - ``pipeline``     — the three concurrent stages, in-flight slots, the rebalance gate;
-- ``consumer``     — the micro-batcher, and the replayer that rebuilds lost windows from Kafka;
+- ``consumer``     — the micro-batcher, and bounded offset-range reads (``read_ranges``: the
+  rebuild replayer, the trainer's ``kafka://`` replay, ``dlq replay``, ``worker plot``);
 - ``batch``        — one batch: prepare → infer → complete;
 - ``partitions``   — the assigned partitions' state: load, rebuild, reset, persist, revoke;
 - ``windows``      — admission of records into a partition's windows (ordering, limits, idle clock);
@@ -21,6 +22,8 @@ batch flows"):
   Prometheus collectors and the HTTP endpoint;
 - ``reloader``, ``accuracy``, ``shadow`` — hot reload, online accuracy, a challenger version;
 - ``faust_engine`` — ``--engine faust``: the same pieces with Faust as the consumer;
-- ``commands``     — ``worker start``, ``worker topics create``, ``worker status``;
+- ``commands``     — ``worker start``, ``worker topics create``, ``worker status``; ``cliconfig``
+  the ``--config`` / ``EVENTCAST_*`` layering every ``commands`` module shares (the entry point
+  is ``deploy/cli.py``);
 - ``faults``, ``retry``, ``diagnostics`` — test-only fault hooks, the retry policy, stack dumps.
 """

@@ -11,7 +11,7 @@ membership, fetching, micro-batching (``stream.take_events(max_batch, within=max
 offset commits. Topics, message formats and the Redis layout are therefore identical, and a
 running system can switch engines (stop one, start the other in the same group and Redis).
 
-How the guarantees of DESIGN.md are kept on top of Faust:
+How the guarantees of docs/design.md are kept on top of Faust:
 
 - **Commit last.** Faust commits the offsets of *acknowledged* events, contiguous from the last
   commit, every ``broker_commit_interval``. ``take_events`` acknowledges a batch only when the

@@ -36,8 +36,17 @@ def version_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / make_tiny_model_dir(root, horizon=12, num_layers=2)
 
 
-def test_every_backend_gives_the_same_forecast(version_dir: Path) -> None:
-    cfg = tiny_config(horizon=12, num_layers=2)
+@pytest.mark.parametrize("ar_skip", [False, True])
+def test_every_backend_gives_the_same_forecast(
+    version_dir: Path, tmp_path: Path, ar_skip: bool
+) -> None:
+    """Every CPU backend, with and without the AR skip (the trainer's default; torch-int8 once
+    crashed on it: a quantized Linear has no weight tensor)."""
+    cfg = tiny_config(horizon=12, num_layers=2, ar_skip=ar_skip)
+    if ar_skip:
+        version_dir = tmp_path / make_tiny_model_dir(
+            tmp_path, horizon=12, num_layers=2, ar_skip=True
+        )
     x = random_windows(np.random.default_rng(0), 33, 48, cfg.input_size)
     ref = make_predictor(version_dir, cfg, backend="torch", device="cpu").predict(x)
     assert isinstance(ref, Forecast) and len(ref) == 33
