@@ -53,7 +53,7 @@ class Slot:
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._slots._give_back()
+            self._slots.give_back()
 
     def __enter__(self) -> Slot:
         self._handed = False
@@ -84,7 +84,8 @@ class InflightSlots:
         self._idle.clear()
         return Slot(self)
 
-    def _give_back(self) -> None:
+    def give_back(self) -> None:
+        """One batch left the pipeline (its :class:`Slot` was released)."""
         self._count -= 1
         if not self._count:
             self._idle.set()
