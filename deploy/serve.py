@@ -486,26 +486,12 @@ def forecast_objects(
     """Forecast objects (docs/contract.md "Forecasts", without ``source``) for B windows.
 
     ``ts`` is the (B, T) window timestamps; ``forecast`` the predictor's output for them. Built
-    by the worker's own encoder (:func:`stream.publisher.encode_forecasts`), so an HTTP answer is
-    the same object as a forecast message, field for field.
+    by the worker's own builder (:func:`stream.publisher.forecast_documents`), so an HTTP answer
+    is the same object as a forecast message, field for field.
     """
-    from stream.publisher import encode_forecasts
-    from stream.windows import WindowBatch
+    from stream.publisher import forecast_documents
 
-    ts = np.asarray(ts, dtype=np.float64)
-    b = len(series_ids)
-    batch = WindowBatch(
-        partition=-1, series=list(series_ids), offsets=np.full(b, -1, np.int64),
-        record_ts_ms=np.zeros(b, np.int64), ts=ts, values=np.zeros_like(ts), features={},
-    )  # fmt: skip
-    out = []
-    for msg in encode_forecasts(
-        batch, forecast, version=model_version, input_topic="", output_topic=""
-    ):
-        doc = orjson.loads(msg.value or b"{}")
-        doc.pop("source", None)
-        out.append(doc)
-    return out
+    return forecast_documents(series_ids, ts, forecast, version=model_version)
 
 
 def _finite_forecast(obj: Mapping[str, Any]) -> bool:

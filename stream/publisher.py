@@ -72,31 +72,36 @@ class OutMessage:
     headers: list[tuple[str, bytes]]
 
 
-def encode_forecasts(
-    windows: WindowBatch, fc: Forecast, *, version: str, input_topic: str, output_topic: str
-) -> list[OutMessage]:
-    """Forecast messages (docs/contract.md "Forecasts") for each row of ``windows``, in row order:
-    key = series id, record timestamp = newest ts (ms), header ``model_version``."""
-    r = len(windows)
-    if r == 0:
+def forecast_documents(
+    series_ids: Sequence[str],
+    ts: np.ndarray,
+    fc: Forecast,
+    *,
+    version: str,
+    sources: Sequence[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """The forecast objects of docs/contract.md "Forecasts", one per window, in row order: the one
+    builder used by the worker (with ``sources``: the message form), ``worker predict`` and
+    ``worker serve`` (without: ``source`` left out).
+
+    ``ts``: (R, T) window timestamps (epoch seconds); ``fc``: the predictor's output for them.
+    """
+    ts = np.asarray(ts, dtype=np.float64)
+    if len(series_ids) == 0:
         return []
-    newest = windows.ts[:, -1]  # (R,)
-    targets = target_times(windows.ts, fc.mean.shape[1]).tolist()  # (R, H)
+    horizon = int(fc.mean.shape[1])
+    newest = ts[:, -1].tolist()  # (R,)
+    targets = target_times(ts, horizon).tolist()  # (R, H)
     mean, std = fc.mean.tolist(), fc.std.tolist()
     lo80, lo95 = fc.lower["80"].tolist(), fc.lower["95"].tolist()
     up80, up95 = fc.upper["80"].tolist(), fc.upper["95"].tolist()
-    horizon = int(fc.mean.shape[1])
-    headers = [("model_version", version.encode())]
     emitted = time.time()
-    newest_l = newest.tolist()
-    ts_ms = np.floor(newest * 1000.0).astype(np.int64).tolist()
-    offsets = windows.offsets.tolist()
     out = []
-    for i, sid in enumerate(windows.series):
-        doc = {
+    for i, sid in enumerate(series_ids):
+        doc: dict[str, Any] = {
             "schema_version": 1,
             "series_id": sid,
-            "ts": newest_l[i],
+            "ts": newest[i],
             "horizon": horizon,
             "target_ts": targets[i],
             "mean": mean[i],
@@ -104,16 +109,38 @@ def encode_forecasts(
             "lower": {"80": lo80[i], "95": lo95[i]},
             "upper": {"80": up80[i], "95": up95[i]},
             "model_version": version,
-            "source": {"topic": input_topic, "partition": windows.partition, "offset": offsets[i]},
-            "emitted_at": emitted,
         }
-        ts_i = ts_ms[i]
-        out.append(
-            OutMessage(
-                output_topic, sid.encode(), orjson.dumps(doc), ts_i if ts_i >= 0 else None, headers
-            )
-        )
+        if sources is not None:
+            doc["source"] = sources[i]
+        doc["emitted_at"] = emitted
+        out.append(doc)
     return out
+
+
+def encode_forecasts(
+    windows: WindowBatch, fc: Forecast, *, version: str, input_topic: str, output_topic: str
+) -> list[OutMessage]:
+    """Forecast messages (docs/contract.md "Forecasts") for each row of ``windows``, in row order:
+    key = series id, record timestamp = newest ts (ms), header ``model_version``."""
+    if len(windows) == 0:
+        return []
+    p = windows.partition
+    sources = [
+        {"topic": input_topic, "partition": p, "offset": o} for o in windows.offsets.tolist()
+    ]
+    docs = forecast_documents(windows.series, windows.ts, fc, version=version, sources=sources)
+    headers = [("model_version", version.encode())]
+    ts_ms = np.floor(windows.ts[:, -1] * 1000.0).astype(np.int64).tolist()
+    return [
+        OutMessage(
+            output_topic,
+            doc["series_id"].encode(),
+            orjson.dumps(doc),
+            ts_ms[i] if ts_ms[i] >= 0 else None,
+            headers,
+        )
+        for i, doc in enumerate(docs)
+    ]
 
 
 def _original(prefix: str, data: bytes) -> list[tuple[str, bytes]]:

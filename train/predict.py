@@ -9,7 +9,6 @@ the same checked predictor the worker loads. ``--latest`` keeps only each series
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,9 @@ import numpy as np
 import orjson
 from numpy.lib.stride_tricks import sliding_window_view
 
-from model.features import build_inputs, target_times
+from model.features import build_inputs
 from model.registry import ModelRegistry
+from stream.publisher import forecast_documents
 from train.sources import DataSettings, load_data
 
 CHUNK = 4096
@@ -71,22 +71,8 @@ def predict_file(
             wf = {f: np.asarray(v[rows]) for f, v in fv.items()}
             x = build_inputs(wts, wv, wf or None, cfg)
             fc = loaded.predictor.predict(x)
-            tt = target_times(wts, cfg.horizon)
-            now = time.time()
-            for j, r in enumerate(rows):
-                obj = {
-                    "schema_version": 1,
-                    "series_id": str(sid[r]),
-                    "ts": float(wts[j, -1]),
-                    "horizon": cfg.horizon,
-                    "target_ts": tt[j].tolist(),
-                    "mean": fc.mean[j].tolist(),
-                    "std": fc.std[j].tolist(),
-                    "lower": {k: v[j].tolist() for k, v in fc.lower.items()},
-                    "upper": {k: v[j].tolist() for k, v in fc.upper.items()},
-                    "model_version": loaded.version,
-                    "emitted_at": now,
-                }
+            ids = [str(sid[r]) for r in rows]
+            for obj in forecast_documents(ids, wts, fc, version=loaded.version):
                 fh.write(orjson.dumps(obj) + b"\n")
                 written += 1
     tmp.replace(out)
