@@ -94,6 +94,8 @@ def test_kill_9_mid_version_write_leaves_the_serving_version(
         if child.poll() is None:
             child.kill()
         child.wait()
+        if child.stderr is not None:
+            child.stderr.close()
     reg = _check_intact(models, old)
     assert [v.name for v in reg.versions()] == [old]  # the half-written one is invisible
     # The next retrain works and is judged against the old serving version.
