@@ -208,7 +208,10 @@ class ExactlyOnce(_Base):
             except KafkaError as exc:
                 self.metrics.publish_errors.inc()
                 if attempt == 0 and isinstance(exc, _TOO_LARGE):
-                    msgs = self._without_dlq_values(msgs)  # aborted: once more, headers only
+                    # Aborted: once more with the dead letters headers only, on a new producer
+                    # (the failed one lost its sequence numbers).
+                    await self.txn.close(tp.partition)
+                    msgs = self._without_dlq_values(msgs)
                     continue
                 log.error(
                     "transaction for %s[%d] failed (%r); reprocessing", tp.topic, tp.partition, exc

@@ -404,16 +404,21 @@ class TransactionalPublisher:
     ) -> None:
         """One transaction: ``messages`` plus the group's offset ``next_offset`` for the input
         partition; ``before_commit`` runs after the sends, before the commit (fault hook).
-        Raises on any failure (the transaction is then aborted)."""
+        Raises on any failure (the transaction is then aborted).
+
+        Every send is awaited *inside* the transaction: aiokafka commits a transaction whose
+        record batch failed (e.g. refused for its size), so the offset would be committed and
+        the record lost. After a failure the caller must :meth:`close` the producer (its
+        sequence numbers are lost) before the next transaction of the partition."""
         await self.open(partition)
         producer = self._producers[partition]
         tp = TopicPartition(self.input_topic, partition)
         async with producer.transaction():
             futures = [fut for fut, _ in await _send_all(producer, self._parts, messages)]
+            if futures:
+                await asyncio.gather(*futures)  # a failure raises here: the transaction aborts
             await producer.send_offsets_to_transaction(
                 {tp: OffsetAndMetadata(next_offset, "")}, self.group_id
             )
             if before_commit is not None:
                 before_commit()
-        if futures:
-            await asyncio.gather(*futures)

@@ -140,8 +140,14 @@ def test_publish_retries_only_what_failed_while_paused(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_a_dead_letter_refused_for_its_size_is_sent_headers_only(
-    stack: Any, make_topic: Any, redis_url: str, tmp_path: Path, thread_worker: Any
+    stack: Any,
+    make_topic: Any,
+    redis_url: str,
+    tmp_path: Path,
+    thread_worker: Any,
+    guarantee: str,
 ) -> None:
     """The dead-letter topic's limit is lowered after the worker read it: a 5 MB (decompressed)
     event's truncated copy is refused by the broker, then sent without its value. Nothing is
@@ -157,9 +163,11 @@ def test_a_dead_letter_refused_for_its_size_is_sent_headers_only(
     model_dir = tmp_path / "models"
     make_tiny_model_dir(model_dir)
     produce(stack.bootstrap, topics.input, [("s", b"not json")])
-    w = thread_worker(
-        worker_argv(stack.bootstrap, redis_url, model_dir, topics, "--metrics-port", "0")
-    )
+    argv = worker_argv(
+        stack.bootstrap, redis_url, model_dir, topics, "--metrics-port", "0",
+        "--guarantee", guarantee,
+    )  # fmt: skip
+    w = thread_worker(argv)
     wait_for(lambda: len(consume_all(stack.bootstrap, topics.dlq, idle=0.5)) == 1, 30, "a DLQ")
 
     async def lower() -> None:
