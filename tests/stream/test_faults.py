@@ -239,24 +239,32 @@ def test_redis_flushed_mid_run_rebuilds_windows(
     check_against_offline(tiny_model_dir, later, by_src, 20, seed=1)
 
 
-@pytest.mark.slow
-def test_redis_stopped_10s_then_restarted(
-    stack: Any, topics: Any, private_redis: Any, tiny_model_dir: Path, thread_worker: Any
-) -> None:
+def worker_on_private_redis(
+    stack: Any, topics: Any, url: str, model_dir: Path, thread_worker: Any, truth: Truth
+) -> tuple[Any, int]:
+    """Produce 60 steps of 10 series (added to ``truth``), then start an in-process worker on
+    the Redis at ``url`` with a metrics port, a 2 s liveness timeout and a fast Redis retry
+    policy; returns the worker and its metrics port (the Redis outage and OOM tests)."""
     from stream.retry import RetryPolicy
 
-    url = private_redis.url
-    truth = Truth()
     first = make_events(10, 60)
     truth.add(first, produce(stack.bootstrap, topics.input, first))
     port = free_port()
     argv = worker_argv(
-        stack.bootstrap, url, tiny_model_dir, topics, "--metrics-port", str(port),
+        stack.bootstrap, url, model_dir, topics, "--metrics-port", str(port),
         "--liveness-timeout", "2s",
     )  # fmt: skip
-    w = thread_worker(
-        argv, retry=RetryPolicy(base=0.05, cap=0.5, errors=RetryPolicy.for_redis().errors)
-    )
+    retry = RetryPolicy(base=0.05, cap=0.5, errors=RetryPolicy.for_redis().errors)
+    return thread_worker(argv, retry=retry), port
+
+
+@pytest.mark.slow
+def test_redis_stopped_10s_then_restarted(
+    stack: Any, topics: Any, private_redis: Any, tiny_model_dir: Path, thread_worker: Any
+) -> None:
+    url = private_redis.url
+    truth = Truth()
+    w, port = worker_on_private_redis(stack, topics, url, tiny_model_dir, thread_worker, truth)
     n1 = len(truth.expected_sources())
     wait_for(lambda: output_count(stack.bootstrap, topics.output) >= n1, 60, "first forecasts")
     m = w.worker.metrics

@@ -23,6 +23,7 @@ from tests.stream.test_faults import (
     check_windows,
     output_count,
     wait_all_forecasts,
+    worker_on_private_redis,
 )
 
 pytestmark = pytest.mark.integration
@@ -40,20 +41,9 @@ def test_redis_out_of_memory_pauses_and_resumes_when_memory_is_freed(
     thread_worker: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from stream.retry import RetryPolicy
-
     url = private_redis.url
     truth = Truth()
-    first = make_events(10, 60)
-    truth.add(first, produce(stack.bootstrap, topics.input, first))
-    port = free_port()
-    argv = worker_argv(
-        stack.bootstrap, url, tiny_model_dir, topics, "--metrics-port", str(port),
-        "--liveness-timeout", "2s",
-    )  # fmt: skip
-    w = thread_worker(
-        argv, retry=RetryPolicy(base=0.05, cap=0.5, errors=RetryPolicy.for_redis().errors)
-    )
+    w, port = worker_on_private_redis(stack, topics, url, tiny_model_dir, thread_worker, truth)
     m = w.worker.metrics
     wait_all_forecasts(stack.bootstrap, topics.output, truth, 60, worker=w)
 
