@@ -117,7 +117,7 @@ def serve_settings(args: argparse.Namespace, environ: Any = None) -> Any:
 
     Raises ConfigError naming the flag for a missing model directory or a bad number.
     """
-    from deploy.serve import ServeSettings
+    from deploy.http.settings import ServeSettings
 
     environ = os.environ if environ is None else environ
     if not args.model_dir:
@@ -145,7 +145,9 @@ def serve_settings(args: argparse.Namespace, environ: Any = None) -> Any:
 def build_serve_app(args: argparse.Namespace, environ: Any = None) -> Any:
     """The FastAPI app ``worker serve`` runs, wired from the flags (loads the model: raises
     NoModelError when the directory has no current version)."""
-    from deploy.serve import ForecastHistory, TopicForecastFeed, create_app, redis_collaborators
+    from deploy.http.app import create_app
+    from deploy.http.feed import ForecastHistory, TopicForecastFeed
+    from deploy.http.state import redis_collaborators
     from model.registry import ModelRegistry
 
     settings = serve_settings(args, environ)
@@ -171,7 +173,7 @@ def build_serve_app(args: argparse.Namespace, environ: Any = None) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deploy.serve import run_server
+    from deploy.http.server import run_server
 
     app = build_serve_app(args)
     run_server(app, app.state.settings)
@@ -203,8 +205,8 @@ def _register_plot(subparsers: argparse._SubParsersAction) -> None:  # type: ign
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Write the PNG; prints what it drew. A series with no data still gets a PNG, exit 1."""
+    from deploy.http.state import read_window_sync
     from deploy.plot import ChartData, read_series_forecasts, render_png
-    from deploy.serve import read_window_sync
 
     if args.scan < 1:
         raise ConfigError(f"--scan: must be >= 1, got {args.scan}")
@@ -299,7 +301,7 @@ def _register_series(subparsers: argparse._SubParsersAction) -> None:  # type: i
 
 def cmd_series_delete(args: argparse.Namespace) -> int:
     """Exit 0 when the series' state was deleted, 1 when there was none."""
-    from deploy.serve import delete_series_sync
+    from deploy.http.state import delete_series_sync
 
     deleted = delete_series_sync(RedisSettings.from_args(args), args.series_id, **_store_args(args))
     print(json.dumps({"series_id": args.series_id, "deleted": deleted}))

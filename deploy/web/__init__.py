@@ -1,1 +1,2 @@
-"""Static assets of the live view (index.html, view.js), read by deploy.serve."""
+"""Assets of the live view: the Jinja2 template ``index.html`` and the page's script ``view.js``,
+read by :mod:`deploy.http.view`."""

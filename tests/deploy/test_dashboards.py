@@ -3,8 +3,8 @@ rules query is one the code really exports, the provisioning matches docker-comp
 Dockerfile builds a slim non-root image in CPU and CUDA variants.
 
 Exported names are read from the live registries of the worker (``stream.metrics.Metrics``), the
-HTTP service (``deploy.serve``) and the worker's online-accuracy scorer (``stream.accuracy``), not
-from a hand-kept list.
+HTTP service (``deploy.http.metrics``) and the worker's online-accuracy scorer
+(``stream.accuracy``), not from a hand-kept list.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def worker_names() -> set[str]:
 
 
 def serve_names() -> set[str]:
-    from deploy.serve import _Metrics
+    from deploy.http.metrics import ServeMetrics
 
-    return exported(_Metrics().registry)
+    return exported(ServeMetrics().registry)
 
 
 def accuracy_names() -> set[str]:

@@ -20,8 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from deploy.http.app import create_app
+from deploy.http.settings import ServeSettings
 from deploy.schemas import NAMES, schema, validator
-from deploy.serve import ServeSettings, create_app
 from model.registry import ModelRegistry
 from stream.decode import Event, decode_event
 from tests.helpers.kafka import consume_all, produce

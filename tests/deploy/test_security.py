@@ -326,7 +326,7 @@ def test_worker_runs_over_tls_with_the_acl_user(
         assert len(out) == 4
         settings = RedisSettings(url=url, username=REDIS_USER, password=REDIS_PASSWORD,
                                  ssl_ca_certs=str(certs["ca"]))  # fmt: skip
-        from deploy.serve import read_window_sync
+        from deploy.http.state import read_window_sync
 
         win = read_window_sync(settings, "s1", topic=topic, partitions=2)
         assert win is not None and len(win.values) == 49
@@ -371,7 +371,8 @@ def test_reload_endpoint_keeps_serving_when_a_file_is_not_in_the_manifest(
 ) -> None:
     import warnings
 
-    from deploy.serve import ServeSettings, create_app
+    from deploy.http.app import create_app
+    from deploy.http.settings import ServeSettings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -22,14 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deploy.serve import (
-    ForecastHistory,
-    RequestInvalid,
-    ServeSettings,
-    Window,
-    create_app,
-    validate_predict,
-)
+from deploy.http.app import create_app
+from deploy.http.bodies import validate_predict
+from deploy.http.errors import RequestInvalid
+from deploy.http.feed import ForecastHistory
+from deploy.http.settings import ServeSettings
+from deploy.http.state import Window
 from model.config import ModelConfig
 from model.features import build_inputs
 from model.registry import ModelRegistry
@@ -353,6 +351,12 @@ def test_openapi_spec_documents_every_endpoint(client: TestClient) -> None:
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
     assert {"series_id", "ts", "values"} <= set(body["schema"]["properties"])
     assert {"200", "413", "422"} <= set(spec["paths"]["/predict"]["post"]["responses"])
+
+
+def test_reload_is_documented_as_bearer_protected(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert spec["paths"]["/reload"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
 # --- GET /series/{id} ----------------------------------------------------------------------------

@@ -24,15 +24,12 @@ import orjson
 import pytest
 
 from deploy.cli import main as worker_main
+from deploy.http.app import create_app
+from deploy.http.feed import ForecastHistory, TopicForecastFeed
+from deploy.http.serving import forecast_objects
+from deploy.http.settings import ServeSettings
+from deploy.http.state import RedisWindows
 from deploy.plot import ACTUAL, BAND80, BAND95, ChartData, render_svg
-from deploy.serve import (
-    ForecastHistory,
-    RedisWindows,
-    ServeSettings,
-    TopicForecastFeed,
-    create_app,
-    forecast_objects,
-)
 from model.features import build_inputs
 from model.registry import ModelRegistry
 from stream.settings import KafkaSettings, LimitSettings, RedisSettings
@@ -132,7 +129,7 @@ def test_series_reads_the_workers_redis_window(
 
 @pytest.mark.integration
 def test_series_delete_removes_only_that_series(redis_url: str) -> None:
-    from deploy.serve import delete_series_sync, read_window_sync
+    from deploy.http.state import delete_series_sync, read_window_sync
 
     asyncio.run(write_windows(redis_url, {"alpha": 50, "beta": 50}))
     redis = RedisSettings(url=redis_url)
@@ -190,6 +187,19 @@ def test_page_escapes_the_series_and_sets_a_strict_csp(tiny_model_dir: Path) -> 
             .headers["content-type"]
             .startswith("image/svg+xml")
         )
+
+
+def test_page_lists_known_series_escaped_and_linked(tiny_model_dir: Path) -> None:
+    history = ForecastHistory()
+    for sid in ["a/b", 'x"<y>&', "plain"]:
+        history.add({"series_id": sid, "ts": 1.0})
+    settings = ServeSettings(model_dir=tiny_model_dir, device="cpu", threads=1)
+    with TestClient(create_app(settings, ModelRegistry(tiny_model_dir), history=history)) as c:
+        page = c.get("/").text
+    assert '<a href="/?series=x%22%3Cy%3E%26">x&#34;&lt;y&gt;&amp;</a>' in page
+    assert '<a href="/?series=a%2Fb">a/b</a>' in page
+    assert '<option value="x&#34;&lt;y&gt;&amp;">' in page
+    assert 'x"<y>' not in page
 
 
 def _colour_pixels(png: Path, hex_colour: str, tol: int = 6) -> int:

@@ -19,7 +19,7 @@ def serve_in_thread(
     (``http://host:port``) once it accepts connections, and shut it down on exit.
 
     ``port=0`` picks a free port. Raises EventcastError when the server does not start within
-    ``timeout``. ``worker serve`` itself uses :func:`deploy.serve.run_server`.
+    ``timeout``. ``worker serve`` itself uses :func:`deploy.http.server.run_server`.
     """
     import socket
     import threading
