@@ -7,19 +7,26 @@ partition, version): never a series id.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import json as stdlib_json
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Generator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from stream.accuracy import AccuracyMetrics
+from stream.errors import StreamError
 
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 8192)
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 
 
 class Metrics:
@@ -156,8 +163,13 @@ class Metrics:
 
 class HealthServer:
     """``/metrics``, ``/healthz`` (``alive()`` is true: the pipeline makes progress, see
-    :mod:`stream.health`) and ``/readyz`` (``ready()`` is true) on ``host:port``, served from the
-    worker's event loop with aiohttp. ``stop()`` is idempotent."""
+    :mod:`stream.health`) and ``/readyz`` (``ready()`` is true) on ``host:port``: a small FastAPI
+    app (the stack of ``worker serve``) served by uvicorn as a task of the worker's event loop.
+
+    uvicorn installs no signal handlers here (the worker installs its own) and logs only
+    warnings, no access lines. ``start()`` raises :class:`stream.errors.StreamError` naming
+    ``--metrics-port`` when the address cannot be bound; ``stop()`` is idempotent.
+    """
 
     def __init__(
         self,
@@ -172,36 +184,107 @@ class HealthServer:
         self.alive = alive
         self.host = host
         self.port = port
-        self._runner: Any = None
+        self._server: Any = None
+        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        from aiohttp import web
+    def app(self) -> Any:
+        """The ASGI app: the three routes, answered as the worker always answered them."""
+        from fastapi import FastAPI, Response
 
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(
-                body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        def json(status: int, body: dict[str, Any]) -> Response:
+            return Response(
+                stdlib_json.dumps(body), status_code=status, media_type=JSON_CONTENT_TYPE
             )
 
-        async def healthz(_: web.Request) -> web.Response:
+        async def metrics() -> Response:
+            return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+        async def healthz() -> Response:
             if self.alive():
-                return web.json_response({"status": "ok"})
-            return web.json_response({"status": "stalled"}, status=503)
+                return json(200, {"status": "ok"})
+            return json(503, {"status": "stalled"})
 
-        async def readyz(_: web.Request) -> web.Response:
+        async def readyz() -> Response:
             ok = self.ready()
-            return web.json_response({"ready": ok}, status=200 if ok else 503)
+            return json(200 if ok else 503, {"ready": ok})
 
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        for path, endpoint in (("/metrics", metrics), ("/healthz", healthz), ("/readyz", readyz)):
+            app.add_api_route(path, endpoint, methods=["GET", "HEAD"], include_in_schema=False)
+        return app
+
+    async def start(self) -> None:
+        import uvicorn
+
+        sockets = bind_sockets(self.host, self.port)
+        config = uvicorn.Config(
+            self.app(),
+            log_config=None,  # the worker's logging stays as the CLI configured it
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            ws="none",
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=5,
+        )
+        server = embedded_server_class()(config)
+        task = asyncio.create_task(server.serve(sockets=sockets), name="health-server")
+        self._server, self._task = server, task
+        while not server.started:
+            if task.done():  # it failed before serving: say why
+                self._server = self._task = None
+                for sock in sockets:
+                    sock.close()
+                exc = task.exception()
+                raise StreamError(
+                    f"--metrics-port: the health endpoint on {self.host}:{self.port} did not "
+                    f"start: {exc!r}"
+                ) from exc
+            await asyncio.sleep(0.005)
         log.info("metrics on http://%s:%d/metrics", self.host, self.port)
 
     async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        server, task = self._server, self._task
+        self._server = self._task = None
+        if server is None or task is None:
+            return
+        server.should_exit = True  # uvicorn finishes requests in flight, then closes the sockets
+        await task
+
+
+@functools.cache
+def embedded_server_class() -> type[Any]:
+    """``uvicorn.Server`` that leaves signal handling to its host (imported on first use: the
+    worker's modules import this one, ``worker --help`` should not pay for uvicorn)."""
+    import uvicorn
+
+    class EmbeddedServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            yield  # the worker installed its own handlers; uvicorn's would replace them
+
+    return EmbeddedServer
+
+
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening-ready sockets bound to every address of ``host`` (as asyncio would bind them);
+    raises :class:`StreamError` naming ``--metrics-port`` when one cannot be bound (e.g. the
+    port is in use)."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise StreamError(f"--metrics-port: cannot listen on {host}:{port}: {exc}") from exc
+    return sockets
