@@ -14,7 +14,6 @@ configuration, 3 no model in the model directory.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import deploy.commands
 import stream.commands
 import train.commands
+from deploy.logs import configure_logging
 from model.errors import ConfigError, EventcastError, NoModelError
 from stream.cliconfig import parse_layered
 
@@ -53,11 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"worker: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=str(args.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(str(args.log_level))
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
