@@ -7,7 +7,9 @@ Both keep "commit last" (docs/design.md invariant 3):
   offsets. A crash in between repeats forecasts, never loses one.
 - :class:`ExactlyOnce` writes one input partition's forecasts, dead letters and next offset in
   one Kafka transaction, then the windows. A crash in between leaves Redis behind the committed
-  offset, which the next owner repairs by re-reading the topic (invariant 6).
+  offset, which the next owner repairs by re-reading the topic (invariant 6). A partition whose
+  producer was fenced (another worker owns it now: this one is a zombie) is given up with one
+  WARNING; the worker goes on with the partitions it still owns.
 
 While the broker does not acknowledge, fetching is paused (:class:`stream.health.Pauses`, reason
 ``kafka``): not ready, still alive, retried with backoff, resumed by itself. A batch is never
@@ -32,6 +34,7 @@ from stream.metrics import Metrics
 from stream.partitions import Partitions, PartitionState
 from stream.publisher import (
     OutMessage,
+    PartitionFencedError,
     Publisher,
     PublishError,
     TransactionalPublisher,
@@ -205,6 +208,22 @@ class ExactlyOnce(_Base):
             try:
                 await self.txn.publish_and_commit(tp.partition, msgs, next_offset, hook)
                 return True
+            except PartitionFencedError as exc:
+                # Not a broker failure: the partition belongs to another worker (or, rarely, our
+                # transaction outlived the broker's transaction timeout). Its records are read
+                # again from the committed offset if it is still ours once the fence is over.
+                if exc.first:
+                    self.metrics.publish_errors.inc()
+                    log.warning(
+                        "lost input partition %s[%d]: its transactional producer was fenced (%s:"
+                        " another worker took the partition over); transaction aborted, the"
+                        " batch is left to the new owner",
+                        tp.topic, tp.partition, type(exc.cause).__name__,
+                    )  # fmt: skip
+                else:
+                    log.debug("%s[%d]: still fenced; batch dropped", tp.topic, tp.partition)
+                await self.partitions.reset(tp)
+                break
             except KafkaError as exc:
                 self.metrics.publish_errors.inc()
                 if attempt == 0 and isinstance(exc, _TOO_LARGE):

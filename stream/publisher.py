@@ -7,7 +7,13 @@ truncated, with its size and sha256 in headers; :func:`headers_only` drops it al
 :class:`Publisher` sends them with one idempotent producer (``acks=all``), all sends first and then
 one wait for every acknowledgement. :class:`TransactionalPublisher` (``--guarantee exactly_once``)
 keeps one transactional producer per input partition and writes a partition's forecasts,
-dead-letter records and next input offset in one Kafka transaction.
+dead-letter records and next input offset in one Kafka transaction; when another worker's producer
+fenced that partition's, :class:`PartitionFencedError` says the partition is lost.
+
+No exception is left on a future nobody awaits (asyncio would log "Future exception was never
+retrieved" at ERROR when the future is collected): the futures of records queued before a send
+failed (:func:`_send_all`), and those aiokafka keeps inside a producer whose sender died, e.g. of
+``ProducerFenced`` (:func:`_retrieve_internal_failures`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,12 @@ import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordTooLargeError,
+)
 from aiokafka.structs import OffsetAndMetadata
 
 from model.features import target_times
@@ -47,6 +58,27 @@ MAX_REQUEST_SIZE = 4 * 1024 * 1024
 DLQ_RECORD_OVERHEAD = 8 * 1024
 MAX_DLQ_KEY_BYTES = 1024
 MAX_ERROR_MESSAGE_CHARS = 1000
+# After a fence, how long a partition's producer is not started again unless the partition is
+# revoked first (:meth:`TransactionalPublisher.close`): a worker fenced because it lost the
+# partition (a zombie, frozen past its session timeout) learns so from the group within a
+# heartbeat, and must not fence the new owner meanwhile; one fenced only because its transaction
+# outlived the broker's transaction timeout (and still owns the partition) resumes after this.
+FENCED_HOLD_S = 20.0
+
+
+class PartitionFencedError(StreamError):
+    """The transactional producer of input ``partition`` was fenced: a newer producer with its
+    transactional id started (another worker took the partition over), or its transaction
+    outlived the broker's transaction timeout. The transaction is aborted. ``first``: this call
+    found it out; later calls fail at once, without the broker, while the fence holds
+    (:data:`FENCED_HOLD_S`, or until the partition is closed)."""
+
+    def __init__(self, partition: int, cause: BaseException | None, first: bool) -> None:
+        why = f"{cause}" if cause is not None else "fenced earlier, not restarted yet"
+        super().__init__(f"the transactional producer of input partition {partition}: {why}")
+        self.partition = partition
+        self.cause = cause
+        self.first = first
 
 
 class PublishError(StreamError):
@@ -267,8 +299,60 @@ async def _send_all(
     """Queue ``messages`` for sending; one future per record batch (it fails if any record of
     the batch is refused), with the batch's messages. Records are packed into record batches
     per partition here, in order, rather than one ``send()`` each: the per-message future and
-    accumulator bookkeeping of ``send()`` cost more than encoding the forecast."""
+    accumulator bookkeeping of ``send()`` cost more than encoding the forecast.
+
+    When queuing fails part way (the caller then sends every message again), the futures of the
+    record batches queued already are given up: their outcome, exception included, is
+    retrieved when it comes (:func:`_retrieve`), so none is left unretrieved."""
     futures: list[tuple[asyncio.Future[Any], list[OutMessage]]] = []
+    try:
+        await _queue_all(producer, parts, messages, futures)
+    except BaseException:
+        for fut, _ in futures:
+            fut.add_done_callback(_retrieve)
+        raise
+    return futures
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark the exception of a finished future as retrieved (a done callback)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _retrieve_internal_failures(producer: AIOKafkaProducer) -> None:
+    """Retrieve the exceptions aiokafka leaves on futures of its own that no public call
+    awaits, once a producer failed for good (its sender task died, e.g. of ``ProducerFenced``):
+
+    - the transaction's end waiter: ``TransactionManager.fatal_error`` (and ``error_transaction``)
+      set the exception on it, and ``TransactionContext.__aexit__`` returns without awaiting it
+      when the error is fatal (aiokafka/producer/producer.py);
+    - each queued record batch's drain waiter: ``MessageBatch.failure`` sets the exception on it
+      for a batch the sender had not taken yet (aiokafka/producer/message_accumulator.py; only
+      ``add_message`` ever awaits it) — and the batch futures themselves.
+
+    These are aiokafka's private attributes (0.14), read defensively: without them this does
+    nothing (tests/deploy/test_logs.py notices the warnings coming back)."""
+    futures: list[Any] = []
+    txn = getattr(producer, "_txn_manager", None)
+    futures.append(getattr(txn, "_transaction_waiter", None))
+    futures += [fut for _, _, fut in getattr(txn, "_pending_txn_offsets", ())]
+    acc = getattr(producer, "_message_accumulator", None)
+    batches = [b for bs in getattr(acc, "_batches", {}).values() for b in bs]
+    batches += list(getattr(acc, "_pending_batches", ()))
+    for batch in batches:
+        futures += [getattr(batch, "_drain_waiter", None), getattr(batch, "future", None)]
+    for fut in futures:
+        if isinstance(fut, asyncio.Future) and fut.done():
+            _retrieve(fut)
+
+
+async def _queue_all(
+    producer: AIOKafkaProducer,
+    parts: _Partitioner,
+    messages: Sequence[OutMessage],
+    futures: list[tuple[asyncio.Future[Any], list[OutMessage]]],
+) -> None:
     open_batches: dict[tuple[str, int], tuple[Any, list[OutMessage]]] = {}
 
     async def submit(topic: str, partition: int) -> None:
@@ -297,7 +381,6 @@ async def _send_all(
         batch.append(m)
     for topic, p in list(open_batches):
         await submit(topic, p)
-    return futures
 
 
 class Publisher:
@@ -330,6 +413,7 @@ class Publisher:
             await old.stop()
         except KafkaError as exc:  # its pending batches failed already
             log.debug("stopping the failed producer: %r", exc)
+        _retrieve_internal_failures(old)
         self._started = False
         await self._producer.start()
         self._started = True
@@ -364,21 +448,35 @@ class Publisher:
 class TransactionalPublisher:
     """Exactly-once publishing: one transactional producer per input partition, with
     ``transactional_id = <group>.<input topic>.<partition>`` so that a worker taking a partition
-    over fences the previous owner's producer (its open transaction is aborted)."""
+    over fences the previous owner's producer (its open transaction is aborted).
+
+    The fenced side learns it from :class:`PartitionFencedError`. Its producer is then
+    discarded and, for :data:`FENCED_HOLD_S` or until the partition is closed (revoked), not
+    started again: a zombie that restarted it at once would fence the new owner in turn."""
 
     def __init__(self, kafka: KafkaSettings, group_id: str, input_topic: str) -> None:
         self.kafka = kafka
         self.group_id = group_id
         self.input_topic = input_topic
         self._producers: dict[int, AIOKafkaProducer] = {}
+        self._fenced: dict[int, float] = {}  # partition -> time.monotonic() of its fence
         self._parts = _Partitioner()
 
     def transactional_id(self, partition: int) -> str:
         return f"{self.group_id}.{self.input_topic}.{partition}"
 
+    def fenced(self, partition: int) -> bool:
+        """Whether the partition's producer was fenced and the hold is not over."""
+        since = self._fenced.get(partition)
+        if since is not None and time.monotonic() - since >= FENCED_HOLD_S:
+            del self._fenced[partition]
+            since = None
+        return since is not None
+
     async def open(self, partition: int) -> None:
-        """Start (and fence older holders of) the producer of an input partition."""
-        if partition in self._producers:
+        """Start (and fence older holders of) the producer of an input partition; nothing while
+        the partition is :meth:`fenced`."""
+        if partition in self._producers or self.fenced(partition):
             return
         producer = AIOKafkaProducer(
             **_producer_kwargs(self.kafka), transactional_id=self.transactional_id(partition)
@@ -387,9 +485,20 @@ class TransactionalPublisher:
         self._producers[partition] = producer
 
     async def close(self, partition: int) -> None:
+        """Stop the partition's producer and forget a fence (the partition was revoked, or its
+        producer failed otherwise)."""
+        self._fenced.pop(partition, None)
+        await self._discard(partition)
+
+    async def _discard(self, partition: int) -> None:
         producer = self._producers.pop(partition, None)
-        if producer is not None:
+        if producer is None:
+            return
+        try:
             await producer.stop()
+        except KafkaError as exc:  # a failed producer: its batches failed already
+            log.debug("stopping the producer of partition %d: %r", partition, exc)
+        _retrieve_internal_failures(producer)
 
     async def stop(self) -> None:
         for p in list(self._producers):
@@ -409,16 +518,31 @@ class TransactionalPublisher:
         Every send is awaited *inside* the transaction: aiokafka commits a transaction whose
         record batch failed (e.g. refused for its size), so the offset would be committed and
         the record lost. After a failure the caller must :meth:`close` the producer (its
-        sequence numbers are lost) before the next transaction of the partition."""
+        sequence numbers are lost) before the next transaction of the partition.
+
+        Raises :class:`PartitionFencedError` when the producer is fenced (it is discarded then,
+        no :meth:`close` needed), and at once while the fence holds."""
         await self.open(partition)
-        producer = self._producers[partition]
+        producer = self._producers.get(partition)
+        if producer is None:  # fenced, held
+            raise PartitionFencedError(partition, None, first=False)
         tp = TopicPartition(self.input_topic, partition)
-        async with producer.transaction():
-            futures = [fut for fut, _ in await _send_all(producer, self._parts, messages)]
-            if futures:
-                await asyncio.gather(*futures)  # a failure raises here: the transaction aborts
-            await producer.send_offsets_to_transaction(
-                {tp: OffsetAndMetadata(next_offset, "")}, self.group_id
-            )
-            if before_commit is not None:
-                before_commit()
+        try:
+            async with producer.transaction():
+                try:
+                    futures = [fut for fut, _ in await _send_all(producer, self._parts, messages)]
+                    if futures:
+                        await asyncio.gather(*futures)  # a failure raises: the transaction aborts
+                    await producer.send_offsets_to_transaction(
+                        {tp: OffsetAndMetadata(next_offset, "")}, self.group_id
+                    )
+                    if before_commit is not None:
+                        before_commit()
+                except BaseException:
+                    # Before the abort: it replaces a failed transaction waiter unretrieved.
+                    _retrieve_internal_failures(producer)
+                    raise
+        except ProducerFenced as exc:
+            self._fenced[partition] = time.monotonic()
+            await self._discard(partition)
+            raise PartitionFencedError(partition, exc, first=True) from exc
