@@ -26,6 +26,7 @@ from pathlib import Path
 import orjson
 import pandas as pd
 
+from deploy.logs import configure_logging
 from deploy.stack import REPO, Stack, create_topics, free_port
 
 DEMO_DATASETS = ("seattle-temps", "sf-temps", "sea-temp")
@@ -161,11 +162,13 @@ async def stream_demo(
     await consumer.start()
     start = time.monotonic()
 
+    delivered: list[asyncio.Future] = []  # one per event: the broker's acknowledgement
+
     async def produce() -> None:
         nonlocal sent
         for i, (sid, ts, value) in enumerate(events):
             body = orjson.dumps({"series_id": sid, "ts": ts, "value": value})
-            await producer.send(topics["input"], body, key=sid.encode())
+            delivered.append(await producer.send(topics["input"], body, key=sid.encode()))
             views.setdefault(sid, SeriesView()).events += 1
             sent = i + 1
             # Pace the replay: a steady rate, like a live feed.
@@ -173,6 +176,7 @@ async def stream_demo(
             if delay > 0:
                 await asyncio.sleep(delay)
         await producer.flush()
+        await asyncio.gather(*delivered)  # a refused event raises here, not unretrieved
 
     producing = asyncio.create_task(produce())
     # Off a terminal (a log file, CI) rich assumes 80 columns; the table needs more.
@@ -205,6 +209,8 @@ async def stream_demo(
         producing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await producing
+        for fut in delivered:  # the replay was cut short: nobody awaits these any more
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         await consumer.stop()
         await producer.stop()
     return {"sent": sent, "forecasts": received, "expected": expected, "dlq": dlq}
@@ -229,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=120.0, help="seconds at most")
     parser.add_argument("--train-budget", default="3m")
     args = parser.parse_args(argv)
+    # This process's own log lines (its Kafka clients'), like the worker's it starts: warnings
+    # and errors only, between the live table's refreshes.
+    configure_logging("WARNING")
 
     stack = Stack.from_env()
     started_stack = not (stack.kafka.running() and stack.redis.running())
