@@ -136,7 +136,7 @@ def pipeline(device: str, series: int, batch: int, min_time: float) -> list[dict
         )
         wins = PartitionWindows(
             "events", 0, sequence_length=cfg.sequence_length, features=(),
-            limits=LimitSettings(max_series=series + 1),
+            limits=LimitSettings(max_series_per_partition=series + 1),
         )  # fmt: skip
         keys = [f"sensor-{i:06d}".encode() for i in range(series)]
         offset = 0

@@ -33,7 +33,12 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
+
+from pydantic import Field
+
+from model.errors import ConfigError
+from stream.config import Settings, settings_from_environment
 
 REPO = Path(__file__).resolve().parent.parent
 KAFKA_POM = REPO / "deploy" / "kafka" / "pom.xml"
@@ -507,6 +512,15 @@ def create_topics(bootstrap: str, topics: Mapping[str, int], timeout: float = 30
 # --- the stack as a whole (what make stack-* runs) -----------------------------------------------
 
 
+class StackSettings(Settings):
+    """Where the local stack lives and listens (``EVENTCAST_STACK_DIR``, ``EVENTCAST_KAFKA_PORT``,
+    ``EVENTCAST_REDIS_PORT``; the test suite runs its own stack on free ports this way)."""
+
+    stack_dir: Path = REPO / ".stack"
+    kafka_port: Annotated[int, Field(ge=1, le=65535)] = 9092
+    redis_port: Annotated[int, Field(ge=1, le=65535)] = 6379
+
+
 @dataclass
 class Stack:
     dir: Path
@@ -515,11 +529,11 @@ class Stack:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Stack:
-        root = Path(environ.get("EVENTCAST_STACK_DIR", REPO / ".stack"))
+        s = settings_from_environment(StackSettings, environ)
         return cls(
-            dir=root,
-            kafka=KafkaServer(root, port=int(environ.get("EVENTCAST_KAFKA_PORT", 9092))),
-            redis=RedisServer(root, port=int(environ.get("EVENTCAST_REDIS_PORT", 6379))),
+            dir=s.stack_dir,
+            kafka=KafkaServer(s.stack_dir, port=s.kafka_port),
+            redis=RedisServer(s.stack_dir, port=s.redis_port),
         )
 
     def up(self, topics: Mapping[str, int] | None = DEFAULT_TOPICS) -> None:
@@ -557,7 +571,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-topics", action="store_true", help="up: do not create the default topics"
     )
     args = parser.parse_args(argv)
-    stack = Stack.from_env()
+    try:
+        stack = Stack.from_env()
+    except ConfigError as exc:
+        print(f"stack: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.action == "up":
             stack.up(None if args.no_topics else DEFAULT_TOPICS)

@@ -11,16 +11,19 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from model.errors import ConfigError
 
-DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "student_t")
+Distribution = Literal["gaussian", "student_t"]
+DISTRIBUTIONS: tuple[str, ...] = get_args(Distribution)
 
 # Where and how a version is served (model.predictor; the --backend / --device flags).
-BACKENDS: tuple[str, ...] = ("auto", "torch", "torch-bf16", "torch-int8", "onnx", "onnx-int8")
+Backend = Literal["auto", "torch", "torch-bf16", "torch-int8", "onnx", "onnx-int8"]
+Device = Literal["auto", "cpu", "cuda"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 CPU_ONLY_BACKENDS: tuple[str, ...] = ("torch-bf16", "torch-int8")
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DEVICES: tuple[str, ...] = get_args(Device)
 
 # Values that fields added after the first release take when a *saved* config (a version's
 # config.json, a checkpoint's hyperparameters) lacks them: the behaviour those versions were

@@ -22,8 +22,8 @@ batch flows"):
   Prometheus collectors and the HTTP endpoint;
 - ``reloader``, ``accuracy``, ``shadow`` — hot reload, online accuracy, a challenger version;
 - ``faust_engine`` — ``--engine faust``: the same pieces with Faust as the consumer;
-- ``commands``     — ``worker start``, ``worker topics create``, ``worker status``; ``cliconfig``
-  the ``--config`` / ``EVENTCAST_*`` layering every ``commands`` module shares (the entry point
-  is ``deploy/cli.py``);
+- ``commands``     — ``worker start``, ``worker topics create``, ``worker status`` (the entry
+  point is ``deploy/cli.py``); ``settings`` the worker's and the connections' settings;
+  ``config`` one pydantic field per setting -> its flag, ``EVENTCAST_*`` variable and YAML key;
 - ``faults``, ``retry``, ``diagnostics`` — test-only fault hooks, the retry policy, stack dumps.
 """

@@ -7,7 +7,6 @@ flag, or a topic that does not exist: fix the names or run ``worker topics creat
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -15,59 +14,56 @@ import sys
 import time
 from typing import Any
 
-from stream.cliconfig import add_config_argument
+from pydantic import Field
+
+from stream.config import PositiveInt, add_settings_arguments
 from stream.errors import KafkaUnavailableError
-from stream.settings import (
-    KafkaSettings,
-    RedisSettings,
-    WorkerSettings,
-    add_kafka_arguments,
-    add_redis_arguments,
-    add_worker_arguments,
-)
+from stream.settings import KafkaSettings, RedisSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
 
 
+class TopicsCreateSettings(KafkaSettings):
+    """``worker topics create``: the worker's topics and how many partitions they get."""
+
+    input_topic: str = "events"
+    output_topic: str = "forecasts"
+    dlq_topic: str = "events.dlq"
+    partitions: PositiveInt = Field(6, description="input and output partitions")
+    replication_factor: PositiveInt = 1
+    shadow_topic: str | None = Field(None, description="also this topic for shadow forecasts")
+
+
+class StatusSettings(RedisSettings, KafkaSettings):
+    """``worker status``: which group and topic to report on."""
+
+    group_id: str = "eventcast"
+    input_topic: str = "events"
+    interval: float = Field(2.0, description="seconds between the two samples giving throughput")
+    as_json: bool = Field(False, alias="json", description="print one JSON object")
+
+
 def register(subparsers: Any) -> None:
     start = subparsers.add_parser("start", help="run the streaming worker")
-    add_config_argument(start)
-    add_worker_arguments(start)
+    add_settings_arguments(start, WorkerSettings)
     start.set_defaults(func=cmd_start)
 
     topics = subparsers.add_parser("topics", help="manage the worker's Kafka topics")
     tsub = topics.add_subparsers(dest="topics_command", metavar="ACTION")
     tsub.required = True
     create = tsub.add_parser("create", help="create the input, output and dead-letter topics")
-    add_config_argument(create)
-    add_kafka_arguments(create)
-    create.add_argument("--input-topic", default="events")
-    create.add_argument("--output-topic", default="forecasts")
-    create.add_argument("--dlq-topic", default="events.dlq")
-    create.add_argument("--partitions", type=int, default=6, help="input and output partitions")
-    create.add_argument("--replication-factor", type=int, default=1)
-    create.add_argument(
-        "--shadow-topic", default=None, help="also this topic for shadow-version forecasts"
-    )
+    add_settings_arguments(create, TopicsCreateSettings)
     create.set_defaults(func=cmd_topics_create)
 
     status = subparsers.add_parser("status", help="lag, throughput, model version, group members")
-    add_config_argument(status)
-    add_kafka_arguments(status)
-    add_redis_arguments(status)
-    status.add_argument("--group-id", default="eventcast")
-    status.add_argument("--input-topic", default="events")
-    status.add_argument("--interval", type=float, default=2.0,
-                        help="seconds between the two samples that give throughput")  # fmt: skip
-    status.add_argument("--json", action="store_true", help="print one JSON object")
+    add_settings_arguments(status, StatusSettings)
     status.set_defaults(func=cmd_status)
 
 
 # ---- start -------------------------------------------------------------------------------------
 
 
-def cmd_start(args: argparse.Namespace) -> int:
-    settings = WorkerSettings.from_args(args)
+def cmd_start(settings: WorkerSettings) -> int:
     if settings.engine == "faust":
         from stream.faust_engine import serve
 
@@ -97,12 +93,7 @@ async def _serve(settings: WorkerSettings) -> int:
 # ---- topics create -----------------------------------------------------------------------------
 
 
-def cmd_topics_create(args: argparse.Namespace) -> int:
-    from model.errors import ConfigError
-
-    kafka = KafkaSettings.from_args(args)
-    if args.partitions < 1:
-        raise ConfigError("--partitions: must be >= 1")
+def cmd_topics_create(args: TopicsCreateSettings) -> int:
     wanted = {
         args.input_topic: args.partitions,
         args.output_topic: args.partitions,
@@ -110,7 +101,7 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
     }
     if args.shadow_topic:  # worker start --shadow-version ... --shadow-topic
         wanted[args.shadow_topic] = args.partitions
-    created = asyncio.run(create_topics(kafka, wanted, args.replication_factor))
+    created = asyncio.run(create_topics(args.kafka, wanted, args.replication_factor))
     for name, n in wanted.items():
         state = "created" if name in created else "exists"
         print(f"{name}\t{n if name in created else '-'}\t{state}")
@@ -146,13 +137,13 @@ async def create_topics(
 # ---- status ------------------------------------------------------------------------------------
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: StatusSettings) -> int:
     import orjson
 
-    kafka = KafkaSettings.from_args(args)
-    redis = RedisSettings.from_args(args)
-    report = asyncio.run(group_status(kafka, redis, args.group_id, args.input_topic, args.interval))
-    if args.json:
+    report = asyncio.run(
+        group_status(args.kafka, args.redis, args.group_id, args.input_topic, args.interval)
+    )
+    if args.as_json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
     print(f"group {report['group']} ({report['state']}) on {report['topic']}")

@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal, get_args
 
 import orjson
 
@@ -33,7 +34,7 @@ MIN_TS = -2_208_988_800.0  # 1900-01-01T00:00:00Z
 MAX_TS = 7_258_118_400.0  # 2200-01-01T00:00:00Z
 
 # The dead-letter reasons of docs/contract.md, in one place.
-REASONS = (
+Reason = Literal[
     "invalid_json",
     "schema",
     "non_finite",
@@ -46,7 +47,8 @@ REASONS = (
     "missing_feature",
     "future",
     "model_output",
-)
+]
+REASONS: tuple[str, ...] = get_args(Reason)
 
 
 @dataclass(frozen=True, slots=True)

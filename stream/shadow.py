@@ -74,10 +74,10 @@ class ShadowRunner:
         self.metrics = metrics
         self.accuracy = accuracy
         self.lane: AccuracyLane | None = accuracy.lane("shadow") if accuracy is not None else None
-        self.topic = settings.shadow.topic
+        self.topic = settings.shadow_topic_name
         self.model: LoadedModel | None = None
         self._publisher: Publisher | None = None
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(settings.shadow.queue_size)
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(settings.shadow_queue_size)
         self._task: asyncio.Task[None] | None = None
         self._gens: dict[int, int] = {}
         self._last_log: dict[str, float] = {}
@@ -97,12 +97,12 @@ class ShadowRunner:
         """Load and check the shadow version against the serving config (same checks as a hot
         reload), check its topic exists, start its producer and task. False when any of it
         fails (logged, counted): the worker then serves without a shadow."""
-        s, sh = self.settings, self.settings.shadow
-        model_dir = sh.model_dir or s.model_dir
+        s = self.settings
+        model_dir = s.shadow_model_dir or s.model_dir
         try:
             self.model = await asyncio.to_thread(
                 ModelRegistry(model_dir).load,
-                sh.version,
+                s.shadow_version,
                 backend=s.backend,
                 device=s.device,
                 threads=s.threads or os.cpu_count(),
@@ -115,7 +115,7 @@ class ShadowRunner:
             self.metrics.shadow_failures.labels("start").inc()
             log.error(
                 "shadow version %s from %s not started, serving without a shadow: %s",
-                sh.version or "CURRENT", model_dir, exc,
+                s.shadow_version or "CURRENT", model_dir, exc,
             )  # fmt: skip
             await self._close_publisher()
             self.model = None

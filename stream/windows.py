@@ -133,7 +133,7 @@ class PartitionWindows:
         self.limits = limits
         self.max_event_bytes = max_event_bytes
         self.max_future_skew = max_future_skew  # seconds an event may be ahead of its record
-        self.capacity = sequence_length + limits.history  # points kept per series (W)
+        self.capacity = sequence_length + limits.window_history  # points kept per series (W)
         self.rings = SeriesRings(self.capacity, self.feature_names)
         self.applied = -1  # highest input offset applied; -1 before the first
         self.max_ts = -math.inf  # the TTL clock: newest accepted ts of all series but the lead
@@ -263,11 +263,11 @@ class PartitionWindows:
             self._forget(row)
             row = None
         if row is None:
-            if len(rings) >= self.limits.max_series:
+            if len(rings) >= self.limits.max_series_per_partition:
                 if flush is not None:
                     flush()
                 self._sweep_idle()
-            if len(rings) >= self.limits.max_series:
+            if len(rings) >= self.limits.max_series_per_partition:
                 return Rejection("series_limit", f"partition holds {len(rings)} series, the limit")
             row = rings.allocate(ev.series_id)
             self._deleted.discard(ev.series_id)

@@ -96,8 +96,12 @@ class Worker:
         redis = GuardedRedis(self.retry, m, self.pauses, give_up=self.giving_up)
         # Online accuracy and the shadow version (None when off: no work at all per batch).
         self.accuracy = (
-            OnlineAccuracy(m.accuracy, window=s.accuracy.window, max_series=s.limits.max_series)
-            if s.accuracy.enabled
+            OnlineAccuracy(
+                m.accuracy,
+                window=s.accuracy_window,
+                max_series=s.max_series_per_partition,
+            )
+            if s.online_accuracy
             else None
         )
         self.shadow: ShadowRunner | None = None
@@ -219,7 +223,7 @@ class Worker:
             fetch_max_wait_ms=50,
         )
         await self.start_resources(self.consumer)
-        if s.shadow.enabled:  # a shadow that cannot start is logged and counted, not fatal
+        if s.shadow_enabled:  # a shadow that cannot start is logged and counted, not fatal
             self.shadow = ShadowRunner(s, self.metrics, self.accuracy)
             await self.shadow.start(self._serving().model)
         try:

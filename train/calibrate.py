@@ -41,7 +41,7 @@ from torch import nn
 from model.config import TAIL_SCALE_MIN, ModelConfig
 from model.weights import forecast_net
 from train.data import VAL, EventDataModule
-from train.settings import CALIBRATION_MODES as MODES
+from train.choices import CALIBRATION_MODES as MODES
 
 log = logging.getLogger(__name__)
 

@@ -41,32 +41,13 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from model.config import ModelConfig
 from model.errors import ConfigError
 from model.features import build_inputs
+from train.settings import SplitSettings
 
 log = logging.getLogger(__name__)
 
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = {TRAIN: "train", VAL: "val", TEST: "test"}
 STORE_META = "arrays.json"
-
-
-@dataclass(frozen=True)
-class SplitSettings:
-    """How each series is cut: the last ``test_fraction`` is test, the ``val_fraction`` before it
-    validation; a spacing above ``max_gap_factor`` × the median spacing starts a new segment."""
-
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1
-    max_gap_factor: float = 2.5
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"--test-fraction: must be in (0, 1), got {self.test_fraction}")
-        if not 0.0 < self.val_fraction < 1.0 - self.test_fraction:
-            raise ConfigError(
-                f"--val-fraction: must be in (0, 1 - test_fraction), got {self.val_fraction}"
-            )
-        if not self.max_gap_factor > 1.0:
-            raise ConfigError(f"--max-gap-factor: must be > 1, got {self.max_gap_factor}")
 
 
 @dataclass
@@ -151,7 +132,7 @@ class SeriesArrays:
             "format": 1,
             "ids": self.ids,
             "features": list(self.features),
-            "settings": vars(self.settings),
+            "settings": self.settings.model_dump(),
         }
         (d / STORE_META).write_text(json.dumps(meta))
 

@@ -233,12 +233,12 @@ def _trainer(
     tr, hw = settings.training, settings.hardware
     return L.Trainer(
         accelerator=hw.accelerator,
-        devices=hw.devices,
+        devices=hw.lightning_devices,
         strategy=hw.strategy,
         num_nodes=hw.num_nodes,
         precision=_precision(hw.precision, hw.accelerator),  # type: ignore[arg-type]
         max_epochs=tr.max_epochs,
-        max_time=tr.time_budget,
+        max_time=tr.max_time,
         gradient_clip_val=tr.gradient_clip_val,
         gradient_clip_algorithm=tr.gradient_clip_algorithm if tr.gradient_clip_val else None,
         accumulate_grad_batches=tr.accumulate_grad_batches,
@@ -282,9 +282,7 @@ def _tune(
     if not (tr.scale_batch_size or tr.lr_find):
         return config
     # The finders run a fixed number of steps: they must not stop at the run's epoch limit.
-    tune_settings = dataclasses.replace(
-        settings, training=dataclasses.replace(tr, max_epochs=10_000, time_budget=None)
-    )
+    tune_settings = settings.model_copy(update={"max_epochs": 10_000, "time_budget": None})
     trainer, _, _ = make_trainer(tune_settings, run_dir / "tune", [], checkpoint=False)
     if trainer.world_size > 1:
         raise ConfigError(

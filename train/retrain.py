@@ -177,7 +177,7 @@ def retrain_once(settings: RetrainSettings) -> RetrainResult:
     mmap = None
     if settings.mmap_dir:
         mmap = settings.mmap_dir / (version if rank == 0 else f"{version}.rank{rank}")
-    arrays, data_report = prepare_arrays(settings.data, settings.split, mmap)
+    arrays, data_report = prepare_arrays(settings.data_source, settings.split, mmap)
     config = settings.model.replace(features=list(data_report.features))
     if settings.calendar_year_auto:
         config = config.replace(calendar_year=year_channels(arrays))

@@ -56,7 +56,7 @@ def run_every(
     the interval starts the next one at once).
     """
     assert settings.every is not None
-    interval = settings.every.total_seconds()
+    interval = settings.every
     stop = stop or StopFlag()
     previous = stop.install() if threading.current_thread() is threading.main_thread() else {}
     done = 0

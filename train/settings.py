@@ -1,6 +1,8 @@
-"""The trainer's settings: one frozen object per process, built once from flags and YAML.
+"""The trainer's settings: one frozen object per process, every setting one field.
 
-The YAML file given with ``--config`` is shaped like::
+Each field is a flag of ``worker retrain`` (or ``evaluate`` / ``predict``), an ``EVENTCAST_*``
+variable and a YAML key (:mod:`stream.config`). The YAML file given with ``--config`` may group the
+keys in sections::
 
     model:       # ModelConfig fields (hidden_size, num_layers, horizon, distribution, ...)
     training:    # max_epochs, time_budget, seed, gradient_clip_val, accumulate_grad_batches, ...
@@ -8,34 +10,37 @@ The YAML file given with ``--config`` is shaped like::
     logging:     # logger, mlflow_tracking_uri, mlflow_experiment, wandb_project, run_dir
     data:        # data, features, test_fraction, val_fraction, season, since, until
 
-The CLI layering (``stream.cliconfig``) already turns every scalar key that matches a flag into that
-flag's default (flags and ``EVENTCAST_*`` variables win); :func:`settings_from_args` then checks
-that no section holds a key nobody reads (a typo must not be silently ignored) and builds the
-model config from the ``model:`` section plus the model flags.
+A key of these sections that no setting reads is refused (a typo must not be silently ignored),
+and the ``model:`` section may hold any ModelConfig field: the model config is that section with
+the model flags on top. The groups (``hardware``, ``training``, ``logging``, ``split``) are what
+the Lightning code reads; ``RetrainSettings`` inherits them all.
+
+This module stays light (no torch, no pandas): the CLI imports it to build its parsers.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from model.config import ModelConfig, as_config
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_settings import CliSuppress
+
+from model.config import Distribution, ModelConfig, as_config
 from model.errors import ConfigError
+from stream.config import NonNegativeInt, OptionalDuration, PositiveInt, Settings, choices
 from stream.decode import parse_timestamp
-from stream.settings import KafkaSettings, parse_duration
-from train.data import SplitSettings
-from train.sources import DataSettings
+from stream.settings import KafkaSettings
+from train.choices import CalibrationMode, GradientClipAlgorithm
 
-PRECISIONS = ("64", "64-true", "32", "32-true", "16", "16-mixed", "bf16-mixed", "16-true",
-              "bf16-true", "transformer-engine")  # fmt: skip
+Precision = Literal["64", "64-true", "32", "32-true", "16", "16-mixed", "bf16-mixed", "16-true",
+                    "bf16-true", "transformer-engine"]  # fmt: skip
+PRECISIONS = choices(Precision)
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb", "none")
-GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
-CALIBRATION_MODES = ("conformal", "widen", "off")  # what each does: train/calibrate.py
 # Flags that set ModelConfig fields (None = not given on the command line or in YAML).
 MODEL_FLAGS = ("horizon", "hidden_size", "num_layers", "learning_rate", "batch_size",
                "distribution", "dropout", "sequence_length", "calendar_year")  # fmt: skip
@@ -56,148 +61,11 @@ def parse_time(text: str | float | None, flag: str) -> float | None:
         raise ConfigError(f"{flag}: {exc}") from exc
 
 
-@dataclass(frozen=True)
-class HardwareSettings:
-    """Where and how Lightning runs: passed to ``Trainer`` as they are."""
-
-    accelerator: str = "auto"
-    devices: str | int | list[int] = "auto"
-    strategy: str = "auto"
-    num_nodes: int = 1
-    precision: str = "32-true"
-    threads: int | None = None  # torch intra-op threads on the CPU (None: torch's default)
-
-    def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads: must be >= 1, got {self.threads}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision: expected one of {', '.join(PRECISIONS)}")
-        if self.num_nodes < 1:
-            raise ConfigError(f"--num-nodes: must be >= 1, got {self.num_nodes}")
-        if str(self.strategy).startswith("deepspeed"):
-            try:
-                import deepspeed  # noqa: F401
-            except ImportError:
-                raise ConfigError(
-                    "--strategy: deepspeed is not installed (pip install deepspeed)"
-                ) from None
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    """The training loop: epochs, time budget, clipping, accumulation, callbacks, tuning."""
-
-    max_epochs: int = 100
-    time_budget: dt.timedelta | None = None
-    seed: int = 0
-    gradient_clip_val: float | None = 1.0
-    gradient_clip_algorithm: str = "norm"
-    accumulate_grad_batches: int = 1
-    patience: int = 10
-    min_delta: float = 0.001
-    train_windows_per_epoch: int | None = None
-    num_workers: int = 0
-    lr_find: bool = False
-    scale_batch_size: bool = False
-    plot_every_n_epochs: int = 5
-    deterministic: bool = False
-    calibration: str = "conformal"  # interval calibration mode (train/calibrate.py)
-
-    def __post_init__(self) -> None:
-        if self.max_epochs < 1:
-            raise ConfigError(f"--max-epochs: must be >= 1, got {self.max_epochs}")
-        if self.gradient_clip_algorithm not in GRADIENT_CLIP_ALGORITHMS:
-            raise ConfigError("--gradient-clip-algorithm: expected norm or value")
-        if self.accumulate_grad_batches < 1:
-            raise ConfigError("--accumulate-grad-batches: must be >= 1")
-        if self.patience < 1:
-            raise ConfigError("--patience: must be >= 1")
-        if self.train_windows_per_epoch is not None and self.train_windows_per_epoch < 1:
-            raise ConfigError("--train-windows-per-epoch: must be >= 1")
-        if self.num_workers < 0:
-            raise ConfigError("--num-workers: must be >= 0")
-        if self.calibration not in CALIBRATION_MODES:
-            raise ConfigError(
-                f"--calibration: expected one of {', '.join(CALIBRATION_MODES)}, "
-                f"got {self.calibration!r}"
-            )
-
-
-@dataclass(frozen=True)
-class LoggingSettings:
-    """Experiment tracking: which loggers, where runs are kept, MLflow and W&B details."""
-
-    loggers: tuple[str, ...] = ("tensorboard",)
-    run_dir: Path = Path("runs")
-    mlflow_tracking_uri: str | None = None
-    mlflow_experiment: str = "eventcast"
-    mlflow_model_name: str = "eventcast-forecaster"
-    wandb_project: str = "eventcast"
-    wandb_offline: bool = True
-
-    def __post_init__(self) -> None:
-        bad = [x for x in self.loggers if x not in LOGGERS]
-        if bad:
-            raise ConfigError(f"--logger: unknown {', '.join(bad)} (use {', '.join(LOGGERS)})")
-        if "wandb" in self.loggers:
-            import importlib.util
-
-            if importlib.util.find_spec("wandb") is None:
-                raise ConfigError(
-                    "--logger: wandb requested but the wandb package is not installed "
-                    "(pip install wandb)"
-                )
-        if "mlflow" in self.loggers and not self.mlflow_tracking_uri:
-            raise ConfigError("--mlflow-tracking-uri: required with --logger mlflow")
-        if self.mlflow_tracking_uri:
-            import importlib.util
-
-            # find_spec, not import: mlflow takes seconds to import and is used only at the end.
-            if importlib.util.find_spec("mlflow") is None:
-                raise ConfigError("--mlflow-tracking-uri: mlflow is not installed")
-
-
-@dataclass(frozen=True)
-class RetrainSettings:
-    """Everything one ``worker retrain`` needs."""
-
-    data: DataSettings
-    model_dir: Path
-    model: ModelConfig = field(default_factory=ModelConfig)
-    hardware: HardwareSettings = field(default_factory=HardwareSettings)
-    training: TrainingSettings = field(default_factory=TrainingSettings)
-    logging: LoggingSettings = field(default_factory=LoggingSettings)
-    split: SplitSettings = field(default_factory=SplitSettings)
-    season: int | None = None
-    force: bool = False
-    every: dt.timedelta | None = None
-    rounds: int | None = None  # with every: stop after this many rounds (None: until signalled)
-    sweep: int = 0
-    mmap_dir: Path | None = None
-    # calendar_year neither set nor refused: decided by the data (train.retrain.year_channels).
-    calendar_year_auto: bool = False
-
-
-def _known_keys(parser_dests: set[str]) -> dict[str, set[str]]:
-    model_keys = {f.name for f in fields(ModelConfig)}
-    return {"model": model_keys | set(MODEL_FLAGS), "other": parser_dests}
-
-
-def check_sections(config_data: Mapping[str, Any], parser_dests: set[str]) -> None:
-    """ConfigError for a key of the trainer's own sections (``model``, ``training``,
-    ``hardware``, ``logging``, ``data``) that neither a flag nor ModelConfig reads: a typo
-    there must not be silently ignored. Other sections (a file shared with the worker) are
-    left to their readers."""
-    known = _known_keys(parser_dests)
-    for key, value in config_data.items():
-        if key not in SECTIONS or value is None:
-            continue
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"--config: section {key!r} must be a mapping")
-        allowed = known["model"] if key == "model" else known["other"]
-        for inner in value:
-            if str(inner).replace("-", "_") not in allowed:
-                raise ConfigError(f"--config: unknown setting {key}.{inner}")
+def _text(value: Any) -> Any:
+    """A YAML list or number given for a text setting, as the text a flag would give."""
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return value if value is None or isinstance(value, str) else str(value)
 
 
 def _devices(raw: Any) -> str | int | list[int]:
@@ -210,32 +78,317 @@ def _devices(raw: Any) -> str | int | list[int]:
         try:
             return [int(x) for x in s.split(",") if x.strip()]
         except ValueError:
-            raise ConfigError(f"--devices: cannot read {raw!r}") from None
+            raise ValueError(f"cannot read {raw!r}") from None
     return s
 
 
-def _model_section(args: argparse.Namespace) -> dict[str, Any]:
+def _zero_is_none(value: Any) -> Any:
+    return None if value in (0, 0.0, "0", "") else value
+
+
+def _auto_is_none(value: Any) -> Any:
+    return None if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+
+Text = Annotated[str | None, BeforeValidator(_text)]
+
+
+class SplitSettings(Settings):
+    """How each series is cut: the last ``test_fraction`` is test, the ``val_fraction`` before it
+    validation; a spacing above ``max_gap_factor`` × the median spacing starts a new segment."""
+
+    test_fraction: float = Field(0.2, description="held-out share at the end of each series")
+    val_fraction: float = Field(0.1, description="validation share before the held-out part")
+    max_gap_factor: float = Field(
+        2.5, description="a spacing above this many median spacings is a gap"
+    )
+
+    @model_validator(mode="after")
+    def _check_split(self) -> SplitSettings:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"--test-fraction: must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 < self.val_fraction < 1.0 - self.test_fraction:
+            raise ConfigError(
+                f"--val-fraction: must be in (0, 1 - test_fraction), got {self.val_fraction}"
+            )
+        if not self.max_gap_factor > 1.0:
+            raise ConfigError(f"--max-gap-factor: must be > 1, got {self.max_gap_factor}")
+        return self
+
+    @property
+    def split(self) -> SplitSettings:
+        return self.view(SplitSettings)
+
+
+class HardwareSettings(Settings):
+    """Where and how Lightning runs: passed to ``Trainer`` as they are."""
+
+    accelerator: str = Field("auto", description="auto, cpu, gpu, cuda, mps, tpu")
+    devices: Text = Field("auto", description="auto, N, or a list like 0,1")
+    strategy: str = Field("auto", description="auto, ddp, ddp_spawn, deepspeed, fsdp")
+    num_nodes: PositiveInt = 1
+    precision: Annotated[Precision, BeforeValidator(_text)] = "32-true"
+    threads: PositiveInt | None = Field(
+        None, description="torch CPU threads (1 is fastest on a busy shared CPU)"
+    )
+
+    @property
+    def lightning_devices(self) -> str | int | list[int]:
+        """``devices`` as ``Trainer(devices=...)`` takes it: "auto", a count or a list."""
+        return _devices(self.devices)
+
+    @model_validator(mode="after")
+    def _check_hardware(self) -> HardwareSettings:
+        try:
+            _ = self.lightning_devices
+        except ValueError as exc:
+            raise ConfigError(f"--devices: {exc}") from None
+        if str(self.strategy).startswith("deepspeed"):
+            try:
+                import deepspeed  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "--strategy: deepspeed is not installed (pip install deepspeed)"
+                ) from None
+        return self
+
+    @property
+    def hardware(self) -> HardwareSettings:
+        return self.view(HardwareSettings)
+
+
+class TrainingSettings(Settings):
+    """The training loop: epochs, time budget, clipping, accumulation, callbacks, tuning."""
+
+    max_epochs: PositiveInt = 100
+    time_budget: OptionalDuration = Field(None, description="stop training after e.g. 10m")
+    seed: int = 0
+    gradient_clip_val: Annotated[float | None, BeforeValidator(_zero_is_none)] = Field(
+        1.0, description="0: no clipping"
+    )
+    gradient_clip_algorithm: GradientClipAlgorithm = "norm"
+    accumulate_grad_batches: PositiveInt = 1
+    patience: PositiveInt = Field(10, description="early stopping patience (epochs)")
+    min_delta: float = 0.001
+    train_windows_per_epoch: PositiveInt | None = None
+    num_workers: NonNegativeInt = Field(0, description="DataLoader worker processes")
+    lr_find: bool = Field(False, description="Lightning's learning-rate finder")
+    scale_batch_size: bool = Field(False, description="Lightning's batch-size finder")
+    plot_every_n_epochs: int = 5
+    deterministic: bool = False
+    calibration: CalibrationMode = Field(
+        "conformal",
+        description="interval calibration on the validation split: conformal (one factor per "
+        "level), widen (the same, only ever widening), off",
+    )
+
+    @property
+    def max_time(self) -> dt.timedelta | None:
+        """``time_budget`` as Lightning's ``Trainer(max_time=...)`` takes it."""
+        return None if self.time_budget is None else dt.timedelta(seconds=self.time_budget)
+
+    @property
+    def training(self) -> TrainingSettings:
+        return self.view(TrainingSettings)
+
+
+class LoggingSettings(Settings):
+    """Experiment tracking: which loggers, where runs are kept, MLflow and W&B details."""
+
+    logger: Text = Field(
+        "tensorboard", description="comma-separated: tensorboard, csv, mlflow, wandb, none"
+    )
+    run_dir: Path = Field(Path("runs"), description="where runs keep logs and checkpoints")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="e.g. sqlite:///mlflow.db or file:///path/mlruns"
+    )
+    mlflow_experiment: str = "eventcast"
+    mlflow_model_name: str = "eventcast-forecaster"
+    wandb_project: str = "eventcast"
+    wandb_offline: CliSuppress[bool] = True
+
+    @property
+    def loggers(self) -> tuple[str, ...]:
+        """The loggers to run: ``--logger``'s list, plus mlflow when a tracking URI is given;
+        ``none`` leaves only mlflow (the registry of record when asked for)."""
+        names = tuple(x for x in str(self.logger or "tensorboard").replace(",", " ").split() if x)
+        if self.mlflow_tracking_uri and "mlflow" not in names:
+            names = (*names, "mlflow")
+        if "none" in names:
+            names = tuple(x for x in names if x == "mlflow")
+        return names
+
+    @model_validator(mode="after")
+    def _check_logging(self) -> LoggingSettings:
+        import importlib.util
+
+        requested = str(self.logger or "").replace(",", " ").split()
+        bad = [x for x in requested if x not in LOGGERS]
+        if bad:
+            raise ConfigError(f"--logger: unknown {', '.join(bad)} (use {', '.join(LOGGERS)})")
+        # find_spec, not import: mlflow and wandb take seconds to import.
+        if "wandb" in self.loggers and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "--logger: wandb requested but the wandb package is not installed "
+                "(pip install wandb)"
+            )
+        if "mlflow" in self.loggers and not self.mlflow_tracking_uri:
+            raise ConfigError("--mlflow-tracking-uri: required with --logger mlflow")
+        if self.mlflow_tracking_uri and importlib.util.find_spec("mlflow") is None:
+            raise ConfigError("--mlflow-tracking-uri: mlflow is not installed")
+        return self
+
+    @property
+    def logging(self) -> LoggingSettings:
+        return self.view(LoggingSettings)
+
+
+class DataOptions(SplitSettings, KafkaSettings):
+    """Where the trainer's data comes from (``--data``) and how each series is split."""
+
+    data: Text = Field(
+        None,
+        description="CSV/Parquet file (series_id, ts, value [, features]), kafka://TOPIC, "
+        "synthetic://N, dataset://NAME (bundled real data) or an array-store folder",
+    )
+    features: Text = Field(
+        None, description="feature columns: names (comma-separated), 'auto' or 'none'"
+    )
+    season: int | None = Field(
+        None,
+        description="seasonal naive season in steps (default: one day; a week for daily data, "
+        "a year for weekly or monthly data)",
+    )
+    since: Text = Field(None, description="kafka:// replay: first broker timestamp")
+    until: Text = Field(None, description="kafka:// replay: last broker timestamp")
+    max_event_bytes: PositiveInt = 65536
+
+    def source(self, features: Any = ()) -> Any:
+        """:class:`train.sources.DataSettings` of ``--data`` (``features``: what to read)."""
+        from train.sources import DataSettings
+
+        uri = str(self.data or "")
+        if not uri:
+            raise ConfigError("--data: required")
+        return DataSettings(
+            uri=uri,
+            features=features,
+            since=parse_time(self.since, "--since"),
+            until=parse_time(self.until, "--until"),
+            max_event_bytes=self.max_event_bytes,
+            kafka=self.kafka if uri.startswith("kafka://") else None,
+        )
+
+
+class RetrainSettings(LoggingSettings, HardwareSettings, TrainingSettings, DataOptions):
+    """Everything one ``worker retrain`` needs (the YAML sections model/training/hardware/
+    logging/data hold the same keys; ``model:`` may also hold any ModelConfig field)."""
+
+    config_document: CliSuppress[dict[str, Any]] = Field(default_factory=dict)
+    model_dir: Path | None = Field(None, description="model directory (versions + CURRENT)")
+    force: bool = Field(False, description="promote even if not better")
+    every: OptionalDuration = Field(None, description="retrain on a schedule, e.g. 1h")
+    rounds: PositiveInt | None = Field(
+        None, description="with --every: stop after N rounds (default: until SIGTERM)"
+    )
+    sweep: NonNegativeInt = Field(0, description="Optuna trials; the best one is kept")
+    mmap_dir: Path | None = Field(None, description="keep training arrays here, memory-mapped")
+    # The model (None: from the YAML model: section, else ModelConfig's default).
+    horizon: int | None = None
+    sequence_length: int | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    dropout: float | None = None
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    distribution: Distribution | None = None
+    calendar_year: Annotated[bool | None, BeforeValidator(_auto_is_none)] = Field(
+        None,
+        description="sin/cos of the year phase as inputs (default auto: on when the data span "
+        "52 weeks or more)",
+    )
+
+    @model_validator(mode="after")
+    def _check_retrain(self) -> RetrainSettings:
+        check_sections(self.config_document, set(type(self).model_fields))
+        if self.rounds is not None and self.every is None:
+            raise ConfigError(f"--rounds: needs --every and a count >= 1, got {self.rounds}")
+        model_config_from(self, None)  # a bad model section fails here, naming the field
+        return self
+
+    @property
+    def model(self) -> ModelConfig:
+        """The model config: the YAML ``model:`` section, then the model flags."""
+        return model_config_from(self, None)
+
+    @property
+    def calendar_year_auto(self) -> bool:
+        """Neither the YAML nor ``--[no-]calendar-year`` decides the year channels:
+        :func:`train.retrain.year_channels` decides them from the data."""
+        return calendar_year_is_auto(self)
+
+    @property
+    def data_features(self) -> tuple[str, ...] | str:
+        """What to read from the data: ``--features`` ("auto", "none" or names), else the model
+        section's list. The version's config lists the features the data actually gave."""
+        flag = self.features
+        if flag in (None, ""):
+            return self.model.features
+        if flag == "auto":
+            return "auto"
+        if flag == "none":
+            return ()
+        return tuple(f for f in str(flag).replace(",", " ").split() if f)
+
+    @property
+    def data_source(self) -> Any:
+        return self.source(self.data_features)
+
+
+def _known_keys(setting_names: set[str]) -> dict[str, set[str]]:
+    model_keys = {f.name for f in fields(ModelConfig)}
+    return {"model": model_keys | set(MODEL_FLAGS), "other": setting_names}
+
+
+def check_sections(config_data: Mapping[str, Any], setting_names: set[str]) -> None:
+    """ConfigError for a key of the trainer's own sections (``model``, ``training``,
+    ``hardware``, ``logging``, ``data``) that neither a setting nor ModelConfig reads: a typo
+    there must not be silently ignored. Other sections (a file shared with the worker) are
+    left to their readers."""
+    known = _known_keys(setting_names)
+    for key, value in config_data.items():
+        if key not in SECTIONS or value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"--config: section {key!r} must be a mapping")
+        allowed = known["model"] if key == "model" else known["other"]
+        for inner in value:
+            if str(inner).replace("-", "_") not in allowed:
+                raise ConfigError(f"--config: unknown setting {key}.{inner}")
+
+
+def _model_section(settings: RetrainSettings) -> dict[str, Any]:
     """The YAML ``model:`` section with the model flags that were given on top."""
-    section = dict((getattr(args, "config_data", None) or {}).get("model") or {})
+    section = dict(settings.config_document.get("model") or {})
     section = {str(k).replace("-", "_"): v for k, v in section.items()}
     for name in MODEL_FLAGS:
-        value = getattr(args, name, None)
+        value = getattr(settings, name, None)
         if value is not None:
             section[name] = value
     return section
 
 
-def calendar_year_is_auto(args: argparse.Namespace) -> bool:
+def calendar_year_is_auto(settings: RetrainSettings) -> bool:
     """True when neither the YAML (``calendar_year: auto`` or absent) nor ``--[no-]calendar-year``
-    decides the year channels: :func:`train.retrain.year_channels` decides them from the data."""
-    return _model_section(args).get("calendar_year", "auto") == "auto"
+    decides the year channels."""
+    return _model_section(settings).get("calendar_year", "auto") == "auto"
 
 
-def model_config_from(args: argparse.Namespace, features: tuple[str, ...] | None) -> ModelConfig:
+def model_config_from(settings: RetrainSettings, features: tuple[str, ...] | None) -> ModelConfig:
     """ModelConfig from the YAML ``model:`` section, then the model flags that were given, then
     ``features`` when not None. Invalid values raise ConfigError naming the field. An undecided
     ``calendar_year`` (see :func:`calendar_year_is_auto`) is False here."""
-    section = _model_section(args)
+    section = _model_section(settings)
     if section.get("calendar_year") == "auto":
         del section["calendar_year"]
     if features is not None:
@@ -252,109 +405,16 @@ def _is_file_store(uri: str) -> bool:
     return scheme in ("", "file")
 
 
-def settings_from_args(
-    args: argparse.Namespace, parser_dests: set[str], environ: Mapping[str, str] | None = None
+def check_environment(
+    settings: RetrainSettings, environ: Mapping[str, str] | None = None
 ) -> RetrainSettings:
-    """Build and validate the trainer's settings from parsed ``worker retrain`` flags.
-
-    ``environ`` (default ``os.environ``) is read only for MLflow's file-store opt-in."""
+    """``settings``, after the checks that read the environment (default ``os.environ``): MLflow 3
+    refuses its (maintenance-mode) file store unless ``MLFLOW_ALLOW_FILE_STORE=true``."""
     environ = os.environ if environ is None else environ
-    config_data = getattr(args, "config_data", None) or {}
-    check_sections(config_data, parser_dests)
-
-    # Features: --features wins ("auto", "none" or names); otherwise the model section's list.
-    # The version's config lists the features the data actually gave, in column order.
-    model = model_config_from(args, None)
-    feats_flag = getattr(args, "features", None)
-    data_features: tuple[str, ...] | str
-    if isinstance(feats_flag, list | tuple):  # a YAML list reaches the flag as it is
-        data_features = tuple(str(f) for f in feats_flag)
-    elif feats_flag in (None, ""):
-        data_features = model.features
-    elif feats_flag == "auto":
-        data_features = "auto"
-    elif feats_flag == "none":
-        data_features = ()
-    else:
-        data_features = tuple(f for f in str(feats_flag).replace(",", " ").split() if f)
-    kafka = None
-    if str(args.data or "").startswith("kafka://"):
-        kafka = KafkaSettings.from_args(args)
-    data = DataSettings(
-        uri=str(args.data or ""),
-        features=data_features,
-        since=parse_time(getattr(args, "since", None), "--since"),
-        until=parse_time(getattr(args, "until", None), "--until"),
-        max_event_bytes=int(getattr(args, "max_event_bytes", 65536)),
-        kafka=kafka,
-    )
-    loggers = tuple(x for x in str(args.logger or "tensorboard").replace(",", " ").split() if x)
-    if args.mlflow_tracking_uri and "mlflow" not in loggers:
-        loggers = (*loggers, "mlflow")
-    if "none" in loggers:
-        loggers = tuple(x for x in loggers if x == "mlflow")
-    uri = args.mlflow_tracking_uri or None
+    uri = settings.mlflow_tracking_uri
     if uri and _is_file_store(uri) and environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
-        # MLflow 3 refuses its (maintenance-mode) file store unless the user opts in.
         raise ConfigError(
             f"--mlflow-tracking-uri: {uri} is an MLflow file store, which MLflow only opens with "
             "MLFLOW_ALLOW_FILE_STORE=true in the environment; or use sqlite:///PATH/mlflow.db"
         )
-    sweep = int(args.sweep or 0)
-    if sweep < 0:
-        raise ConfigError(f"--sweep: must be >= 0, got {sweep}")
-    rounds = getattr(args, "rounds", None)
-    if rounds is not None and (int(rounds) < 1 or not args.every):
-        raise ConfigError(f"--rounds: needs --every and a count >= 1, got {rounds}")
-    return RetrainSettings(
-        data=data,
-        model_dir=Path(args.model_dir),
-        model=model,
-        hardware=HardwareSettings(
-            accelerator=str(args.accelerator),
-            devices=_devices(args.devices),
-            strategy=str(args.strategy),
-            num_nodes=int(args.num_nodes),
-            precision=str(args.precision),
-            threads=args.threads,
-        ),
-        training=TrainingSettings(
-            max_epochs=int(args.max_epochs),
-            time_budget=parse_duration(args.time_budget, "--time-budget"),
-            seed=int(args.seed),
-            gradient_clip_val=(
-                None if args.gradient_clip_val in (None, 0, 0.0) else float(args.gradient_clip_val)
-            ),
-            gradient_clip_algorithm=str(args.gradient_clip_algorithm),
-            accumulate_grad_batches=int(args.accumulate_grad_batches),
-            patience=int(args.patience),
-            min_delta=float(args.min_delta),
-            train_windows_per_epoch=args.train_windows_per_epoch,
-            num_workers=int(args.num_workers),
-            lr_find=bool(args.lr_find),
-            scale_batch_size=bool(args.scale_batch_size),
-            plot_every_n_epochs=int(args.plot_every_n_epochs),
-            deterministic=bool(args.deterministic),
-            calibration=str(getattr(args, "calibration", None) or TrainingSettings.calibration),
-        ),
-        logging=LoggingSettings(
-            loggers=loggers,
-            run_dir=Path(args.run_dir),
-            mlflow_tracking_uri=args.mlflow_tracking_uri or None,
-            mlflow_experiment=str(args.mlflow_experiment),
-            mlflow_model_name=str(args.mlflow_model_name),
-            wandb_project=str(args.wandb_project),
-        ),
-        split=SplitSettings(
-            test_fraction=float(args.test_fraction),
-            val_fraction=float(args.val_fraction),
-            max_gap_factor=float(args.max_gap_factor),
-        ),
-        season=args.season,
-        force=bool(args.force),
-        every=parse_duration(args.every, "--every"),
-        rounds=int(rounds) if rounds is not None else None,
-        sweep=sweep,
-        mmap_dir=Path(args.mmap_dir) if args.mmap_dir else None,
-        calendar_year_auto=calendar_year_is_auto(args),
-    )
+    return settings

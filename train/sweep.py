@@ -12,7 +12,6 @@ learning rate (log scale) and the output distribution (Gaussian or Student-t).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -72,13 +71,13 @@ def run_sweep(
         raise ConfigError("--sweep: runs on one process; drop --strategy for a sweep")
     n = settings.sweep
     budget = settings.training.time_budget
-    trial_training = dataclasses.replace(
-        settings.training,
-        time_budget=budget / n if budget else None,
-        lr_find=False,
-        scale_batch_size=False,
+    trial_settings = settings.model_copy(
+        update={
+            "time_budget": budget / n if budget else None,
+            "lr_find": False,
+            "scale_batch_size": False,
+        }
     )
-    trial_settings = dataclasses.replace(settings, training=trial_training)
     best: dict[str, Any] = {"loss": math.inf, "fit": None, "trainer": None}
 
     def objective(trial: optuna.Trial) -> float:

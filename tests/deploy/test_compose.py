@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.cli import build_parser, parse
-from stream.cliconfig import ENV_PREFIX
+from deploy.cli import parse
+from deploy.cli import settings as cli_settings
+from stream.config import ENV_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -28,12 +29,9 @@ def _environment(service: dict) -> dict[str, str]:
     return {k: str(v) for k, v in env.items() if v is not None}
 
 
-def _flag_dests(argv: list[str]) -> set[str]:
-    """The option dests of the subcommand ``argv`` selects."""
-    from stream.cliconfig import _subparser
-
-    sub = _subparser(build_parser(), argv)
-    return {a.dest for a in sub._actions if a.option_strings}
+def _setting_names(argv: list[str]) -> set[str]:
+    """The settings (field names) of the command ``argv`` selects."""
+    return set(parse(argv)._settings_cls.model_fields)
 
 
 def test_core_services_are_defined():
@@ -69,15 +67,15 @@ def test_worker_commands_parse_with_the_real_cli(name: str):
     argv = list(service["command"][1:])
     env = _environment(service)
     # Every EVENTCAST_* variable must name a real flag of that subcommand (or a known global).
-    dests = _flag_dests(argv)
+    dests = _setting_names(argv)
     for key in env:
         if key.startswith(ENV_PREFIX) and key not in NON_FLAG_ENV:
             assert key[len(ENV_PREFIX) :].lower() in dests, (
                 f"{name}: {key} is not a flag of {argv[0]}"
             )
-    # The real parser accepts the command line with the service's environment layered in.
-    args = parse(argv, environ=env)
-    assert callable(args.func)
+    # The real CLI resolves the command line with the service's environment layered in.
+    assert callable(parse(argv).func)
+    cli_settings(argv, environ=env)
 
 
 def test_mounted_files_exist():

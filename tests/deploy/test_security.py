@@ -196,7 +196,9 @@ def test_acl_user_is_limited_to_the_project_prefix(tmp_path: Path) -> None:
     server = acl_redis(tmp_path / "redis")
     try:
         url = f"redis://127.0.0.1:{server.port}/0"
-        settings = RedisSettings(url=url, username=REDIS_USER, password=REDIS_PASSWORD)
+        settings = RedisSettings(
+            redis_url=url, redis_username=REDIS_USER, redis_password=REDIS_PASSWORD
+        )
 
         async def store_round_trip() -> Any:
             client = settings.client()
@@ -324,8 +326,12 @@ def test_worker_runs_over_tls_with_the_acl_user(
         finally:
             w.stop()
         assert len(out) == 4
-        settings = RedisSettings(url=url, username=REDIS_USER, password=REDIS_PASSWORD,
-                                 ssl_ca_certs=str(certs["ca"]))  # fmt: skip
+        settings = RedisSettings(
+            redis_url=url,
+            redis_username=REDIS_USER,
+            redis_password=REDIS_PASSWORD,
+            redis_ssl_ca_certs=str(certs["ca"]),
+        )
         from deploy.http.state import read_window_sync
 
         win = read_window_sync(settings, "s1", topic=topic, partitions=2)

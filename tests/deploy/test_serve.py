@@ -576,13 +576,11 @@ def test_command_help_renders(argv: list[str], capsys: Any) -> None:
 
 
 def test_serve_flags_and_environment_build_the_settings(tiny_model_dir: Path) -> None:
-    from deploy.cli import parse
-    from deploy.commands import serve_settings
+    from deploy.cli import settings as cli_settings
     from model.errors import ConfigError
 
     env = {"EVENTCAST_MODEL_DIR": str(tiny_model_dir), "EVENTCAST_RELOAD_TOKEN": "t0k"}
-    args = parse(["serve", "--port", "8123", "--max-body-bytes", "100"], environ=env)
-    s = serve_settings(args, env)
+    s = cli_settings(["serve", "--port", "8123", "--max-body-bytes", "100"], environ=env)
     assert (s.model_dir, s.port, s.max_body_bytes, s.reload_token) == (
         tiny_model_dir,
         8123,
@@ -590,8 +588,8 @@ def test_serve_flags_and_environment_build_the_settings(tiny_model_dir: Path) ->
         "t0k",
     )
     assert "t0k" not in repr(s)  # the token never reaches logs
-    assert args.redis_url is None and args.bootstrap_servers is None  # both optional
+    assert s.redis_url is None and s.bootstrap_servers is None  # both optional
     with pytest.raises(ConfigError, match="--model-dir"):
-        serve_settings(parse(["serve"], environ={}), {})
+        cli_settings(["serve"], environ={})
     with pytest.raises(ConfigError, match="--max-body-bytes"):
-        serve_settings(parse(["serve", "--max-body-bytes", "0"], environ=env), env)
+        cli_settings(["serve", "--max-body-bytes", "0"], environ=env)

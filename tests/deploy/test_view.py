@@ -65,7 +65,7 @@ def series_points(n: int, phase: float = 0.0) -> tuple[list[float], list[float]]
 
 async def write_windows(redis_url: str, series: dict[str, int], topic: str = "events") -> None:
     """Store ``series`` (id -> number of points) as the worker does: per input partition."""
-    settings = RedisSettings(url=redis_url)
+    settings = RedisSettings(redis_url=redis_url)
     client = settings.client()
     try:
         store = WindowStore(client, settings.prefix, topic)
@@ -105,7 +105,7 @@ def test_series_reads_the_workers_redis_window(
     redis_url: str, tiny_model_dir: Path, partitions: int | None
 ) -> None:
     asyncio.run(write_windows(redis_url, {"alpha": 60, "beta": 10}))
-    redis = RedisSettings(url=redis_url)
+    redis = RedisSettings(redis_url=redis_url)
 
     async def ping() -> bool:
         return True
@@ -132,7 +132,7 @@ def test_series_delete_removes_only_that_series(redis_url: str) -> None:
     from deploy.http.state import delete_series_sync, read_window_sync
 
     asyncio.run(write_windows(redis_url, {"alpha": 50, "beta": 50}))
-    redis = RedisSettings(url=redis_url)
+    redis = RedisSettings(redis_url=redis_url)
     assert delete_series_sync(redis, "alpha") is True
     assert read_window_sync(redis, "alpha") is None
     assert read_window_sync(redis, "beta", partitions=PARTITIONS) is not None
@@ -253,7 +253,7 @@ def test_view_renders_bands_in_headless_chromium(
 
     history = ForecastHistory()
     feed = TopicForecastFeed(KafkaSettings(bootstrap_servers=stack.bootstrap), topic, history)
-    redis = RedisSettings(url=redis_url)
+    redis = RedisSettings(redis_url=redis_url)
     settings = ServeSettings(model_dir=tiny_model_dir, device="cpu", threads=1, refresh_seconds=1.0)
     app = create_app(
         settings,

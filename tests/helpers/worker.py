@@ -13,8 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from deploy.cli import parse
-from stream.settings import WorkerSettings
+from deploy.cli import settings as cli_settings
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ class ThreadWorker:
             argv = [*argv, "--no-gc-freeze"]
         # ``environ``: only the test hooks read from it (EVENTCAST_FAULT), never the real one.
         environ = environ or {}
-        self.settings = WorkerSettings.from_args(parse(argv, environ={}), environ=environ)
+        self.settings = cli_settings(argv, environ=environ)
         self.worker = Worker(self.settings, **worker_kwargs)
         self.loop = asyncio.new_event_loop()
         self.error: BaseException | None = None

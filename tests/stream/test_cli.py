@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from deploy.cli import parse
+from deploy.cli import settings as cli_settings
 from deploy.stack import free_port
 from stream.settings import WorkerSettings
 from tests.helpers.kafka import produce
@@ -34,27 +34,23 @@ def test_settings_layering_and_validation(tmp_path: Path) -> None:
 
     cfg = tmp_path / "w.yaml"
     cfg.write_text("worker:\n  max-batch: 99\n  emit: latest\n")
-    args = parse(
+    args = cli_settings(
         ["start", "--config", str(cfg), "--emit", "every"], environ={"EVENTCAST_GROUP_ID": "g7"}
     )
-    s = WorkerSettings.from_args(args, environ={})
+    s = args
     assert (s.batch.max_batch, s.emit, s.group_id) == (99, "every", "g7")
     kw = s.kafka.client_kwargs()
     assert kw["bootstrap_servers"] == "127.0.0.1:9092" and "ssl_context" not in kw
     with pytest.raises(ConfigError, match="--sasl-mechanism"):
-        WorkerSettings.from_args(
-            parse(["start", "--security-protocol", "SASL_SSL"], environ={}), environ={}
-        )
+        cli_settings(["start", "--security-protocol", "SASL_SSL"], environ={})
     with pytest.raises(ConfigError, match="EVENTCAST_FAULT"):
-        WorkerSettings.from_args(
-            parse(["start"], environ={}), environ={"EVENTCAST_FAULT": "nowhere:1"}
-        )
-    sasl = parse(
+        cli_settings(["start"], environ={"EVENTCAST_FAULT": "nowhere:1"})
+    sasl = cli_settings(
         ["start", "--security-protocol", "SASL_SSL", "--sasl-mechanism", "SCRAM-SHA-512",
          "--sasl-username", "u", "--sasl-password", "p", "--redis-url", "rediss://h:6380/0"],
         environ={},
     )  # fmt: skip
-    s = WorkerSettings.from_args(sasl, environ={})
+    s = sasl
     kw = s.kafka.client_kwargs()
     assert kw["sasl_mechanism"] == "SCRAM-SHA-512" and kw["ssl_context"] is not None
     assert s.redis.url.startswith("rediss://")
@@ -62,7 +58,7 @@ def test_settings_layering_and_validation(tmp_path: Path) -> None:
 
 def test_gc_freeze_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
     def settings(argv: list[str], environ: dict[str, str]) -> WorkerSettings:
-        return WorkerSettings.from_args(parse(["start", *argv], environ=environ), environ={})
+        return cli_settings(["start", *argv], environ=environ)
 
     assert settings([], {}).gc_freeze is True
     assert settings(["--no-gc-freeze"], {}).gc_freeze is False

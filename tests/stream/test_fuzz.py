@@ -148,7 +148,7 @@ def test_window_admission(recs: list[SimpleNamespace], ttl: float, max_series: i
         r.offset = i
     pw = PartitionWindows(
         "t", 0, sequence_length=4, features=(), max_future_skew=300.0,
-        limits=LimitSettings(max_series=max_series, series_ttl=ttl, history=2),
+        limits=LimitSettings(max_series_per_partition=max_series, series_ttl=ttl, window_history=2),
     )  # fmt: skip
     res = pw.apply(recs)
     assert res.accepted + len(res.rejected) == len(recs)

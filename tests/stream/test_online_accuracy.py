@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 import pytest
 
-from deploy.cli import parse
+from deploy.cli import settings as cli_settings
 from deploy.stack import free_port
 from stream.metrics import Metrics
 from stream.settings import WorkerSettings
@@ -189,7 +189,7 @@ def test_shadow_forecasts_and_online_accuracy_equal_offline(
 
 def _settings(tmp_path: Path, *extra: str) -> WorkerSettings:
     argv = ["start", "--model-dir", str(tmp_path), "--bootstrap-servers", "127.0.0.1:1", *extra]
-    return WorkerSettings.from_args(parse(argv, environ={}), environ={})
+    return cli_settings(argv, environ={})
 
 
 def test_a_shadow_that_cannot_start_is_counted_not_fatal(tmp_path: Path) -> None:
@@ -231,10 +231,10 @@ def test_shadow_flags_are_validated(tmp_path: Path) -> None:
     from model.errors import ConfigError
 
     s = _settings(tmp_path, "--output-topic", "out", "--shadow-version", "v")
-    assert s.shadow.topic == "out.shadow" and s.shadow.enabled
-    assert not _settings(tmp_path).shadow.enabled
+    assert s.shadow_topic_name == "out.shadow" and s.shadow_enabled
+    assert not _settings(tmp_path).shadow_enabled
     with pytest.raises(ConfigError, match="--shadow-topic"):
         _settings(tmp_path, "--shadow-version", "v", "--shadow-topic", "forecasts")
     with pytest.raises(ConfigError, match="--engine native"):
         _settings(tmp_path, "--shadow-model-dir", str(tmp_path), "--engine", "faust")
-    assert _settings(tmp_path, "--no-online-accuracy").accuracy.enabled is False
+    assert _settings(tmp_path, "--no-online-accuracy").online_accuracy is False

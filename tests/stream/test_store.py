@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 def _run(redis_url: str, steps: Any) -> Any:
     async def body() -> Any:
-        client = RedisSettings(url=redis_url).client()
+        client = RedisSettings(redis_url=redis_url).client()
         try:
             return await steps(WindowStore(client, "eventcast", "events"))
         finally:

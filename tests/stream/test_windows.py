@@ -18,7 +18,11 @@ def rec(offset: int, key: str, ts: float, value: float, **features: float) -> Si
 
 def windows(**limits: object) -> PartitionWindows:
     return PartitionWindows(
-        "t", 0, sequence_length=4, features=(), limits=LimitSettings(**{"history": 2, **limits})
+        "t",
+        0,
+        sequence_length=4,
+        features=(),
+        limits=LimitSettings(**{"window_history": 2, **limits}),
     )  # type: ignore[arg-type]
 
 
@@ -81,7 +85,7 @@ def test_one_series_far_ahead_cannot_make_the_others_idle() -> None:
 
 def test_future_events_are_refused_against_the_record_timestamp() -> None:
     pw = PartitionWindows(
-        "t", 0, sequence_length=4, features=(), limits=LimitSettings(history=2),
+        "t", 0, sequence_length=4, features=(), limits=LimitSettings(window_history=2),
         max_future_skew=300.0,
     )  # fmt: skip
 
@@ -112,14 +116,14 @@ def test_emit_latest_coalesces_per_series() -> None:
 
 def test_blob_round_trip_with_features() -> None:
     pw = PartitionWindows(
-        "t", 1, sequence_length=3, features=("f", "g"), limits=LimitSettings(history=1)
+        "t", 1, sequence_length=3, features=("f", "g"), limits=LimitSettings(window_history=1)
     )
     pw.apply([rec(i, "a", i, i, f=-i, g=2 * i) for i in range(6)])
     snap = pw.snapshot(full=True)
     off, _, _, feat = decode_series(snap.set["a"], 2)
     assert off.tolist() == [2, 3, 4, 5] and feat[:, 1].tolist() == [4, 6, 8, 10]
     other = PartitionWindows(
-        "t", 1, sequence_length=3, features=("f", "g"), limits=LimitSettings(history=1)
+        "t", 1, sequence_length=3, features=("f", "g"), limits=LimitSettings(window_history=1)
     )
     other.load_series("a", snap.set["a"])
     other.applied = pw.applied

@@ -31,7 +31,9 @@ def frame(lengths: dict[str, int], gap_at: dict[str, int] | None = None) -> pd.D
 
 
 def test_split_is_per_series_by_time() -> None:
-    arr = SeriesArrays.from_frame(frame({"a": 100, "b": 40}), settings=SplitSettings(0.2, 0.1))
+    arr = SeriesArrays.from_frame(
+        frame({"a": 100, "b": 40}), settings=SplitSettings(test_fraction=0.2, val_fraction=0.1)
+    )
     spl = np.asarray(arr.split)
     a, b = spl[:100], spl[100:]
     # Last 20 % test, the 10 % before validation, the rest training, in time order.

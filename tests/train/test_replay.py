@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.cli import parse
+from deploy.cli import settings as cli_settings
 from model.errors import ConfigError
 from model.registry import ModelRegistry
 from stream.settings import KafkaSettings
 from train.schedule import run_every
-from train.settings import settings_from_args
+from train.settings import check_environment
 from train.sources import DataSettings, load_data
 
 pytestmark = pytest.mark.integration
@@ -129,8 +129,8 @@ def test_every_retrains_from_kafka_and_stops_on_sigterm(
     _produce(bootstrap, topic, recs)
     argv = retrain_args("--every", "1h", "--bootstrap-servers", bootstrap,
                         data=f"kafka://{topic}")  # fmt: skip
-    args = parse(argv, environ={})
-    settings = settings_from_args(args, args._dests, environ={})
+    args = cli_settings(argv, environ={})
+    settings = check_environment(args, environ={})
     from train.retrain import retrain_once
 
     rounds: list[str] = []
@@ -144,10 +144,7 @@ def test_every_retrains_from_kafka_and_stops_on_sigterm(
         return result
 
     # Between rounds 1 and 2 the loop would wait an hour: shorten it through the settings.
-    import dataclasses
-    import datetime as dt
-
-    settings = dataclasses.replace(settings, every=dt.timedelta(seconds=0.2))
+    settings = settings.model_copy(update={"every": 0.2})
     previous = signal.getsignal(signal.SIGTERM)
     assert run_every(settings, once=once) == 0
     assert signal.getsignal(signal.SIGTERM) == previous  # handler restored

@@ -271,8 +271,7 @@ def test_bad_settings_exit_2_naming_the_setting(
 def test_yaml_sections_set_flags_and_typos_are_refused(
     tmp_path: Path, retrain_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    from deploy.cli import parse
-    from train.settings import settings_from_args
+    from deploy.cli import settings as cli_settings
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
@@ -280,31 +279,30 @@ def test_yaml_sections_set_flags_and_typos_are_refused(
         "training:\n  time_budget: 2m\n  accumulate_grad_batches: 2\n  gradient_clip_val: 0.5\n"
         "hardware:\n  precision: bf16-mixed\n  devices: 1\n"
     )
-    args = parse(retrain_args("--config", str(cfg), "--horizon", "3"), environ={})
-    s = settings_from_args(args, args._dests)
+    s = cli_settings(retrain_args("--config", str(cfg), "--horizon", "3"), environ={})
     assert s.model.horizon == 3  # the flag wins
     assert s.model.distribution == "student_t" and s.model.attention_heads == 4
     assert s.model.ar_skip is True and s.model.interval_scale == 1.0  # new-config defaults
-    assert s.training.time_budget.total_seconds() == 120
+    assert s.training.time_budget == 120 and s.training.max_time.total_seconds() == 120
     assert s.training.accumulate_grad_batches == 2 and s.training.gradient_clip_val == 0.5
-    assert s.hardware.precision == "bf16-mixed" and s.hardware.devices == 1
+    assert s.hardware.precision == "bf16-mixed" and s.hardware.lightning_devices == 1
     # calendar_year: undecided (the data's span decides, see the test below) unless set.
     assert s.model.calendar_year is False and s.calendar_year_auto is True
-    args = parse(retrain_args("--config", str(cfg), "--calendar-year"), environ={})
-    s = settings_from_args(args, args._dests)
+    s = cli_settings(retrain_args("--config", str(cfg), "--calendar-year"), environ={})
     assert s.model.calendar_year is True and s.calendar_year_auto is False
-    args = parse(retrain_args("--config", str(cfg), "--no-calendar-year"), environ={})
-    s = settings_from_args(args, args._dests)
+    s = cli_settings(retrain_args("--config", str(cfg), "--no-calendar-year"), environ={})
     assert s.model.calendar_year is False and s.calendar_year_auto is False
     for value, auto in (("auto", True), ("false", False)):
         cfg.write_text(f"model:\n  calendar_year: {value}\n")
-        args = parse(retrain_args("--config", str(cfg)), environ={})
-        assert settings_from_args(args, args._dests).calendar_year_auto is auto
+        args = cli_settings(retrain_args("--config", str(cfg)), environ={})
+        assert args.calendar_year_auto is auto
     cfg.write_text("model:\n  calendar_year: sometimes\n")
     code, _, err = run(retrain_args("--config", str(cfg)), capsys)
     assert code == 2 and "calendar_year" in err
-    args = parse(retrain_args(), environ={"EVENTCAST_PATIENCE": "7", "EVENTCAST_MAX_EPOCHS": "9"})
-    s = settings_from_args(args, args._dests)
+    args = cli_settings(
+        retrain_args(), environ={"EVENTCAST_PATIENCE": "7", "EVENTCAST_MAX_EPOCHS": "9"}
+    )
+    s = args
     assert s.training.patience == 7 and s.training.max_epochs == 1  # the flag wins over env
     cfg.write_text("training:\n  max_epoch: 3\n")
     code, _, err = run(retrain_args("--config", str(cfg)), capsys)
