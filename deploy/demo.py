@@ -25,9 +25,18 @@ from pathlib import Path
 
 import orjson
 import pandas as pd
+from pydantic import Field
 
 from deploy.logs import configure_logging
 from deploy.stack import REPO, Stack, create_topics, free_port
+from model.errors import ConfigError
+from stream.config import (
+    PositiveFloat,
+    PositiveInt,
+    Settings,
+    add_settings_arguments,
+    settings_from,
+)
 
 DEMO_DATASETS = ("seattle-temps", "sf-temps", "sea-temp")
 WINDOW = 48
@@ -227,14 +236,25 @@ async def delete_topics(bootstrap: str, names: list[str]) -> None:
         await admin.close()
 
 
+class DemoSettings(Settings):
+    """``make demo`` (``python -m deploy.demo``): flags, ``EVENTCAST_*`` variables or
+    ``--config``, like every ``worker`` command."""
+
+    model_dir: Path = Field(Path("models"), description="train here when it holds no version")
+    points: PositiveInt = Field(240, description="events replayed per series")
+    rate: PositiveFloat = Field(40.0, description="events per second")
+    duration: PositiveFloat = Field(120.0, description="seconds at most")
+    train_budget: str = Field("3m", description="time budget of the training run, e.g. 3m")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--model-dir", default=os.environ.get("EVENTCAST_MODEL_DIR", "models"))
-    parser.add_argument("--points", type=int, default=240, help="events replayed per series")
-    parser.add_argument("--rate", type=float, default=40.0, help="events per second")
-    parser.add_argument("--duration", type=float, default=120.0, help="seconds at most")
-    parser.add_argument("--train-budget", default="3m")
-    args = parser.parse_args(argv)
+    add_settings_arguments(parser, DemoSettings)
+    try:
+        args = settings_from(parser.parse_args(argv), os.environ)
+    except ConfigError as exc:
+        print(f"demo: configuration error: {exc}", file=sys.stderr)
+        return 2
     # This process's own log lines (its Kafka clients'), like the worker's it starts: warnings
     # and errors only, between the live table's refreshes.
     configure_logging("WARNING")
@@ -245,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "[demo] starting the local stack" if started_stack else "[demo] reusing the running stack"
     )
     stack.up()
-    model_dir = Path(args.model_dir).resolve()
+    model_dir = args.model_dir.resolve()
     data = export_data(REPO / ".demo" / "data.csv")
     train_if_needed(model_dir, REPO / ".demo" / "data.csv", args.train_budget)
 

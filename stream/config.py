@@ -286,7 +286,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_cls: type[S
         root_parser=parser,
         **CLI_OPTIONS,
     )
-    parser.set_defaults(_settings_source=source, _settings_cls=settings_cls)
+    parser.set_defaults(settings_source=source, settings_cls=settings_cls)
 
 
 def _keys(cls: type[BaseModel]) -> dict[str, str]:
@@ -296,9 +296,9 @@ def _keys(cls: type[BaseModel]) -> dict[str, str]:
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the command line gave (pydantic-settings leaves the others out)."""
-    keys = set(_keys(args._settings_cls).values())
+    keys = set(_keys(args.settings_cls).values())
     parsed = {k: v for k, v in vars(args).items() if k in keys}
-    values: dict[str, Any] = args._settings_source(parsed_args=parsed)()
+    values: dict[str, Any] = args.settings_source(parsed_args=parsed)()
     return values
 
 
@@ -306,7 +306,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str], **extra:
     """The command's settings object from its parsed command line, ``environ`` and the YAML file
     of ``--config`` / ``EVENTCAST_CONFIG``. ``extra`` values (not settable by users) go in as
     they are."""
-    cls: type[Settings] = args._settings_cls
+    cls: type[Settings] = args.settings_cls
     config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
     document = load_yaml(config_path) if config_path else {}
     fields = set(_keys(cls).values())

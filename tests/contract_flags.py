@@ -38,7 +38,7 @@ def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 def _field_default(parser: argparse.ArgumentParser, action: argparse.Action) -> object:
     """An option's default: its settings field's (pydantic-settings leaves argparse's empty)."""
-    cls = parser._defaults.get("_settings_cls")
+    cls = parser.get_default("settings_cls")
     fields = {f.alias or name: f for name, f in cls.model_fields.items()} if cls else {}
     field = fields.get(action.dest)
     if field is None:
@@ -72,7 +72,7 @@ def section(parser: argparse.ArgumentParser | None = None) -> str:
         out.append(f"\n### `{name}`\n")
         for a in options(sub):
             flags = " / ".join(f"`{s}`" for s in a.option_strings)
-            cls = sub._defaults.get("_settings_cls")
+            cls = sub.get_default("settings_cls")
             allowed = field_choices(cls, a.dest) if cls and a.dest in cls.model_fields else ()
             choices = f" (one of {', '.join(allowed)})" if allowed else ""
             out.append(f"- {flags}{choices}: default {_default(sub, a)}")

@@ -40,8 +40,8 @@ from torch import nn
 
 from model.config import TAIL_SCALE_MIN, ModelConfig
 from model.weights import forecast_net
-from train.data import VAL, EventDataModule
 from train.choices import CALIBRATION_MODES as MODES
+from train.data import VAL, EventDataModule
 
 log = logging.getLogger(__name__)
 

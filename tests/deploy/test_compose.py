@@ -31,7 +31,7 @@ def _environment(service: dict) -> dict[str, str]:
 
 def _setting_names(argv: list[str]) -> set[str]:
     """The settings (field names) of the command ``argv`` selects."""
-    return set(parse(argv)._settings_cls.model_fields)
+    return set(parse(argv).settings_cls.model_fields)
 
 
 def test_core_services_are_defined():

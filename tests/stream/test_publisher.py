@@ -94,7 +94,7 @@ def test_dlq_value_limit_follows_the_topic_config(stack: Any) -> None:
             )
         finally:
             await admin.close()
-        kafka = KafkaSettings(stack.bootstrap)
+        kafka = KafkaSettings(bootstrap_servers=stack.bootstrap)
         return await dlq_value_limit(kafka, name), await dlq_value_limit(kafka, "no-such-topic")
 
     small, missing = asyncio.run(run())
@@ -181,7 +181,7 @@ def test_a_dead_letter_refused_for_its_size_is_sent_headers_only(
 
     asyncio.run(lower())
     want = 50_000 - DLQ_RECORD_OVERHEAD
-    kafka = KafkaSettings(stack.bootstrap)
+    kafka = KafkaSettings(bootstrap_servers=stack.bootstrap)
     wait_for(lambda: asyncio.run(dlq_value_limit(kafka, topics.dlq)) == want, 30, "new limit")
     huge = orjson.dumps({"ts": T0, "value": 1, "pad": "0" * 5_000_000})
     kcat_produce(stack.bootstrap, topics.input, [("s", huge.decode())], compression="gzip")

@@ -53,7 +53,7 @@ def test_duplicate_late_and_redelivery() -> None:
 
 
 def test_series_cap_and_idle_ttl_in_event_time() -> None:
-    pw = windows(max_series=3, series_ttl=100)
+    pw = windows(max_series_per_partition=3, series_ttl=100)
     res = pw.apply([rec(0, "a", 0, 1), rec(1, "b", 50, 1), rec(2, "c", 60, 1), rec(3, "d", 70, 1)])
     assert [r.reason for _, r in res.rejected] == ["series_limit"]
     # b alone runs ahead: the clock (newest ts of every series but the lead) stays at c's 60.
