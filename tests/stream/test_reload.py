@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,63 @@ def _weights(fn: Callable[[bytes], bytes]) -> Callable[[Path], None]:
     return edit
 
 
+# The pickle cases: a payload that creates a marker file when anything unpickles it. It is written
+# where a careless loader would read it: a torch checkpoint (`torch.save`, what `torch.load` and
+# Lightning read) named as checkpoints are (model.ckpt, model.pt, model.pkl), and in place of the
+# weights. The marker lives next to the model directory (the test's tmp_path), never in the
+# version folder (the loader refuses unlisted files before it would read anything).
+PAYLOAD_MARKER = "pickle-payload-ran"
+CHECKPOINT_NAMES = ("model.ckpt", "model.pt", "model.pkl")
+
+
+def payload_marker(vdir: Path) -> Path:
+    return vdir.parent.parent / PAYLOAD_MARKER
+
+
 class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
     def __reduce__(self) -> tuple[object, tuple[str, str]]:
-        return (open, ("/tmp/eventcast-pickle-payload-ran", "w"))
+        return (open, (self.marker, "w"))
+
+
+def pickle_payload_bytes(marker: Path, name: str = "model.ckpt") -> bytes:
+    """What a careless loader of ``name`` would unpickle, carrying the payload: for ``.pkl`` a
+    plain pickle (``pickle.load``), otherwise a torch checkpoint in Lightning's layout (a
+    ``state_dict`` of "tensors", ``torch.load(..., weights_only=False)``). Either creates
+    ``marker`` when unpickled."""
+    import io
+
+    import torch
+
+    obj = {"state_dict": {"net.head.weight": _Payload(marker)}, "epoch": 3}
+    if name.endswith(".pkl"):
+        return pickle.dumps(obj)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _pickle_as_weights(vdir: Path) -> None:
+    """The weights file and every checkpoint name hold the payload, all listed in the manifest."""
+    for name in ("model.safetensors", *CHECKPOINT_NAMES):
+        (vdir / name).write_bytes(pickle_payload_bytes(payload_marker(vdir), name))
+    rewrite_manifest(vdir)
+
+
+def _pickle_checkpoint_instead(vdir: Path) -> None:
+    """No safetensors at all, only (listed) checkpoints holding the payload: a loader falling back
+    to a checkpoint would unpickle it."""
+    (vdir / "model.safetensors").unlink()
+    for name in CHECKPOINT_NAMES:
+        (vdir / name).write_bytes(pickle_payload_bytes(payload_marker(vdir), name))
+    rewrite_manifest(vdir)
+
+
+def _pickle_checkpoint_unlisted(vdir: Path) -> None:
+    """A good version plus a payload checkpoint the manifest does not list."""
+    (vdir / "model.ckpt").write_bytes(pickle_payload_bytes(payload_marker(vdir)))
 
 
 def _nan_weights(b: bytes) -> bytes:
@@ -78,15 +133,52 @@ def _onnx_outside(vdir: Path) -> None:
     rewrite_manifest(vdir)
 
 
-CORRUPTIONS: dict[str, Callable[[Path], None]] = {
-    "truncated": _weights(lambda b: b[: len(b) // 3]),
-    "random_bytes": _weights(lambda b: os.urandom(len(b))),
-    "pickle_payload": _weights(lambda b: pickle.dumps({"state_dict": _Payload()})),
-    "wrong_shape": _wrong_shape,
-    "nan_weights": _weights(_nan_weights),
-    "half_written": _half_written,
-    "onnx_external_outside": _onnx_outside,
+# Each corrupt-model class and the refusal reason it must be counted under (ModelLoadError.reason,
+# the `reason` label of eventcast_model_reload_failures_total; model/loader.py lists them).
+CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "truncated": (_weights(lambda b: b[: len(b) // 3]), "format"),
+    "random_bytes": (_weights(lambda b: os.urandom(len(b))), "format"),
+    "pickle_as_weights": (_pickle_as_weights, "format"),
+    "pickle_checkpoint_instead": (_pickle_checkpoint_instead, "missing"),
+    "pickle_checkpoint_unlisted": (_pickle_checkpoint_unlisted, "manifest"),
+    "wrong_shape": (_wrong_shape, "shape"),
+    "nan_weights": (_weights(_nan_weights), "canary"),
+    "half_written": (_half_written, "manifest"),
+    "onnx_external_outside": (_onnx_outside, "format"),
 }
+
+
+def test_pickle_payload_runs_under_a_careless_loader(tmp_path: Path) -> None:
+    """The payload is live: what a careless loader does with each of those files (``pickle.load``
+    of the ``.pkl``, ``torch.load(weights_only=False)`` of the others) creates the marker, so the
+    reload test's "marker never created" can fail. (Bytes read once and handed to ``torch.load``
+    as a buffer: torch 2.15 sends a path ending in .safetensors to safetensors itself.)"""
+    import io
+
+    import torch
+
+    for name in ("model.safetensors", *CHECKPOINT_NAMES):
+        vdir = tmp_path / name / "models" / "v"
+        vdir.mkdir(parents=True)
+        f = vdir / name
+        f.write_bytes(pickle_payload_bytes(payload_marker(vdir), name))
+        assert not payload_marker(vdir).exists()
+        if name.endswith(".pkl"):
+            with open(f, "rb") as fh:
+                obj = pickle.load(fh)  # the careless loader, on purpose
+        else:
+            obj = torch.load(io.BytesIO(f.read_bytes()), map_location="cpu", weights_only=False)
+        obj["state_dict"]["net.head.weight"].close()  # the file the payload opened
+        assert payload_marker(vdir).exists(), name
+
+
+def _failures_by_reason(metrics: Any) -> dict[str, float]:
+    return {
+        s.labels["reason"]: s.value
+        for metric in metrics.reload_failures.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
 
 
 def test_hot_reload_mid_stream_and_corrupt_versions_refused(
@@ -143,31 +235,27 @@ def test_hot_reload_mid_stream_and_corrupt_versions_refused(
         saw_v2 |= first_v2 < len(versions)
     assert saw_v2
 
-    # Each corrupt version is refused; v2 keeps serving.
+    # Each corrupt version is refused, counted under its own reason; v2 keeps serving; no
+    # pickle payload ever runs.
     reg = ModelRegistry(root)
-    for i, (name, corrupt) in enumerate(CORRUPTIONS.items()):
+    marker = tmp_path / PAYLOAD_MARKER
+    for i, (name, (corrupt, reason)) in enumerate(CORRUPTIONS.items()):
         bad = f"20300101T0000{i:02d}-bad{i}"
         shutil.copytree(reg.path(v2), root / bad)
         corrupt(root / bad)
-        before = sum(
-            s.value
-            for metric in m.reload_failures.collect()
-            for s in metric.samples
-            if s.name.endswith("_total")
-        )
+        assert payload_marker(root / bad) == marker
+        before = _failures_by_reason(m)
         point_current(root, bad)
 
-        def failures() -> float:
-            return sum(
-                s.value
-                for metric in m.reload_failures.collect()
-                for s in metric.samples
-                if s.name.endswith("_total")
-            )
+        def delta(before: dict[str, float] = before) -> dict[str, float]:
+            after = _failures_by_reason(m)
+            return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
 
-        wait_for(lambda: failures() > before, 30, f"{name} refused")  # noqa: B023
+        wait_for(lambda: bool(delta()), 30, f"{name} refused")
+        time.sleep(0.5)  # a second count (a retry of the same version) would show here
+        assert delta() == {reason: 1.0}, (name, delta())
         assert w.worker.runner.version == v2, name
-    assert not Path("/tmp/eventcast-pickle-payload-ran").exists()
+        assert not marker.exists(), f"{name}: the pickle payload ran"
     assert m.reloads._value.get() == 1
 
     # Still serving v2 after all that.
