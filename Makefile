@@ -6,11 +6,12 @@ SHELL := /bin/bash
 
 ENV = $$(bash deploy/setup_env.sh)
 
-.PHONY: help setup demo test test-fast stack-up stack-down stack-status lint format bench bench-gpu
+.PHONY: help setup demo test test-fast chaos stack-up stack-down stack-status lint format bench bench-gpu
 
 help:
 	@echo "make demo          set up, start the local stack, train if needed, stream live forecasts"
 	@echo "make test          set up and run the whole test suite against its own real Kafka + Redis"
+	@echo "make chaos         randomized fault run, ~10 min (CHAOS_ARGS='--seed N --minutes M ...')"
 	@echo "make stack-up      start Kafka (127.0.0.1:9092) and Redis (127.0.0.1:6379) locally"
 	@echo "make stack-down    stop them        make stack-status    show them"
 	@echo "make lint          ruff + mypy + import contracts   make bench   benchmark tables (bench/)"
@@ -27,6 +28,12 @@ test:
 # Everything except the slow fault tests (a quicker loop while developing; CI runs `make test`).
 test-fast:
 	@venv=$(ENV) && bash deploy/run_tests.sh "$$venv" -m "not slow" $(PYTEST_ARGS)
+
+# Randomized fault run (tests/chaos.py, docs/chaos.md): its own Kafka + Redis on free ports, 2-3
+# workers, seeded faults, one history checker; prints the seed, then faults and anomalies.
+CHAOS_ARGS ?= --minutes 10 --guarantee exactly_once
+chaos:
+	@venv=$(ENV) && OMP_NUM_THREADS=1 "$$venv/bin/python" -m tests.chaos $(CHAOS_ARGS)
 
 stack-up:
 	@venv=$(ENV) && "$$venv/bin/python" -m deploy.stack up
