@@ -8,15 +8,18 @@ is in the output; `python -m tests.chaos --seed SEED --minutes M --guarantee G` 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 
 from tests.chaos import FAULTS, run_chaos
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 SEED = 20261130
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.timeout(280)
 def test_short_seeded_chaos_run_finds_no_anomaly(capsys: pytest.CaptureFixture[str]) -> None:
     result = run_chaos(SEED, 0.9, "exactly_once", gap=(3.0, 7.0), drain_timeout=120.0)
@@ -26,3 +29,82 @@ def test_short_seeded_chaos_run_finds_no_anomaly(capsys: pytest.CaptureFixture[s
     assert set(result.faults) <= set(FAULTS)
     assert result.forecasts > 0
     assert not result.anomalies, result.table()
+
+
+def _synthetic(guarantee: str, n: int = 50) -> Any:
+    """A clean history of one series: n events on partition 0, forecasts from the 48th on."""
+    import numpy as np
+    import orjson
+
+    from tests.chaos import STEP, T0, History
+
+    inputs, outputs, acked = [], [], {}
+    for i in range(n):
+        v = orjson.dumps({"series_id": "s0", "ts": T0 + i * STEP, "value": float(i)})
+        inputs.append(SimpleNamespace(partition=0, offset=i, value=v, headers={}))
+        acked[(0, i)] = v
+        if i >= 47:
+            doc = {"series_id": "s0", "ts": T0 + i * STEP, "mean": [1.0], "std": [1.0],
+                   "lower": {"80": [0.0]}, "upper": {"80": [2.0]}, "model_version": "v",
+                   "source": {"topic": "in", "partition": 0, "offset": i},
+                   "emitted_at": 1.0}  # fmt: skip
+            outputs.append(SimpleNamespace(value=orjson.dumps(doc)))
+    kept = range(max(0, n - 96), n)
+    window = SimpleNamespace(
+        offsets=np.array(list(kept)),
+        ts=np.array([T0 + i * STEP for i in kept]),
+        values=np.array([float(i) for i in kept]),
+    )
+    return History(guarantee, 1, inputs, acked, outputs, [], {"s0": window}, None)
+
+
+def test_the_checker_finds_what_it_promises() -> None:
+    """check_history on a clean synthetic history finds nothing; each planted fault is found."""
+    import orjson
+
+    from tests.chaos import check_history
+
+    assert not check_history(_synthetic("exactly_once"))[0]
+    assert not check_history(_synthetic("at_least_once"))[0]
+
+    h = _synthetic("exactly_once")
+    h.outputs.pop(1)
+    assert check_history(h)[0] == {"missing_forecast": 1}
+
+    h = _synthetic("exactly_once")
+    h.outputs.append(h.outputs[0])
+    # the repeat also comes after later offsets of its series
+    assert set(check_history(h)[0]) == {
+        "duplicate_forecast",
+        "duplicate_by_series_ts",
+        "out_of_order",
+    }
+    h.guarantee = "at_least_once"
+    assert not check_history(h)[0]  # an identical repeat is fine at least once
+
+    h = _synthetic("at_least_once")
+    doc = orjson.loads(h.outputs[0].value)
+    doc["mean"] = [1.5]
+    h.outputs.append(SimpleNamespace(value=orjson.dumps(doc)))
+    assert check_history(h)[0] == {"repeat_differs": 1}
+
+    h = _synthetic("at_least_once")
+    doc = orjson.loads(h.outputs[0].value)
+    doc["source"]["offset"] = 3  # an event whose window was not full
+    doc["ts"] = orjson.loads(h.inputs[3].value)["ts"]
+    h.outputs.append(SimpleNamespace(value=orjson.dumps(doc)))
+    doc = dict(doc, source={"topic": "in", "partition": 0, "offset": 999})
+    h.outputs.append(SimpleNamespace(value=orjson.dumps(doc)))
+    assert check_history(h)[0] == {"forecast_not_expected": 1, "forecast_for_unknown_record": 1}
+
+    h = _synthetic("at_least_once")
+    h.windows["s0"].values[-1] += 1.0
+    assert check_history(h)[0] == {"window_mismatch": 1}
+
+    h = _synthetic("at_least_once")
+    h.acked[(0, 500)] = h.inputs[0].value
+    assert check_history(h)[0] == {"acked_event_lost": 1}
+
+    h = _synthetic("at_least_once")
+    h.dead_letters.append(SimpleNamespace(headers={"source.partition": "0", "source.offset": "5"}))
+    assert check_history(h)[0] == {"dead_letter_for_accepted_event": 1}
