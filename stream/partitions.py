@@ -30,7 +30,7 @@ from stream.metrics import Metrics
 from stream.publisher import TransactionalPublisher
 from stream.redis_guard import GuardedRedis
 from stream.settings import WorkerSettings
-from stream.store import StoredPartition, WindowStore
+from stream.store import Fence, StoredPartition, WindowStore
 from stream.windows import PartitionWindows, Snapshot
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,12 @@ class ConsumerPort(Protocol):
 
 @dataclass
 class PartitionState:
-    """One partition's windows, and the applied offset Redis holds as far as we know (None:
-    nothing): the fence of the next write."""
+    """One partition's windows, the applied offset Redis holds as far as we know (None:
+    nothing) and our claim of the partition (owner epoch): the fence of the next write."""
 
     windows: PartitionWindows
     expected: int | None
+    fence: Fence | None = None
 
 
 class Partitions:
@@ -191,37 +192,53 @@ class Partitions:
             log.warning("could not rewind %s[%d]: %s", tp.topic, tp.partition, exc)
 
     async def load(self, tp: TopicPartition) -> bool:
-        """Bring a partition's windows into memory: from Redis, completed from Kafka when Redis is
-        behind the committed offset (or lost it). False when abandoned (stop/revoke)."""
+        """Bring a partition's windows into memory: claim it in Redis (a new owner epoch, which
+        fences every earlier owner) and load them, completed from Kafka when Redis is behind the
+        committed offset; rebuilt from the input topic's history when Redis lost them, holds
+        them for other features, or holds an unreadable blob. False when abandoned
+        (stop/revoke). (docs/design.md, "State, fencing and rebuild".)"""
         consumer = self.consumer
         assert consumer is not None
         cfg = self._config()
         txn = self._txn()
         if txn is not None:
             await txn.open(tp.partition)  # fences a previous owner's open transaction first
-        committed = await consumer.committed(tp)
         store = self._store()
         where = f"{tp.topic}[{tp.partition}]"
         try:
             stored = await self.redis.call(f"load of {where}", lambda: store.load(tp.partition))
+        except StateConflictError as exc:  # another worker claimed it while we read it
+            self.metrics.state_conflicts.inc()
+            log.warning("%s during the load; retrying the load", exc)
+            return await self.load(tp)
         except RedisUnavailableError:
             return False
+        # Read after the claim: an owner that committed before it can write no more.
+        committed = await consumer.committed(tp)
         windows = self._windows(tp, cfg)
-        expected = stored.applied if stored is not None else None
-        usable = stored is not None and stored.features == tuple(cfg.features)
-        if stored is not None and usable:
-            self._restore(windows, stored)
-        elif stored is not None:
+        expected = stored.applied
+        usable = stored.applied is not None and stored.features == tuple(cfg.features)
+        if usable:
+            bad = self._restore(windows, stored)
+            if bad:
+                log.warning(
+                    "%s: unreadable window blob of series %s%s; rebuilding the partition from "
+                    "the input topic", where, ", ".join(repr(b) for b in bad[:5]),
+                    f" and {len(bad) - 5} more" if len(bad) > 5 else "",
+                )  # fmt: skip
+                windows = self._windows(tp, cfg)
+                usable = False
+        elif stored.applied is not None:
             log.warning(
                 "%s: stored windows hold features %s, the model needs %s; rebuilding",
                 where, list(stored.features), list(cfg.features),
             )  # fmt: skip
-        rebuilt = not usable and stored is not None  # rewrite the unusable copy
+        rebuilt = not usable and stored.applied is not None  # rewrite the unusable copy
         if committed is not None and windows.applied < committed - 1:
-            lookback = self.settings.limits.rebuild_lookback
-            start = windows.applied + 1 if usable else max(0, committed - lookback)
-            await self._rebuild(tp, windows, start, committed, expected)
+            await self._rebuild(tp, windows, committed, expected, resume=usable)
             rebuilt = True
+        elif rebuilt:
+            self.metrics.rebuilds.inc()  # nothing committed: the rebuilt state is empty
         if rebuilt:
             snap = windows.snapshot(full=True)
             try:
@@ -233,6 +250,7 @@ class Partitions:
                         expected=expected,
                         features=tuple(cfg.features),
                         replace=True,
+                        fence=stored.fence,
                     ),
                 )
             except StateConflictError as exc:
@@ -244,10 +262,11 @@ class Partitions:
             expected = snap.applied
         else:
             windows.snapshot()  # nothing to write: what was loaded is what Redis holds
-        self._states[tp] = PartitionState(windows, expected)
+        self._states[tp] = PartitionState(windows, expected, stored.fence)
         log.info(
-            "%s loaded: %d series, applied offset %s, committed %s%s", where, len(windows),
-            windows.applied, committed, " (rebuilt from Kafka)" if rebuilt else "",
+            "%s loaded (owner epoch %d): %d series, applied offset %s, committed %s%s", where,
+            stored.fence.epoch, len(windows), windows.applied, committed,
+            " (rebuilt from Kafka)" if rebuilt else "",
         )  # fmt: skip
         return True
 
@@ -259,38 +278,69 @@ class Partitions:
         )  # fmt: skip
 
     @staticmethod
-    def _restore(windows: PartitionWindows, stored: StoredPartition) -> None:
-        bad = 0
+    def _restore(windows: PartitionWindows, stored: StoredPartition) -> list[str]:
+        """Load the stored series into ``windows``; returns the series whose blob is unreadable
+        (then ``windows`` is incomplete, and the caller rebuilds the partition)."""
+        bad: list[str] = []
         for series_id, blob in stored.blobs.items():
             try:
                 windows.load_series(series_id, blob)
             except ValueError:
-                bad += 1
-        if bad:
-            log.warning(
-                "%s[%d]: %d unreadable window blobs dropped",
-                windows.topic, windows.partition, bad,
-            )  # fmt: skip
+                bad.append(series_id)
+        assert stored.applied is not None
         windows.applied = stored.applied  # (its clock follows from the series loaded)
+        return sorted(bad)
 
     async def _rebuild(
         self,
         tp: TopicPartition,
         windows: PartitionWindows,
-        start: int,
         committed: int,
         expected: int | None,
+        *,
+        resume: bool,
     ) -> None:
+        """Apply the input records up to ``committed`` that ``windows`` lacks: from
+        ``windows.applied + 1`` when they hold Redis's (exact) state at that offset
+        (``resume``), otherwise from the start of the partition's log, so that the windows are
+        exactly the ones the committed offset implies (the state is a pure function of the
+        records applied since the partition was empty). ``--rebuild-lookback`` N > 0 bounds the
+        second case to the last N records, knowingly inexact. Records stream through the windows
+        in chunks: memory is bounded by the windows, not by the history."""
+        lookback = self.settings.limits.rebuild_lookback
+        if resume:
+            start = windows.applied + 1
+        elif lookback:
+            start = max(0, committed - lookback)
+        else:
+            start = 0
         log.warning(
             "%s[%d]: Redis holds offset %s, the group committed %d: rebuilding windows from "
-            "offset %d", tp.topic, tp.partition, expected, committed, start,
+            "offset %d%s", tp.topic, tp.partition, expected, committed, start,
+            "" if resume else " (the log start)" if not start else "",
         )  # fmt: skip
+        if start > 0 and not resume:
+            log.warning(
+                "%s[%d]: --rebuild-lookback %d: records before offset %d are not re-read; a "
+                "series whose points (or the idle clock, series cap and ordering checks) depend "
+                "on them comes back incomplete", tp.topic, tp.partition, lookback, start,
+            )  # fmt: skip
+        first: list[int] = []
 
         def apply(recs: list[Any]) -> None:
+            if not first and recs:
+                first.append(recs[0].offset)
             windows.apply(recs, emit=False)
             self._on_progress()  # a long rebuild is progress
 
         count = await self._replayer.replay(tp, start, committed, apply)
+        if not resume and first and first[0] > start:
+            log.warning(
+                "%s[%d]: the input topic no longer holds offsets %d..%d (retention or "
+                "compaction): windows are rebuilt from offset %d on, exact only if nothing "
+                "before it still mattered (see docs/design.md on retention)",
+                tp.topic, tp.partition, start, first[0] - 1, first[0],
+            )  # fmt: skip
         windows.applied = committed - 1
         self.metrics.rebuilds.inc()
         self.metrics.rebuild_records.inc(count)
@@ -318,6 +368,7 @@ class Partitions:
                         snap,
                         expected=part.expected,
                         features=part.windows.feature_names,
+                        fence=part.fence,
                     ),
                 )
             except StateConflictError as exc:

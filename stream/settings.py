@@ -242,8 +242,12 @@ class LimitSettings(Settings):
     is more than this many seconds behind the newest ``ts`` of its partition is idle and forgotten
     (event time, so a replay from Kafka decides exactly as the live run did); 0 disables it.
     ``window_history``: extra points kept per series beyond the model window, so a redelivered
-    event can be forecast from the window as it stood at its offset. ``rebuild_lookback``: how
-    many records before the committed offset are re-read when a partition's state is lost in Redis.
+    event can be forecast from the window as it stood at its offset. ``rebuild_lookback``: when a
+    partition's state is lost in Redis (or unreadable), 0 (the default) re-reads the partition from
+    the start of its log, which rebuilds it exactly provided the input topic still holds its whole
+    history (docs/design.md, "State, fencing and rebuild"); N > 0 re-reads only the last N records
+    before the committed offset: faster, but a series with no point among them is lost and the
+    others may differ (a WARNING says so at each such rebuild).
     """
 
     max_series_per_partition: PositiveInt = 100_000
@@ -252,7 +256,11 @@ class LimitSettings(Settings):
         description="seconds of event time after which an idle series is forgotten (0: never)",
     )
     window_history: NonNegativeInt = 48
-    rebuild_lookback: NonNegativeInt = 1_000_000
+    rebuild_lookback: NonNegativeInt = Field(
+        0,
+        description="0: a lost partition is rebuilt exactly from its whole log; N: only from the "
+        "last N records (inexact for sparser series)",
+    )
 
     @cached_property
     def limits(self) -> LimitSettings:

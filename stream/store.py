@@ -5,8 +5,12 @@ partition number). Both keys of a partition share the hash tag ``{P:TOPIC:N}``, 
 lives in one Redis Cluster slot and its update is one atomic script call::
 
     {P:TOPIC:N}:meta   HASH  applied   highest input offset applied to the windows (decimal)
+                             epoch     owner epoch: incremented by every worker that takes the
+                                       partition (loads it), before it reads anything
+                             owner     random token of that claim (so an epoch number reused after
+                                       Redis lost the hash still fences the old owner)
                              max_ts    the partition's idle-TTL clock (float; informative: a load
-                             recomputes it from the series, stream/windows.py)
+                                       recomputes it from the series, stream/windows.py)
                              features  JSON list of the feature names stored per point
                              updated   wall-clock time of the last write (epoch seconds)
     {P:TOPIC:N}:win    HASH  <series id> -> window blob
@@ -18,15 +22,23 @@ A window blob holds a series' newest points, oldest first: a little-endian heade
 ``float64[k]`` values, ``float64[k*F]`` features (point-major, in ``features`` order). Use
 :func:`stream.windows.decode_series` or :meth:`WindowStore.read_window` to read one.
 
-Writes are fenced: the script refuses (nothing written) unless ``applied`` in Redis equals the
-value this worker last read or wrote, which catches both a flushed/restarted Redis and a second
-worker that took the partition over (see :class:`~stream.errors.StateConflictError`).
+Taking a partition is :meth:`WindowStore.load`: one script bumps ``epoch``, sets a new ``owner``
+and returns the meta (a :class:`Fence` and the applied offset), then the windows are read in
+``HSCAN`` pages (no single unbounded reply, whatever the series count), and the fence is read
+again: had another worker claimed the partition meanwhile, the load fails (StateConflictError).
+
+Writes are fenced twice: the script refuses (nothing written) unless ``epoch`` and ``owner`` are
+still the writer's claim *and* ``applied`` equals the value it last read or wrote. The epoch
+makes a stale owner (a zombie whose partition was given to another worker, which loaded it) unable
+to write anything after the new owner's load, whatever offsets it holds; the offset catches a
+flushed or restarted Redis (see :class:`~stream.errors.StateConflictError`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,17 +52,26 @@ from stream.windows import Snapshot, decode_series
 
 log = logging.getLogger(__name__)
 
-# KEYS: meta, win. ARGV: expected applied ('' = none), new applied, max_ts, features JSON,
-# replace flag ('1' deletes the old windows first), updated, number of series to set, then
-# series/blob pairs, then series names to delete.
+# KEYS: meta. Takes the partition: a new epoch and owner token, and the meta as it stands.
+_CLAIM = """
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+return {epoch, redis.call('HMGET', KEYS[1], 'applied', 'max_ts', 'features')}
+"""
+
+# KEYS: meta, win. ARGV: expected applied ('' = none), fence ('epoch:owner', '' = none), new
+# applied, max_ts, features JSON, replace flag ('1' deletes the old windows first), updated,
+# number of series to set, then series/blob pairs, then series names to delete.
 _PERSIST = """
-local cur = redis.call('HGET', KEYS[1], 'applied')
-if not cur then cur = '' end
-if cur ~= ARGV[1] then return {0, cur} end
-if ARGV[5] == '1' then redis.call('DEL', KEYS[2]) end
-local nset = tonumber(ARGV[7])
-local i = 8
-local stop = 8 + 2 * nset
+local m = redis.call('HMGET', KEYS[1], 'applied', 'epoch', 'owner')
+local cur = m[1] or ''
+local fence = ''
+if m[2] then fence = m[2] .. ':' .. (m[3] or '') end
+if fence ~= ARGV[2] or cur ~= ARGV[1] then return {0, cur, fence} end
+if ARGV[6] == '1' then redis.call('DEL', KEYS[2]) end
+local nset = tonumber(ARGV[8])
+local i = 9
+local stop = 9 + 2 * nset
 while i < stop do
   local chunk = {}
   local last = math.min(i + 999, stop - 1)
@@ -65,10 +86,12 @@ while i <= #ARGV do
   redis.call('HDEL', KEYS[2], unpack(chunk))
   i = last + 1
 end
-redis.call('HSET', KEYS[1], 'applied', ARGV[2], 'max_ts', ARGV[3], 'features', ARGV[4],
-           'updated', ARGV[6])
-return {1, ARGV[2]}
+redis.call('HSET', KEYS[1], 'applied', ARGV[3], 'max_ts', ARGV[4], 'features', ARGV[5],
+           'updated', ARGV[7])
+return {1, ARGV[3], fence}
 """
+
+LOAD_PAGE = 1000  # HSCAN COUNT of a partition load
 
 
 def partition_for(series_id: str | bytes, num_partitions: int) -> int:
@@ -85,10 +108,23 @@ def partition_keys(prefix: str, topic: str, partition: int) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class StoredPartition:
-    """A partition as read from Redis."""
+class Fence:
+    """One claim of a partition: the owner epoch it set and its random owner token."""
 
-    applied: int
+    epoch: int
+    owner: str
+
+    def token(self) -> str:
+        return f"{self.epoch}:{self.owner}"
+
+
+@dataclass(frozen=True)
+class StoredPartition:
+    """A partition as read from Redis by the worker that just claimed it (``fence``).
+    ``applied`` is None when Redis holds no state for it (never written, or lost)."""
+
+    fence: Fence
+    applied: int | None
     max_ts: float
     features: tuple[str, ...]
     blobs: dict[str, bytes]
@@ -118,25 +154,42 @@ class WindowStore:
         self.prefix = prefix
         self.topic = topic
         self._persist = client.register_script(_PERSIST)
+        self._claim = client.register_script(_CLAIM)
 
     def keys(self, partition: int) -> tuple[str, str]:
         return partition_keys(self.prefix, self.topic, partition)
 
-    async def load(self, partition: int) -> StoredPartition | None:
-        """The partition's stored state, or None when Redis holds no applied offset for it."""
+    async def load(self, partition: int, *, page: int = LOAD_PAGE) -> StoredPartition:
+        """Take the partition (a new owner epoch: every persist of an earlier claim is refused
+        from now on) and read its state, the windows in ``HSCAN`` pages of about ``page`` series.
+        Raises StateConflictError when another worker claimed it while the pages were read."""
         meta_key, win_key = self.keys(partition)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(meta_key)
-            pipe.hgetall(win_key)
-            meta, blobs = await pipe.execute()
-        if not meta or b"applied" not in meta:
-            return None
-        features = tuple(orjson.loads(meta.get(b"features", b"[]")))
+        owner = secrets.token_hex(16)
+        epoch, (applied, max_ts, features) = await self._claim(keys=[meta_key], args=[owner])
+        fence = Fence(int(epoch), owner)
+        blobs: dict[str, bytes] = {}
+        cursor: int = 0
+        while True:
+            cursor, chunk = await self.client.hscan(win_key, cursor, count=page)
+            for k, v in chunk.items():
+                blobs[k.decode("utf-8") if isinstance(k, bytes) else k] = v
+            if not cursor:
+                break
+        now = await self.client.hmget(meta_key, ["epoch", "owner"])
+        if [_text(x) for x in now] != [str(fence.epoch), fence.owner]:
+            raise StateConflictError(
+                self.topic, partition, f"owner epoch {fence.epoch}",
+                f"{_text(applied)} (claimed by another worker while loading: epoch "
+                f"{_text(now[0])})",
+            )  # fmt: skip
+        if applied is None:
+            return StoredPartition(fence, None, -math.inf, (), blobs)
         return StoredPartition(
-            applied=int(meta[b"applied"]),
-            max_ts=float(meta.get(b"max_ts", b"-inf")),
-            features=features,
-            blobs={k.decode("utf-8"): v for k, v in blobs.items()},
+            fence=fence,
+            applied=int(applied),
+            max_ts=float(max_ts) if max_ts is not None else -math.inf,
+            features=tuple(orjson.loads(features or b"[]")),
+            blobs=blobs,
         )
 
     async def persist(
@@ -147,13 +200,18 @@ class WindowStore:
         expected: int | None,
         features: tuple[str, ...],
         replace: bool = False,
+        fence: Fence | None = None,
     ) -> None:
         """Write ``snap`` and its applied offset atomically, if Redis still holds ``expected``
-        (None: no state); a no-op when it already holds ``snap.applied`` (a retried write whose
-        reply was lost). Raises StateConflictError, writing nothing, otherwise."""
+        (None: no state) and ``fence`` is still the partition's claim (None: no claim was ever
+        made, as for a store written without a worker); a no-op when it already holds
+        ``snap.applied`` under the same claim (a retried write whose reply was lost). Raises
+        StateConflictError, writing nothing, otherwise."""
         meta_key, win_key = self.keys(partition)
+        token = "" if fence is None else fence.token()
         args: list[Any] = [
             "" if expected is None else str(expected),
+            token,
             str(snap.applied),
             repr(snap.max_ts) if math.isfinite(snap.max_ts) else "-inf",
             orjson.dumps(list(features)),
@@ -165,15 +223,18 @@ class WindowStore:
             args.append(name)
             args.append(blob)
         args.extend(snap.delete)
-        ok, found = await self._persist(keys=[meta_key, win_key], args=args)
+        ok, found, found_fence = await self._persist(keys=[meta_key, win_key], args=args)
         if not ok:
-            found_s = found.decode() if isinstance(found, bytes) else str(found)
-            if found_s == args[1]:
-                # Redis already holds this very offset: our own write, applied before the
-                # connection dropped and its reply was lost (the caller retried it), or the same
-                # records applied by another owner. The state is a function of the records up to
-                # that offset, so it is the state we meant to write.
+            found_s = _text(found) or ""
+            fence_s = _text(found_fence) or ""
+            if fence_s == token and found_s == args[2]:
+                # Redis already holds this very offset under our own claim: our write, applied
+                # before the connection dropped and its reply was lost (the caller retried it).
                 return
+            if fence_s != token:
+                theirs = fence_s.split(":", 1)[0] or "none"
+                ours = str(fence.epoch) if fence is not None else "none"
+                found_s = f"{found_s or 'missing'} (owner epoch {theirs}, ours {ours})"
             raise StateConflictError(self.topic, partition, args[0], found_s)
 
     async def read_window(self, series_id: str, num_partitions: int) -> SeriesWindow | None:
@@ -203,6 +264,10 @@ class WindowStore:
             pipe.hset(key, member, orjson.dumps({**info, "at": time.time()}))
             pipe.expire(key, ttl)
             await pipe.execute()
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else None if value is None else str(value)
 
 
 def _series_window(
