@@ -678,6 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"chaos: seed {seed} (replay: {replay})", flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import logging
+
+    # The producer's client logs every failed connection while the broker is down on purpose.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     with _signals_raise():
         result = run_chaos(
             seed, a.minutes, a.guarantee, workers=a.workers, max_workers=a.workers + 1,
