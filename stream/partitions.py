@@ -129,6 +129,14 @@ class Partitions:
         self.assigned |= tps
         for tp in tps:
             self._states.pop(tp, None)  # load afresh from Redis before its first batch
+        if self.defer_rewinds:
+            # A batch fetched before this rebalance may still wait at the gate with records of
+            # these partitions, read from where the previous assignment stood. Given back to us,
+            # a partition must restart at its committed offset: those stale records are dropped
+            # from that batch and the partition is sought to its committed offset (else they
+            # would be forecast once from the stale batch and again when re-fetched from the
+            # committed offset: a duplicate under exactly-once).
+            self._rewind |= tps
         self.metrics.assigned.set(len(self.assigned))
         log.info("partitions assigned: %s", sorted(tp.partition for tp in tps))
 
