@@ -9,7 +9,8 @@ batch flows"):
 - ``consumer``     — the micro-batcher, and bounded offset-range reads (``read_ranges``: the
   rebuild replayer, the trainer's ``kafka://`` replay, ``dlq replay``, ``worker plot``);
 - ``batch``        — one batch: prepare → infer → complete;
-- ``partitions``   — the assigned partitions' state: load, rebuild, reset, persist, revoke;
+- ``partitions``   — the assigned partitions' state: load, reset, persist, revoke; ``rebuild``
+  restores stored windows and rebuilds lost ones exactly from the input topic;
 - ``windows``      — admission of records into a partition's windows (ordering, limits, idle clock);
 - ``rings``        — the ring buffers under the windows, and the blob Redis stores per series;
 - ``decode``       — one record → ``Event`` or ``Rejection`` (the contract's reasons; total);

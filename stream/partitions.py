@@ -24,13 +24,14 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from model.config import ModelConfig
-from stream.consumer import Batch, PartitionReplayer
+from stream.consumer import Batch
 from stream.errors import RedisUnavailableError, StateConflictError
 from stream.metrics import Metrics
 from stream.publisher import TransactionalPublisher
+from stream.rebuild import Rebuilder
 from stream.redis_guard import GuardedRedis
 from stream.settings import WorkerSettings
-from stream.store import Fence, StoredPartition, WindowStore
+from stream.store import Fence, WindowStore
 from stream.windows import PartitionWindows, Snapshot
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,6 @@ class Partitions:
         self._config = config
         self._store = store
         self._txn = txn
-        self._on_progress = on_progress
         self._on_drop = on_drop
         self.consumer: ConsumerPort | None = None  # set at start-up
         self.assigned: set[TopicPartition] = set()
@@ -104,9 +104,7 @@ class Partitions:
         # fetches (no fetch in flight can then return records from before the seek).
         self.defer_rewinds = False
         self._rewind: set[TopicPartition] = set()
-        self._replayer = PartitionReplayer(
-            settings.kafka, "read_committed" if settings.exactly_once else "read_uncommitted"
-        )
+        self._rebuilder = Rebuilder(settings, metrics, on_progress)
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -227,7 +225,7 @@ class Partitions:
         expected = stored.applied
         usable = stored.applied is not None and stored.features == tuple(cfg.features)
         if usable:
-            bad = self._restore(windows, stored)
+            bad = self._rebuilder.restore(windows, stored)
             if bad:
                 log.warning(
                     "%s: unreadable window blob of series %s%s; rebuilding the partition from "
@@ -243,7 +241,7 @@ class Partitions:
             )  # fmt: skip
         rebuilt = not usable and stored.applied is not None  # rewrite the unusable copy
         if committed is not None and windows.applied < committed - 1:
-            await self._rebuild(tp, windows, committed, expected, resume=usable)
+            await self._rebuilder.rebuild(tp, windows, committed, expected, resume=usable)
             rebuilt = True
         elif rebuilt:
             self.metrics.rebuilds.inc()  # nothing committed: the rebuilt state is empty
@@ -284,74 +282,6 @@ class Partitions:
             tp.topic, tp.partition, sequence_length=cfg.sequence_length, features=cfg.features,
             limits=s.limits, max_event_bytes=s.max_event_bytes, max_future_skew=s.max_future_skew,
         )  # fmt: skip
-
-    @staticmethod
-    def _restore(windows: PartitionWindows, stored: StoredPartition) -> list[str]:
-        """Load the stored series into ``windows``; returns the series whose blob is unreadable
-        (then ``windows`` is incomplete, and the caller rebuilds the partition)."""
-        bad: list[str] = []
-        for series_id, blob in stored.blobs.items():
-            try:
-                windows.load_series(series_id, blob)
-            except ValueError:
-                bad.append(series_id)
-        assert stored.applied is not None
-        windows.applied = stored.applied  # (its clock follows from the series loaded)
-        return sorted(bad)
-
-    async def _rebuild(
-        self,
-        tp: TopicPartition,
-        windows: PartitionWindows,
-        committed: int,
-        expected: int | None,
-        *,
-        resume: bool,
-    ) -> None:
-        """Apply the input records up to ``committed`` that ``windows`` lacks: from
-        ``windows.applied + 1`` when they hold Redis's (exact) state at that offset
-        (``resume``), otherwise from the start of the partition's log, so that the windows are
-        exactly the ones the committed offset implies (the state is a pure function of the
-        records applied since the partition was empty). ``--rebuild-lookback`` N > 0 bounds the
-        second case to the last N records, knowingly inexact. Records stream through the windows
-        in chunks: memory is bounded by the windows, not by the history."""
-        lookback = self.settings.limits.rebuild_lookback
-        if resume:
-            start = windows.applied + 1
-        elif lookback:
-            start = max(0, committed - lookback)
-        else:
-            start = 0
-        log.warning(
-            "%s[%d]: Redis holds offset %s, the group committed %d: rebuilding windows from "
-            "offset %d%s", tp.topic, tp.partition, expected, committed, start,
-            "" if resume else " (the log start)" if not start else "",
-        )  # fmt: skip
-        if start > 0 and not resume:
-            log.warning(
-                "%s[%d]: --rebuild-lookback %d: records before offset %d are not re-read; a "
-                "series whose points (or the idle clock, series cap and ordering checks) depend "
-                "on them comes back incomplete", tp.topic, tp.partition, lookback, start,
-            )  # fmt: skip
-        first: list[int] = []
-
-        def apply(recs: list[Any]) -> None:
-            if not first and recs:
-                first.append(recs[0].offset)
-            windows.apply(recs, emit=False)
-            self._on_progress()  # a long rebuild is progress
-
-        count = await self._replayer.replay(tp, start, committed, apply)
-        if not resume and first and first[0] > start:
-            log.warning(
-                "%s[%d]: the input topic no longer holds offsets %d..%d (retention or "
-                "compaction): windows are rebuilt from offset %d on, exact only if nothing "
-                "before it still mattered (see docs/design.md on retention)",
-                tp.topic, tp.partition, start, first[0] - 1, first[0],
-            )  # fmt: skip
-        windows.applied = committed - 1
-        self.metrics.rebuilds.inc()
-        self.metrics.rebuild_records.inc(count)
 
     # ---- persisting ----------------------------------------------------------------------------
 
