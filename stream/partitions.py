@@ -175,18 +175,32 @@ class Partitions:
 
     async def rewind_pending(self, batch: Batch) -> None:
         """Seek the partitions reset since the last fetch back to their committed offsets and
-        drop their records from ``batch`` (the fetch stage calls it between two fetches)."""
+        drop their records from ``batch`` (the fetch stage calls it between two fetches). A
+        rewind that failed (the broker unreachable) is tried again before the next batch: until
+        it succeeds, none of the partition's records are processed."""
+        failed: set[TopicPartition] = set()
         while self._rewind:
             tp = self._rewind.pop()
             batch.pop(tp, None)
-            await self._seek_committed(tp)
+            if not await self._seek_committed(tp):
+                failed.add(tp)
+        self._rewind |= failed
 
-    async def _seek_committed(self, tp: TopicPartition) -> None:
+    async def _seek_committed(self, tp: TopicPartition) -> bool:
+        """Seek to the committed offset; False when the broker could not say it (try again)."""
         consumer = self.consumer
         assert consumer is not None
         if tp not in self.assigned:
-            return
+            return True
         try:
+            txn = self._txn()
+            if txn is not None:
+                # After a failed transaction: a new producer of the partition's transactional id
+                # first completes (or aborts) the one left pending, so the committed offset read
+                # next is final. A commit whose answer was lost (the broker died after the
+                # commit was decided) would otherwise read as not committed, and its records
+                # would be forecast again in a second transaction.
+                await txn.open(tp.partition)
             committed = await consumer.committed(tp)
             if committed is not None:
                 consumer.seek(tp, committed)
@@ -194,8 +208,12 @@ class Partitions:
                 await consumer.seek_to_beginning(tp)
             else:
                 await consumer.seek_to_end(tp)
-        except (KafkaError, AssertionError, ValueError) as exc:  # partition revoked meanwhile
+        except KafkaError as exc:
+            log.warning("could not rewind %s[%d] (%r); trying again", tp.topic, tp.partition, exc)
+            return False
+        except (AssertionError, ValueError) as exc:  # partition revoked meanwhile
             log.warning("could not rewind %s[%d]: %s", tp.topic, tp.partition, exc)
+        return True
 
     async def load(self, tp: TopicPartition) -> bool:
         """Bring a partition's windows into memory: claim it in Redis (a new owner epoch, which

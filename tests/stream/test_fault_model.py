@@ -417,24 +417,30 @@ def test_third_worker_joins_under_load(
                         return True
             return False
 
-        last: list[InFlight] = []
+        # Each round samples first, then looks for the rebalance: the round that sees it keeps
+        # its sample (taken as the rebalance reached the workers, or just before), so a
+        # rebalance seen at once still has its figures (a run of CI measured none before).
+        samples: list[list[InFlight]] = []
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             texts = [a.metrics(), b.metrics()]
             offs = committed_offsets(stack.bootstrap, group, topics.input)
+            samples.append(
+                [
+                    InFlight(
+                        sample(t, "eventcast_events_consumed_total"),
+                        owned_partitions(t),
+                        offs,
+                        batches_in_flight(t),
+                    )
+                    for t in texts
+                ]
+            )
             if rebalancing():
                 break
-            last = [
-                InFlight(
-                    sample(t, "eventcast_events_consumed_total"),
-                    owned_partitions(t),
-                    offs,
-                    batches_in_flight(t),
-                )
-                for t in texts
-            ]
         else:
             raise AssertionError("no rebalance seen")
+        last = max(samples[-2:], key=lambda xs: sum(max(0, x.records) for x in xs))
         c.wait_ready()
         wait_for(lambda: [assigned(w) for w in (a, b, c)] == [2, 2, 2], 60, "2 partitions each")
         time.sleep(4)
