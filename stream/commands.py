@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -152,6 +153,7 @@ def cmd_status(args: StatusSettings) -> int:
         print(f"  member {m['client_id']}@{m['host']}  partitions {m['partitions']}")
     for w in report["workers"]:
         print(f"  worker {w['member']}  model {w.get('version')}  partitions {w.get('partitions')}")
+        print(f"    {calibration_text(w.get('calibration'))}")
     for p in report["partitions"]:
         print(f"  [{p['partition']}] committed {p['committed']}  end {p['end']}  lag {p['lag']}")
     return 0
@@ -237,7 +239,8 @@ async def group_status(
         for member, blob in sorted(raw.items()):
             info = orjson.loads(blob)
             if now - info.get("at", 0) < 30:
-                workers.append({"member": member.decode(), **info})
+                calibration = calibration_record(info.get("calibration"))
+                workers.append({"member": member.decode(), **info, "calibration": calibration})
     except Exception as exc:  # Redis is optional for status
         print(f"worker status: Redis not readable ({exc}); model versions unknown", file=sys.stderr)
     return {
@@ -250,3 +253,60 @@ async def group_status(
         "total_lag": sum(r["lag"] for r in rows),
         "throughput": moved / max(1e-9, t1 - t0),
     }
+
+
+# The announce record's ``calibration`` (docs/contract.md, "worker status"): the worker's interval
+# calibration mode, its rolling coverage per level over its last scored forecasts and the mean
+# factor applied to the interval half-widths. Workers of older versions do not write it.
+_LEVELS = ("80", "95")
+
+
+def calibration_record(raw: Any) -> dict[str, Any] | None:
+    """The announce record's ``calibration`` as ``worker status`` reports it: ``{"mode",
+    "coverage": {level: float | None}, "adjustment": {level: float | None}, "scored"}``, every
+    part that is missing or malformed set to None; None when the record has no such key (a worker
+    of an older version) or it is not an object."""
+    if not isinstance(raw, dict):
+        return None
+
+    def number(value: Any) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return float(value) if math.isfinite(value) else None
+
+    def per_level(value: Any) -> dict[str, float | None]:
+        value = value if isinstance(value, dict) else {}
+        return {lvl: number(value.get(lvl)) for lvl in _LEVELS}
+
+    mode = raw.get("mode")
+    scored = raw.get("scored")
+    return {
+        "mode": mode if isinstance(mode, str) and mode else None,
+        "coverage": per_level(raw.get("coverage")),
+        "adjustment": per_level(raw.get("adjustment")),
+        "scored": scored if isinstance(scored, int) and not isinstance(scored, bool) else None,
+    }
+
+
+def calibration_text(calibration: dict[str, Any] | None) -> str:
+    """One line for a worker's calibration, ``-`` wherever a part is unknown, e.g.
+    ``calibration online  coverage 80 % 79.4 %  95 % 95.1 %  adjustment 80 % 1.082  95 % 0.973
+    (1000 scored)`` (adjustment: the mean factor applied to the interval half-widths)."""
+    if calibration is None:
+        return "calibration -  coverage -  adjustment -"
+    cov = calibration["coverage"]
+    adj = calibration["adjustment"]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f} %"
+
+    def factor(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    coverage = "  ".join(f"{lvl} % {pct(cov[lvl])}" for lvl in _LEVELS)
+    adjustment = "  ".join(f"{lvl} % {factor(adj[lvl])}" for lvl in _LEVELS)
+    scored = calibration["scored"]
+    return (
+        f"calibration {calibration['mode'] or '-'}  coverage {coverage}  "
+        f"adjustment {adjustment}  ({'-' if scored is None else scored} scored)"
+    )

@@ -142,3 +142,66 @@ def test_topics_create_status_and_sigterm(
     assert w.ready()
     assert w.terminate() == 0, w.log()
     assert "stopped cleanly" in w.log()
+
+
+@pytest.mark.integration
+def test_status_reports_each_workers_calibration(
+    stack: Any, make_topic: Any, redis_url: str, capsys: Any
+) -> None:
+    """Announce records written by the worker's own code (``WindowStore.announce``) with and
+    without the ``calibration`` key (workers of older versions lack it), and one malformed."""
+    import asyncio
+
+    from stream.commands import calibration_record
+    from stream.settings import RedisSettings
+    from stream.store import WindowStore
+
+    topic, group = make_topic("status-in", 2), "status-cal"
+    online = {
+        "mode": "online",
+        "coverage": {"80": 0.794, "95": None},
+        "adjustment": {"80": 1.0823, "95": 0.97},
+        "scored": 1000,
+    }
+    redis = RedisSettings(redis_url=redis_url)
+
+    async def announce() -> None:
+        client = redis.client()
+        try:
+            store = WindowStore(client, redis.prefix, topic)
+            base = {"version": "v1", "partitions": [0], "pid": 1, "host": "h"}
+            await store.announce(group, "w-new", {**base, "calibration": online})
+            await store.announce(group, "w-old", {**base, "partitions": [1]})
+            await store.announce(group, "w-odd", {**base, "calibration": {"mode": 3, "scored": "x",
+                                                  "coverage": {"80": "high"}}})  # fmt: skip
+        finally:
+            await client.aclose()
+
+    asyncio.run(announce())
+    argv = ["status", "--bootstrap-servers", stack.bootstrap, "--redis-url", redis_url,
+            "--group-id", group, "--input-topic", topic, "--interval", "0.1"]  # fmt: skip
+    from deploy.cli import main as worker_main
+
+    assert worker_main([*argv, "--json"]) == 0
+    report = orjson.loads(capsys.readouterr().out)
+    by_member = {w["member"]: w for w in report["workers"]}
+    assert by_member["w-new"]["calibration"] == online
+    assert by_member["w-old"]["calibration"] is None
+    unknown = {"80": None, "95": None}
+    assert by_member["w-odd"]["calibration"] == {
+        "mode": None, "coverage": unknown, "adjustment": unknown, "scored": None,
+    }  # fmt: skip
+    assert calibration_record([1, 2]) is None
+
+    assert worker_main(argv) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    line_of = {m: lines[i + 1] for i, ln in enumerate(lines) for m in by_member if f" {m} " in ln}
+    assert line_of["w-new"].strip() == (
+        "calibration online  coverage 80 % 79.4 %  95 % -  "
+        "adjustment 80 % 1.082  95 % 0.970  (1000 scored)"
+    ), out
+    assert line_of["w-old"].strip() == "calibration -  coverage -  adjustment -", out
+    assert line_of["w-odd"].strip() == (
+        "calibration -  coverage 80 % -  95 % -  adjustment 80 % -  95 % -  (- scored)"
+    ), out
