@@ -31,7 +31,7 @@ from stream.decode import Rejection
 from stream.delivery import Delivery
 from stream.faults import FaultInjector
 from stream.health import Watchdog
-from stream.inference import InferenceRunner
+from stream.inference import InferenceRunner, concat_forecasts, finite_rows, take_forecast
 from stream.metrics import Metrics
 from stream.partitions import Partitions, PartitionState
 from stream.publisher import OutMessage, dead_letter, dlq_value_limit, encode_forecasts
@@ -62,24 +62,6 @@ class Prepared:
     # Rows whose forecast was not finite (model_output): the records, dead-lettered instead.
     bad_output: dict[TopicPartition, list[RecordLike]] = field(default_factory=dict)
     slot: Any = None  # its place in the native pipeline (stream.pipeline.Slot)
-
-
-def take_forecast(fc: Forecast, rows: slice | np.ndarray) -> Forecast:
-    """The forecast of some rows (a slice, or an index array)."""
-    return Forecast(
-        fc.mean[rows], fc.std[rows],
-        {k: v[rows] for k, v in fc.lower.items()}, {k: v[rows] for k, v in fc.upper.items()},
-    )  # fmt: skip
-
-
-def finite_rows(fc: Forecast) -> np.ndarray:
-    """(R,) bool: the rows whose mean, std and bounds are all finite and whose std is > 0 (the
-    contract's forecast); the others must not be published."""
-    ok = np.isfinite(fc.mean).all(axis=1) & np.isfinite(fc.std).all(axis=1)
-    ok &= (fc.std > 0).all(axis=1)
-    for bound in (*fc.lower.values(), *fc.upper.values()):
-        ok &= np.isfinite(bound).all(axis=1)
-    return ok  # type: ignore[no-any-return]
 
 
 def take_windows(w: WindowBatch, rows: np.ndarray) -> WindowBatch:
@@ -186,6 +168,37 @@ class BatchProcessor:
         self.metrics.stage.labels("infer").observe(time.perf_counter() - t0)
         self.pipeline_clock.beat()
         self._drop_bad_outputs(prep)
+        if self.settings.interval_calibration == "online":
+            self._calibrate(prep)
+
+    def _calibrate(self, prep: Prepared) -> None:
+        """Online interval calibration (stream/calibration.py), partition by partition in offset
+        order: score earlier forecasts against the batch's accepted points, scale the new
+        forecasts' intervals, and add the changed state to the partition's snapshot (persisted
+        with its windows). Partitions reset since the batch was prepared are left as they are
+        (not published; their state is loaded again)."""
+        assert prep.fc is not None
+        h = prep.fc.mean.shape[1]
+        out: list[Forecast] = []
+        factors: list[np.ndarray] = []
+        row = 0
+        for tp, res in prep.results.items():
+            k = len(res.windows)
+            fc = take_forecast(prep.fc, slice(row, row + k))
+            row += k
+            part = prep.parts[tp]
+            if self.partitions.is_current(tp, part):
+                cal = part.calibrator(h)
+                fc, f = cal.calibrate_batch(res.points, res.windows.series, res.windows.offsets, fc)
+                snap = prep.snaps[tp]
+                cal.forget(snap.delete)
+                done = cal.snapshot()
+                snap.cal_set, snap.cal_delete = done.set, done.delete
+                factors.append(f)
+            out.append(fc)
+        prep.fc = concat_forecasts(out, h)
+        if factors:
+            self.metrics.observe_adjustment(np.concatenate(factors))
 
     def _drop_bad_outputs(self, prep: Prepared) -> None:
         """Take the rows whose forecast is not finite out of ``prep`` (windows, results, forecast);
@@ -249,6 +262,7 @@ class BatchProcessor:
                 out = encode_forecasts(
                     res.windows, take_forecast(fc, slice(row, row + k)),
                     version=version, input_topic=s.input_topic, output_topic=s.output_topic,
+                    calibration=s.interval_calibration,
                 )  # fmt: skip
                 bad = prep.bad_output.get(tp, [])
                 for rec, rej in [*res.rejected, *((r, model_output) for r in bad)]:

@@ -9,7 +9,7 @@ of some partitions, then stop": the worker's rebuild (:class:`PartitionReplayer`
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -136,9 +136,14 @@ class PartitionReplayer:
         self.stall = stall
 
     async def replay(
-        self, tp: TopicPartition, start: int, end: int, apply: Callable[[list[Any]], None]
+        self,
+        tp: TopicPartition,
+        start: int,
+        end: int,
+        apply: Callable[[list[Any]], Awaitable[None] | None],
     ) -> int:
-        """Feed records with ``start <= offset < end`` to ``apply`` in order; return how many.
+        """Feed records with ``start <= offset < end`` to ``apply`` (awaited when it returns an
+        awaitable) in order; return how many.
         ``start`` below the partition's first retained offset is raised to it. Raises
         KafkaUnavailableError when no progress is made for ``stall`` seconds."""
         consumer = AIOKafkaConsumer(
@@ -161,7 +166,9 @@ class PartitionReplayer:
             async for _, recs in read_ranges(
                 consumer, ranges, stall=self.stall, max_records=20_000
             ):
-                apply(recs)
+                done = apply(recs)
+                if done is not None:
+                    await done
                 count += len(recs)
             return count
         finally:

@@ -20,6 +20,39 @@ from stream.metrics import Metrics
 from stream.windows import WindowBatch
 
 
+def take_forecast(fc: Forecast, rows: slice | np.ndarray) -> Forecast:
+    """The forecast of some rows (a slice, or an index array)."""
+    return Forecast(
+        fc.mean[rows], fc.std[rows],
+        {k: v[rows] for k, v in fc.lower.items()}, {k: v[rows] for k, v in fc.upper.items()},
+    )  # fmt: skip
+
+
+def concat_forecasts(parts: list[Forecast], horizon: int) -> Forecast:
+    """The rows of ``parts`` one after another."""
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        z = np.zeros((0, horizon), np.float32)
+        return Forecast(z, z, {"80": z, "95": z}, {"80": z, "95": z})
+    return Forecast(
+        np.concatenate([f.mean for f in parts]),
+        np.concatenate([f.std for f in parts]),
+        {k: np.concatenate([f.lower[k] for f in parts]) for k in parts[0].lower},
+        {k: np.concatenate([f.upper[k] for f in parts]) for k in parts[0].upper},
+    )
+
+
+def finite_rows(fc: Forecast) -> np.ndarray:
+    """(R,) bool: the rows whose mean, std and bounds are all finite and whose std is > 0 (the
+    contract's forecast); the others must not be published."""
+    ok = np.isfinite(fc.mean).all(axis=1) & np.isfinite(fc.std).all(axis=1)
+    ok &= (fc.std > 0).all(axis=1)
+    for bound in (*fc.lower.values(), *fc.upper.values()):
+        ok &= np.isfinite(bound).all(axis=1)
+    return ok  # type: ignore[no-any-return]
+
+
 class InferenceRunner:
     """Forecasts for :class:`WindowBatch` rows with the serving model; ``swap`` replaces it
     (between batches only: the caller guarantees no call is in flight)."""
@@ -46,12 +79,7 @@ class InferenceRunner:
             fc = p.predict(x)
         else:
             parts = [p.predict(x[i : i + step]) for i in range(0, len(x), step)]
-            fc = Forecast(
-                np.concatenate([f.mean for f in parts]),
-                np.concatenate([f.std for f in parts]),
-                {k: np.concatenate([f.lower[k] for f in parts]) for k in parts[0].lower},
-                {k: np.concatenate([f.upper[k] for f in parts]) for k in parts[0].upper},
-            )
+            fc = concat_forecasts(parts, model.config.horizon)
         self.metrics.inference.labels(p.backend).observe(time.perf_counter() - start)
         return fc
 
@@ -59,7 +87,5 @@ class InferenceRunner:
         """The model's forecast for every row (B may be 0). Raises InputError on bad windows."""
         model = self.model
         if len(windows) == 0:
-            h = model.config.horizon
-            z = np.zeros((0, h), np.float32)
-            return Forecast(z, z, {"80": z, "95": z}, {"80": z, "95": z})
+            return concat_forecasts([], model.config.horizon)
         return await asyncio.to_thread(self._run, model, windows)

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable, Generator
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -149,7 +150,21 @@ class Metrics:
             "eventcast_shadow_info", "Shadow model version (value 1 while it runs)", ["version"],
             registry=r,
         )  # fmt: skip
+        self.interval_adjustment = Gauge(
+            "eventcast_interval_adjustment",
+            "Mean factor online calibration applied to the step-1 interval half-widths of the last "
+            "batch's forecasts, by level (1 = the model's own intervals)", ["level"], registry=r,
+        )  # fmt: skip
         self._version: tuple[str, str, str] | None = None
+        self.adjustment: dict[str, float] = {}  # level -> the last batch's mean factor
+
+    def observe_adjustment(self, factors: np.ndarray) -> None:
+        """``factors`` (R, levels): the step-1 factors online calibration gave a batch's rows."""
+        if len(factors) == 0:
+            return
+        for level, mean in zip(("80", "95"), factors.mean(axis=0).tolist(), strict=True):
+            self.adjustment[level] = mean
+            self.interval_adjustment.labels(level).set(mean)
 
     def set_model(self, version: str, backend: str, device: str) -> None:
         if self._version is not None:

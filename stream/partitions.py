@@ -24,11 +24,12 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from model.config import ModelConfig
+from stream.calibration import OnlineCalibrator
 from stream.consumer import Batch
 from stream.errors import RedisUnavailableError, StateConflictError
 from stream.metrics import Metrics
 from stream.publisher import TransactionalPublisher
-from stream.rebuild import Rebuilder
+from stream.rebuild import Forecaster, Rebuilder
 from stream.redis_guard import GuardedRedis
 from stream.settings import WorkerSettings
 from stream.store import Fence, WindowStore
@@ -67,6 +68,19 @@ class PartitionState:
     windows: PartitionWindows
     expected: int | None
     fence: Fence | None = None
+    calibration: OnlineCalibrator | None = None  # --interval-calibration online
+
+    def calibrator(self, horizon: int) -> OnlineCalibrator:
+        """The partition's interval calibration state, for forecasts of ``horizon`` steps (a
+        fresh one when there is none, or when the serving model's horizon changed)."""
+        cal = self.calibration
+        if cal is None or cal.horizon != horizon:
+            if cal is not None:
+                log.warning("the model's horizon changed (%d -> %d): interval calibration of "
+                            "%s[%d] starts afresh", cal.horizon, horizon, self.windows.topic,
+                            self.windows.partition)  # fmt: skip
+            cal = self.calibration = OnlineCalibrator(horizon, self.windows.capacity)
+        return cal
 
 
 class Partitions:
@@ -89,6 +103,7 @@ class Partitions:
         txn: Callable[[], TransactionalPublisher | None],
         on_progress: Callable[[], None] = lambda: None,
         on_drop: Callable[[int], None] = lambda partition: None,
+        forecast: Forecaster | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -104,7 +119,7 @@ class Partitions:
         # fetches (no fetch in flight can then return records from before the seek).
         self.defer_rewinds = False
         self._rewind: set[TopicPartition] = set()
-        self._rebuilder = Rebuilder(settings, metrics, on_progress)
+        self._rebuilder = Rebuilder(settings, metrics, on_progress, forecast)
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -239,18 +254,18 @@ class Partitions:
             return False
         # Read after the claim: an owner that committed before it can write no more.
         committed = await consumer.committed(tp)
-        windows = self._windows(tp, cfg)
+        windows, cal = self._windows(tp, cfg), self._calibration(tp, cfg)
         expected = stored.applied
         usable = stored.applied is not None and stored.features == tuple(cfg.features)
         if usable:
-            bad = self._rebuilder.restore(windows, stored)
+            bad = self._rebuilder.restore(windows, stored, cal)
             if bad:
                 log.warning(
-                    "%s: unreadable window blob of series %s%s; rebuilding the partition from "
-                    "the input topic", where, ", ".join(repr(b) for b in bad[:5]),
+                    "%s: unreadable window or calibration blob of series %s%s; rebuilding the "
+                    "partition from the input topic", where, ", ".join(repr(b) for b in bad[:5]),
                     f" and {len(bad) - 5} more" if len(bad) > 5 else "",
                 )  # fmt: skip
-                windows = self._windows(tp, cfg)
+                windows, cal = self._windows(tp, cfg), self._calibration(tp, cfg)
                 usable = False
         elif stored.applied is not None:
             log.warning(
@@ -259,12 +274,17 @@ class Partitions:
             )  # fmt: skip
         rebuilt = not usable and stored.applied is not None  # rewrite the unusable copy
         if committed is not None and windows.applied < committed - 1:
-            await self._rebuilder.rebuild(tp, windows, committed, expected, resume=usable)
+            await self._rebuilder.rebuild(
+                tp, windows, committed, expected, resume=usable, calibration=cal
+            )
             rebuilt = True
         elif rebuilt:
             self.metrics.rebuilds.inc()  # nothing committed: the rebuilt state is empty
         if rebuilt:
             snap = windows.snapshot(full=True)
+            if cal is not None:
+                done = cal.snapshot(full=True)
+                snap.cal_set, snap.cal_delete = done.set, done.delete
             try:
                 await self.redis.call(
                     f"rebuild write of {where}",
@@ -286,13 +306,21 @@ class Partitions:
             expected = snap.applied
         else:
             windows.snapshot()  # nothing to write: what was loaded is what Redis holds
-        self._states[tp] = PartitionState(windows, expected, stored.fence)
+            if cal is not None:
+                cal.snapshot()
+        self._states[tp] = PartitionState(windows, expected, stored.fence, cal)
         log.info(
             "%s loaded (owner epoch %d): %d series, applied offset %s, committed %s%s", where,
             stored.fence.epoch, len(windows), windows.applied, committed,
             " (rebuilt from Kafka)" if rebuilt else "",
         )  # fmt: skip
         return True
+
+    def _calibration(self, tp: TopicPartition, cfg: ModelConfig) -> OnlineCalibrator | None:
+        if self.settings.interval_calibration != "online":
+            return None
+        s = self.settings
+        return OnlineCalibrator(cfg.horizon, cfg.sequence_length + s.limits.window_history)
 
     def _windows(self, tp: TopicPartition, cfg: ModelConfig) -> PartitionWindows:
         s = self.settings
@@ -313,7 +341,7 @@ class Partitions:
         async def one(tp: TopicPartition, part: PartitionState, snap: Snapshot) -> bool:
             if not self.is_current(tp, part):
                 return False
-            if snap.applied == part.expected and not snap.set and not snap.delete:
+            if snap.applied == part.expected and snap.empty():
                 return True
             store = self._store()
             try:

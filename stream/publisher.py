@@ -150,10 +150,17 @@ def forecast_documents(
 
 
 def encode_forecasts(
-    windows: WindowBatch, fc: Forecast, *, version: str, input_topic: str, output_topic: str
+    windows: WindowBatch,
+    fc: Forecast,
+    *,
+    version: str,
+    input_topic: str,
+    output_topic: str,
+    calibration: str = "static",
 ) -> list[OutMessage]:
     """Forecast messages (docs/contract.md "Forecasts") for each row of ``windows``, in row order:
-    key = series id, record timestamp = newest ts (ms), header ``model_version``."""
+    key = series id, record timestamp = newest ts (ms), headers ``model_version`` and
+    ``calibration`` (``online`` or ``static``: how the intervals were set)."""
     if len(windows) == 0:
         return []
     p = windows.partition
@@ -161,7 +168,7 @@ def encode_forecasts(
         {"topic": input_topic, "partition": p, "offset": o} for o in windows.offsets.tolist()
     ]
     docs = forecast_documents(windows.series, windows.ts, fc, version=version, sources=sources)
-    headers = [("model_version", version.encode())]
+    headers = [("model_version", version.encode()), ("calibration", calibration.encode())]
     ts_ms = np.floor(windows.ts[:, -1] * 1000.0).astype(np.int64).tolist()
     return [
         OutMessage(

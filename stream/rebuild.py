@@ -7,16 +7,22 @@ Kafka to bring the windows exactly to the state the committed offset implies
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 from aiokafka import TopicPartition
 
+from model.predictor import Forecast
+from stream.calibration import OnlineCalibrator
 from stream.consumer import PartitionReplayer
+from stream.inference import finite_rows, take_forecast
 from stream.metrics import Metrics
 from stream.settings import WorkerSettings
 from stream.store import StoredPartition
-from stream.windows import PartitionWindows
+from stream.windows import ApplyResult, PartitionWindows, WindowBatch
+
+Forecaster = Callable[[WindowBatch], Awaitable[Forecast]]
 
 log = logging.getLogger(__name__)
 
@@ -26,25 +32,37 @@ class Rebuilder:
     ``read_committed`` under exactly-once, so aborted records never reach a window)."""
 
     def __init__(
-        self, settings: WorkerSettings, metrics: Metrics, on_progress: Callable[[], None]
+        self,
+        settings: WorkerSettings,
+        metrics: Metrics,
+        on_progress: Callable[[], None],
+        forecast: Forecaster | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self._on_progress = on_progress
+        self._forecast = forecast  # the serving model (re-forecasts for the calibration state)
         self._replayer = PartitionReplayer(
             settings.kafka, "read_committed" if settings.exactly_once else "read_uncommitted"
         )
 
     @staticmethod
-    def restore(windows: PartitionWindows, stored: StoredPartition) -> list[str]:
-        """Load the stored series into ``windows``; returns the series whose blob is unreadable
-        (then ``windows`` is incomplete, and the caller rebuilds the partition)."""
+    def restore(
+        windows: PartitionWindows, stored: StoredPartition, calibration: OnlineCalibrator | None
+    ) -> list[str]:
+        """Load the stored series (and their interval calibration) into ``windows``
+        (``calibration``); returns the series whose blob is unreadable (then the state is
+        incomplete, and the caller rebuilds the partition). A series without a calibration blob
+        (state written by a worker with ``--interval-calibration static``) starts from the
+        partition's prior."""
         bad: list[str] = []
         for series_id, blob in stored.blobs.items():
             try:
                 windows.load_series(series_id, blob)
             except ValueError:
                 bad.append(series_id)
+        if calibration is not None:
+            bad += calibration.load(stored.calibration)
         assert stored.applied is not None
         windows.applied = stored.applied  # (its clock follows from the series loaded)
         return sorted(bad)
@@ -57,6 +75,7 @@ class Rebuilder:
         expected: int | None,
         *,
         resume: bool,
+        calibration: OnlineCalibrator | None = None,
     ) -> None:
         """Apply the input records up to ``committed`` that ``windows`` lacks: from
         ``windows.applied + 1`` when they hold Redis's (exact) state at that offset
@@ -64,7 +83,10 @@ class Rebuilder:
         exactly the ones the committed offset implies (the state is a pure function of the
         records applied since the partition was empty). ``--rebuild-lookback`` N > 0 bounds the
         second case to the last N records, knowingly inexact. Records stream through the windows
-        in chunks: memory is bounded by the windows, not by the history."""
+        in chunks: memory is bounded by the windows, not by the history. With ``calibration``
+        (online interval calibration) every window is forecast again with the serving model, in
+        offset order, so that the calibration state is the one those forecasts imply (exactly the
+        live one when the same model version made them)."""
         lookback = self.settings.limits.rebuild_lookback
         if resume:
             start = windows.applied + 1
@@ -85,10 +107,12 @@ class Rebuilder:
             )  # fmt: skip
         first: list[int] = []
 
-        def apply(recs: list[Any]) -> None:
+        async def apply(recs: list[Any]) -> None:
             if not first and recs:
                 first.append(recs[0].offset)
-            windows.apply(recs, emit=False)
+            res = windows.apply(recs, emit=calibration is not None)
+            if calibration is not None:
+                await self._recalibrate(calibration, res)
             self._on_progress()  # a long rebuild is progress
 
         count = await self._replayer.replay(tp, start, committed, apply)
@@ -100,5 +124,18 @@ class Rebuilder:
                 tp.topic, tp.partition, start, first[0] - 1, first[0],
             )  # fmt: skip
         windows.applied = committed - 1
+        if calibration is not None:
+            held = windows.rings.index
+            calibration.forget([n for n in list(calibration.series) if n not in held])
         self.metrics.rebuilds.inc()
         self.metrics.rebuild_records.inc(count)
+
+    async def _recalibrate(self, calibration: OnlineCalibrator, res: ApplyResult) -> None:
+        """The calibration pass of a replayed chunk: its windows forecast as the live worker
+        forecast them (rows whose forecast is not finite are left out, as live)."""
+        assert self._forecast is not None
+        w = res.windows
+        fc = await self._forecast(w)
+        ok = np.flatnonzero(finite_rows(fc))
+        series = [w.series[i] for i in ok.tolist()]
+        calibration.calibrate_batch(res.points, series, w.offsets[ok], take_forecast(fc, ok))

@@ -36,6 +36,7 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 Guarantee = Literal["at_least_once", "exactly_once"]
 EmitMode = Literal["every", "latest"]
+IntervalCalibration = Literal["online", "static"]
 Engine = Literal["native", "faust"]
 OffsetReset = Literal["earliest", "latest"]
 FaultPoint = Literal["after_window_write", "after_publish", "before_commit", "stall_infer"]
@@ -311,6 +312,13 @@ class WorkerSettings(LimitSettings, BatchSettings, RedisSettings, KafkaSettings)
     )
     guarantee: Guarantee = "at_least_once"
     emit: EmitMode = "every"
+    interval_calibration: IntervalCalibration = Field(
+        "online",
+        description="online: each series' interval widths adapt, per level and horizon step, to "
+        "the coverage its forecasts achieved (adaptive conformal inference, stream/calibration.py; "
+        "the state is kept with the window in Redis); static: the model's intervals as calibrated "
+        "offline. Each forecast's `calibration` header says which",
+    )
     engine: Engine = "native"
     wait_for_model: bool = Field(
         False,

@@ -40,7 +40,7 @@ import logging
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,33 +59,32 @@ redis.call('HSET', KEYS[1], 'owner', ARGV[1])
 return {epoch, redis.call('HMGET', KEYS[1], 'applied', 'max_ts', 'features')}
 """
 
-# KEYS: meta, win. ARGV: expected applied ('' = none), fence ('epoch:owner', '' = none), new
-# applied, max_ts, features JSON, replace flag ('1' deletes the old windows first), updated,
-# number of series to set, then series/blob pairs, then series names to delete.
+# KEYS: meta, win, cal. ARGV: expected applied ('' = none), fence ('epoch:owner', '' = none), new
+# applied, max_ts, features JSON, replace flag ('1' deletes the old windows and calibration
+# first), updated, then four counts: window blobs to set, windows to delete, calibration blobs to
+# set, calibration entries to delete; then those, in that order (blobs as name/blob pairs).
 _PERSIST = """
 local m = redis.call('HMGET', KEYS[1], 'applied', 'epoch', 'owner')
 local cur = m[1] or ''
 local fence = ''
 if m[2] then fence = m[2] .. ':' .. (m[3] or '') end
 if fence ~= ARGV[2] or cur ~= ARGV[1] then return {0, cur, fence} end
-if ARGV[6] == '1' then redis.call('DEL', KEYS[2]) end
-local nset = tonumber(ARGV[8])
-local i = 9
-local stop = 9 + 2 * nset
-while i < stop do
-  local chunk = {}
-  local last = math.min(i + 999, stop - 1)
-  for j = i, last do chunk[#chunk + 1] = ARGV[j] end
-  redis.call('HSET', KEYS[2], unpack(chunk))
-  i = last + 1
+if ARGV[6] == '1' then redis.call('DEL', KEYS[2], KEYS[3]) end
+local i = 12
+local function run(cmd, key, n)
+  local stop = i + n
+  while i < stop do
+    local chunk = {}
+    local last = math.min(i + 999, stop - 1)
+    for j = i, last do chunk[#chunk + 1] = ARGV[j] end
+    redis.call(cmd, key, unpack(chunk))
+    i = last + 1
+  end
 end
-while i <= #ARGV do
-  local chunk = {}
-  local last = math.min(i + 999, #ARGV)
-  for j = i, last do chunk[#chunk + 1] = ARGV[j] end
-  redis.call('HDEL', KEYS[2], unpack(chunk))
-  i = last + 1
-end
+run('HSET', KEYS[2], 2 * tonumber(ARGV[8]))
+run('HDEL', KEYS[2], tonumber(ARGV[9]))
+run('HSET', KEYS[3], 2 * tonumber(ARGV[10]))
+run('HDEL', KEYS[3], tonumber(ARGV[11]))
 redis.call('HSET', KEYS[1], 'applied', ARGV[3], 'max_ts', ARGV[4], 'features', ARGV[5],
            'updated', ARGV[7])
 return {1, ARGV[3], fence}
@@ -100,11 +99,11 @@ def partition_for(series_id: str | bytes, num_partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % num_partitions
 
 
-def partition_keys(prefix: str, topic: str, partition: int) -> tuple[str, str]:
-    """The meta and window hash keys of one input partition, hash-tagged so that both (and one
-    batch's whole write) land on one Redis Cluster slot."""
+def partition_keys(prefix: str, topic: str, partition: int) -> tuple[str, str, str]:
+    """The meta, window and calibration hash keys of one input partition, hash-tagged so that
+    all three (and one batch's whole write) land on one Redis Cluster slot."""
     tag = f"{{{prefix}:{topic}:{partition}}}"
-    return f"{tag}:meta", f"{tag}:win"
+    return f"{tag}:meta", f"{tag}:win", f"{tag}:cal"
 
 
 @dataclass(frozen=True)
@@ -128,6 +127,7 @@ class StoredPartition:
     max_ts: float
     features: tuple[str, ...]
     blobs: dict[str, bytes]
+    calibration: dict[str, bytes] = field(default_factory=dict)  # stream/calibration.py blobs
 
 
 @dataclass(frozen=True)
@@ -156,25 +156,19 @@ class WindowStore:
         self._persist = client.register_script(_PERSIST)
         self._claim = client.register_script(_CLAIM)
 
-    def keys(self, partition: int) -> tuple[str, str]:
+    def keys(self, partition: int) -> tuple[str, str, str]:
         return partition_keys(self.prefix, self.topic, partition)
 
     async def load(self, partition: int, *, page: int = LOAD_PAGE) -> StoredPartition:
         """Take the partition (a new owner epoch: every persist of an earlier claim is refused
         from now on) and read its state, the windows in ``HSCAN`` pages of about ``page`` series.
         Raises StateConflictError when another worker claimed it while the pages were read."""
-        meta_key, win_key = self.keys(partition)
+        meta_key, win_key, cal_key = self.keys(partition)
         owner = secrets.token_hex(16)
         epoch, (applied, max_ts, features) = await self._claim(keys=[meta_key], args=[owner])
         fence = Fence(int(epoch), owner)
-        blobs: dict[str, bytes] = {}
-        cursor: int = 0
-        while True:
-            cursor, chunk = await self.client.hscan(win_key, cursor, count=page)
-            for k, v in chunk.items():
-                blobs[k.decode("utf-8") if isinstance(k, bytes) else k] = v
-            if not cursor:
-                break
+        blobs = await self._scan(win_key, page)
+        calibration = await self._scan(cal_key, page)
         now = await self.client.hmget(meta_key, ["epoch", "owner"])
         if [_text(x) for x in now] != [str(fence.epoch), fence.owner]:
             raise StateConflictError(
@@ -183,14 +177,26 @@ class WindowStore:
                 f"{_text(now[0])})",
             )  # fmt: skip
         if applied is None:
-            return StoredPartition(fence, None, -math.inf, (), blobs)
+            return StoredPartition(fence, None, -math.inf, (), blobs, calibration)
         return StoredPartition(
             fence=fence,
             applied=int(applied),
             max_ts=float(max_ts) if max_ts is not None else -math.inf,
             features=tuple(orjson.loads(features or b"[]")),
             blobs=blobs,
+            calibration=calibration,
         )
+
+    async def _scan(self, key: str, page: int) -> dict[str, bytes]:
+        """A whole hash, read in ``HSCAN`` pages of about ``page`` fields."""
+        out: dict[str, bytes] = {}
+        cursor: int = 0
+        while True:
+            cursor, chunk = await self.client.hscan(key, cursor, count=page)
+            for k, v in chunk.items():
+                out[k.decode("utf-8") if isinstance(k, bytes) else k] = v
+            if not cursor:
+                return out
 
     async def persist(
         self,
@@ -207,7 +213,7 @@ class WindowStore:
         made, as for a store written without a worker); a no-op when it already holds
         ``snap.applied`` under the same claim (a retried write whose reply was lost). Raises
         StateConflictError, writing nothing, otherwise."""
-        meta_key, win_key = self.keys(partition)
+        meta_key, win_key, cal_key = self.keys(partition)
         token = "" if fence is None else fence.token()
         args: list[Any] = [
             "" if expected is None else str(expected),
@@ -218,12 +224,16 @@ class WindowStore:
             "1" if replace else "0",
             f"{time.time():.3f}",
             len(snap.set),
+            len(snap.delete),
+            len(snap.cal_set),
+            len(snap.cal_delete),
         ]
-        for name, blob in snap.set.items():
-            args.append(name)
-            args.append(blob)
-        args.extend(snap.delete)
-        ok, found, found_fence = await self._persist(keys=[meta_key, win_key], args=args)
+        for blobs, deleted in ((snap.set, snap.delete), (snap.cal_set, snap.cal_delete)):
+            for name, blob in blobs.items():
+                args.append(name)
+                args.append(blob)
+            args.extend(deleted)
+        ok, found, found_fence = await self._persist(keys=[meta_key, win_key, cal_key], args=args)
         if not ok:
             found_s = _text(found) or ""
             fence_s = _text(found_fence) or ""
@@ -241,7 +251,7 @@ class WindowStore:
         """A series' current window (None when the store does not hold it). ``num_partitions``
         is the input topic's partition count (the series' partition is computed from it)."""
         p = partition_for(series_id, num_partitions)
-        meta_key, win_key = self.keys(p)
+        meta_key, win_key, _ = self.keys(p)
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.hget(meta_key, "features")
             pipe.hget(win_key, series_id)

@@ -96,16 +96,25 @@ class ApplyResult:
     warming: int = 0
     redelivered: int = 0
     not_reemitted: int = 0  # redelivered accepted events whose window is no longer retained
+    # Accepted points in offset order: (offset, series id, index of the point in its series,
+    # value); what online interval calibration scores forecasts against.
+    points: list[tuple[int, str, int, float]] = field(default_factory=list)
 
 
 @dataclass
 class Snapshot:
-    """Changes to persist for one partition: series blobs to set, series to delete."""
+    """Changes to persist for one partition: series blobs to set, series to delete; and the
+    same for the interval calibration (stream/calibration.py), filled in after inference."""
 
     applied: int
     max_ts: float
     set: dict[str, bytes]
     delete: list[str]
+    cal_set: dict[str, bytes] = field(default_factory=dict)
+    cal_delete: list[str] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.set or self.delete or self.cal_set or self.cal_delete)
 
 
 class PartitionWindows:
@@ -233,6 +242,7 @@ class PartitionWindows:
                 self._advance_clock(row, ev.ts)
                 self._dirty.add(row)
                 result.accepted += 1
+                result.points.append((offset, ev.series_id, n, ev.value))
                 if n + 1 >= seq_len:
                     if emit:
                         request(row, n + 1, offset, rec.timestamp)

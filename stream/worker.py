@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import time
@@ -112,6 +113,7 @@ class Worker:
             txn=lambda: self.runtime.txn,
             on_progress=self._progress,
             on_drop=self._forget,
+            forecast=lambda windows: self._serving().forecast(windows),
         )  # fmt: skip
         self.delivery: Delivery | None = None
         self.processor = BatchProcessor(
@@ -301,11 +303,30 @@ class Worker:
             "partitions": sorted(tp.partition for tp in self.partitions.assigned),
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "calibration": self._calibration_status(runner.version if runner else None),
         }
         try:
             await store.announce(self.settings.group_id, self._member, info)
         except Exception as exc:  # status is best effort
             log.debug("status announcement failed: %s", exc)
+
+    def _calibration_status(self, version: str | None) -> dict[str, Any]:
+        """For `worker status`: the interval calibration mode, the rolling coverage of the
+        serving version's scored forecasts and the last batch's mean adjustment factor."""
+        levels = ("80", "95")
+        cov: dict[str, float | None] = dict.fromkeys(levels)
+        scored = 0
+        if self.accuracy is not None and version is not None:
+            summary = self.accuracy.board.summary(version)
+            scored = summary.points
+            cov = {lv: None if math.isnan(c) else c for lv, c in summary.coverage.items()}
+        adj = self.metrics.adjustment
+        return {
+            "mode": self.settings.interval_calibration,
+            "coverage": cov,
+            "adjustment": {lv: adj.get(lv) for lv in levels},
+            "scored": scored,
+        }
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """The batches in flight finish (or are abandoned), then the partitions are forgotten."""

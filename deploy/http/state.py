@@ -76,7 +76,7 @@ class RedisWindows:
             return Window(series_id, got.ts.tolist(), got.values.tolist(),
                           {k: v.tolist() for k, v in got.features.items()})  # fmt: skip
         for p in await self.known_partitions():
-            meta_key, win_key = self.store.keys(p)
+            meta_key, win_key, _ = self.store.keys(p)
             blob = await self.client.hget(win_key, series_id)
             if blob is None:
                 continue
@@ -99,7 +99,9 @@ class RedisWindows:
         )
         removed = 0
         for p in parts:
-            removed += int(await self.client.hdel(self.store.keys(p)[1], series_id))
+            _, win_key, cal_key = self.store.keys(p)
+            removed += int(await self.client.hdel(win_key, series_id))
+            await self.client.hdel(cal_key, series_id)  # its interval calibration too
         return removed > 0
 
 

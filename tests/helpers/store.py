@@ -23,7 +23,7 @@ def read_window_sync(
 ) -> SeriesWindow | None:
     """:meth:`stream.store.WindowStore.read_window`, with a synchronous ``redis.Redis`` client."""
     p = partition_for(series_id, num_partitions)
-    meta_key, win_key = partition_keys(prefix, topic, p)
+    meta_key, win_key, _ = partition_keys(prefix, topic, p)
     return _series_window(
         series_id, p, client.hget(meta_key, "features"), client.hget(win_key, series_id)
     )

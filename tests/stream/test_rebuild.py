@@ -24,6 +24,7 @@ from aiokafka import TopicPartition
 
 from deploy.cli import settings as cli_settings
 from model.config import ModelConfig
+from model.predictor import Forecast
 from stream.errors import StateConflictError
 from stream.health import Pauses
 from stream.metrics import Metrics
@@ -32,7 +33,7 @@ from stream.redis_guard import GuardedRedis
 from stream.retry import RetryPolicy
 from stream.settings import WorkerSettings
 from stream.store import WindowStore, partition_keys
-from stream.windows import PartitionWindows
+from stream.windows import PartitionWindows, WindowBatch
 from tests.helpers.kafka import kcat, produce
 
 pytestmark = pytest.mark.integration
@@ -60,6 +61,15 @@ def settings(bootstrap: str, redis_url: str, topic: str, *extra: str) -> WorkerS
     return cli_settings(argv, environ={})  # type: ignore[no-any-return]
 
 
+async def last_value_forecast(w: WindowBatch) -> Forecast:
+    """A stand-in model for the calibration pass of a rebuild: mean = the window's last value,
+    intervals of a unit Gaussian (a pure function of the window, like the real one)."""
+    m = w.values[:, -1:].astype(np.float32)
+    one = np.ones_like(m)
+    return Forecast(m, one, {"80": m - 1.28 * one, "95": m - 1.96 * one},
+                    {"80": m + 1.28 * one, "95": m + 1.96 * one})  # fmt: skip
+
+
 async def make_partitions(s: WorkerSettings, committed: int | None) -> tuple[Partitions, Any]:
     metrics = Metrics()
     client = s.redis.client()
@@ -69,8 +79,9 @@ async def make_partitions(s: WorkerSettings, committed: int | None) -> tuple[Par
         metrics, Pauses(metrics.paused, lambda paused: None), give_up=lambda: False,
     )  # fmt: skip
     parts = Partitions(
-        s, metrics, guard, config=lambda: ModelConfig(), store=lambda: store, txn=lambda: None
-    )
+        s, metrics, guard, config=lambda: ModelConfig(), store=lambda: store, txn=lambda: None,
+        forecast=last_value_forecast,
+    )  # fmt: skip
     parts.consumer = Committed(committed)  # type: ignore[assignment]
     parts.assigned.add(TopicPartition(s.input_topic, 0))
     return parts, client
@@ -105,12 +116,13 @@ def assert_same_windows(got: PartitionWindows, want: PartitionWindows) -> None:
     assert got.applied == want.applied and got.max_ts == want.max_ts
 
 
-def stored_blobs(redis_url: str, s: WorkerSettings, topic: str) -> dict[bytes, bytes]:
+def stored_blobs(redis_url: str, s: WorkerSettings, topic: str, key: int = 1) -> dict[bytes, bytes]:
+    """The partition's window hash (``key`` 1) or calibration hash (2) as Redis holds it."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
     try:
-        return client.hgetall(partition_keys(s.redis.prefix, topic, 0)[1])  # type: ignore[no-any-return]
+        return client.hgetall(partition_keys(s.redis.prefix, topic, 0)[key])  # type: ignore[no-any-return]
     finally:
         client.close()
 
@@ -147,7 +159,10 @@ def test_a_sparse_series_is_rebuilt_exactly_after_flushall(
     import redis
 
     topic = make_topic("events", 1)
-    s = settings(stack.bootstrap, redis_url, topic)
+    # (the 1M case checks the windows only: re-forecasting a million windows for the calibration
+    # state is the 3k case's job)
+    extra = ("--interval-calibration", "static") if filler > 100_000 else ()
+    s = settings(stack.bootstrap, redis_url, topic, *extra)
     sparse = [event("sparse", T0 + i, 100.0 + i) for i in range(3)]
     placed = produce(stack.bootstrap, topic, sparse, partition=0)
     assert [o for _, o in placed] == [0, 1, 2]
@@ -161,7 +176,7 @@ def test_a_sparse_series_is_rebuilt_exactly_after_flushall(
             assert await parts.load(tp)  # Redis empty, offsets committed: built from Kafka
             first = parts.state(tp)
             assert first is not None
-            before = stored_blobs(redis_url, s, topic)
+            before = stored_blobs(redis_url, s, topic), stored_blobs(redis_url, s, topic, 2)
             redis.Redis.from_url(redis_url).flushdb()  # (FLUSHALL, for this test's db)
             parts.drop(tp)  # a new owner, or this one after a conflict: Redis lost everything
             assert await parts.load(tp)
@@ -184,8 +199,11 @@ def test_a_sparse_series_is_rebuilt_exactly_after_flushall(
         assert off.tolist() == [3 + i for i in idx], j
         assert val.tolist() == [orjson.loads(lines[i][1])["value"] for i in idx], j
     assert len(windows) == 101 and windows.applied == committed - 1
-    # Redis holds again what it held before the flush, byte for byte.
-    assert stored_blobs(redis_url, s, topic) == before
+    # Redis holds again what it held before the flush, byte for byte: the windows and, with
+    # online calibration, every series' calibration state (101 series and the prior).
+    assert stored_blobs(redis_url, s, topic) == before[0]
+    assert stored_blobs(redis_url, s, topic, 2) == before[1]
+    assert len(before[1]) == (0 if extra else 102)
     assert metrics.rebuilds._value.get() >= 2  # (more if a load had to be retried)
     assert metrics.rebuild_records._value.get() >= 2 * committed
 
@@ -251,7 +269,7 @@ def test_a_stale_owner_is_fenced_after_a_new_owner_loaded(
     sync = redis.Redis.from_url(redis_url)
 
     def redis_state() -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-        meta_key, win_key = partition_keys(s.redis.prefix, topic, 0)
+        meta_key, win_key, _ = partition_keys(s.redis.prefix, topic, 0)
         return sync.hgetall(meta_key), sync.hgetall(win_key)
 
     async def body() -> None:

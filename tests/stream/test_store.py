@@ -69,7 +69,7 @@ def test_a_stale_owner_cannot_write_after_a_new_owner_claimed(redis_url: str) ->
         new = await store.load(2)  # the new owner: a new epoch
         assert new.fence.epoch == old.fence.epoch + 1 and new.applied == 9
         sync = redis.Redis.from_url(redis_url)
-        meta_key, win_key = store.keys(2)
+        meta_key, win_key, _ = store.keys(2)
         before = sync.hgetall(meta_key), sync.hgetall(win_key)
         with pytest.raises(StateConflictError, match="owner epoch"):
             await store.persist(2, _snap(19, b"stale"), expected=9, features=(), fence=old.fence)

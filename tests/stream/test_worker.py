@@ -70,6 +70,7 @@ def test_end_to_end_forecasts_windows_and_offline_parity(
         doc = orjson.loads(r.value)
         assert r.key.decode() == doc["series_id"]
         assert r.headers["model_version"] == version == doc["model_version"]
+        assert r.headers["calibration"] == "online"  # the default: --interval-calibration online
         assert r.timestamp == int(doc["ts"] * 1000)
         assert doc["target_ts"] == [doc["ts"] + 300.0]
     for docs in by_src.values():

@@ -1,0 +1,189 @@
+"""Online interval calibration (stream/calibration.py): the update rule, its bounds, its state
+codec and its determinism (pure logic; the worker tests run it against real Kafka and Redis)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.predictor import Forecast
+from stream.calibration import (
+    LOG_FACTOR_RANGE,
+    PRIOR_FIELD,
+    OnlineCalibrator,
+    apply_factors,
+)
+
+Z80, Z95 = 1.2815516, 1.959964
+
+
+def model_forecast(mean: np.ndarray, std: np.ndarray) -> Forecast:
+    """A Gaussian forecast (R, H) with the given (too narrow or too wide) std."""
+    m, s = mean.astype(np.float32), std.astype(np.float32)
+    return Forecast(
+        m, s, {"80": m - Z80 * s, "95": m - Z95 * s}, {"80": m + Z80 * s, "95": m + Z95 * s}
+    )
+
+
+def run_stream(
+    y: np.ndarray,
+    model_std: float,
+    *,
+    horizon: int = 1,
+    batches: list[int] | None = None,
+    cal: OnlineCalibrator | None = None,
+    series: str = "s",
+) -> tuple[OnlineCalibrator, list[Forecast]]:
+    """Feed one series' points ``y`` through a calibrator, in batches of the given sizes: each
+    point is observed, then forecast (mean = the point itself: a random walk's best guess)."""
+    cal = cal or OnlineCalibrator(horizon, 96)
+    sizes = batches or [len(y)]
+    out, i = [], 0
+    for size in sizes:
+        idx = np.arange(i, min(i + size, len(y)))
+        points = [(int(k), series, int(k), float(y[k])) for k in idx]
+        mean = np.repeat(y[idx, None], horizon, axis=1)
+        fc = model_forecast(mean, np.full_like(mean, model_std))
+        got, _ = cal.calibrate_batch(points, [series] * len(idx), idx.astype(np.int64), fc)
+        out.append(got)
+        i += size
+    return cal, out
+
+
+def coverage(y: np.ndarray, fcs: list[Forecast], skip: int) -> dict[str, float]:
+    lo = {lv: np.concatenate([f.lower[lv][:, 0] for f in fcs]) for lv in ("80", "95")}
+    up = {lv: np.concatenate([f.upper[lv][:, 0] for f in fcs]) for lv in ("80", "95")}
+    nxt = y[1:]
+    return {lv: float(np.mean((nxt >= lo[lv][:-1])[skip:] & (nxt <= up[lv][:-1])[skip:]))
+            for lv in lo}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_std", [0.5, 1.0, 3.0])
+def test_coverage_converges_whatever_the_models_width(model_std: float) -> None:
+    """A random walk with unit steps; the model's intervals are 2x too narrow, right, or 3x too
+    wide: after a warm-up the step-1 coverage is within 3 points of 80 % and 95 %."""
+    rng = np.random.default_rng(7)
+    y = np.cumsum(rng.normal(0, 1, 6000))
+    _, fcs = run_stream(y, model_std)
+    cov = coverage(y, fcs, skip=1000)
+    assert abs(cov["80"] - 0.80) <= 0.03, cov
+    assert abs(cov["95"] - 0.95) <= 0.03, cov
+
+
+def test_coverage_recovers_after_a_shift() -> None:
+    """The noise triples halfway: coverage over the second half still converges."""
+    rng = np.random.default_rng(3)
+    steps = np.concatenate([rng.normal(0, 1, 4000), rng.normal(0, 3, 4000)])
+    y = np.cumsum(steps)
+    _, fcs = run_stream(y, 1.0)
+    late = coverage(y[4000:], [take(fcs, 4000)], skip=500)
+    assert abs(late["80"] - 0.80) <= 0.03, late
+    assert abs(late["95"] - 0.95) <= 0.03, late
+
+
+def take(fcs: list[Forecast], start: int) -> Forecast:
+    f = fcs[0]
+    return Forecast(f.mean[start:], f.std[start:], {k: v[start:] for k, v in f.lower.items()},
+                    {k: v[start:] for k, v in f.upper.items()})  # fmt: skip
+
+
+def test_bounds_stay_finite_nested_and_clamped() -> None:
+    """Whatever the stream does (huge jumps, a constant), factors stay in the clamp range and
+    lower95 <= lower80 <= mean <= upper80 <= upper95."""
+    rng = np.random.default_rng(1)
+    y = np.concatenate([np.zeros(300), rng.normal(0, 1e6, 300), np.full(300, 5.0)])
+    cal, fcs = run_stream(y, 1.0, horizon=3, batches=[7] * 200)
+    lo, hi = np.exp(LOG_FACTOR_RANGE)
+    for f in fcs:
+        for arr in (f.mean, f.std, *f.lower.values(), *f.upper.values()):
+            assert np.isfinite(arr).all()
+        assert (f.lower["95"] <= f.lower["80"]).all() and (f.lower["80"] <= f.mean).all()
+        assert (f.mean <= f.upper["80"]).all() and (f.upper["80"] <= f.upper["95"]).all()
+    theta = cal.series["s"].theta
+    assert (np.exp(theta) >= lo * 0.999).all() and (np.exp(theta) <= hi * 1.001).all()
+    assert theta.min() == pytest.approx(
+        LOG_FACTOR_RANGE[0]
+    )  # the constant end narrowed to the clamp
+
+
+def test_nesting_holds_when_factors_cross() -> None:
+    """An 80 % factor far above the 95 % one would put the 80 % bound outside the 95 % one:
+    the 95 % half-width is raised to the 80 % one."""
+    fc = model_forecast(np.zeros((1, 1)), np.ones((1, 1)))
+    f = np.array([[[4.0], [0.25]]], np.float32)  # (R, L, H)
+    got = apply_factors(fc, f)
+    assert got.upper["95"][0, 0] == got.upper["80"][0, 0] == pytest.approx(4 * Z80, rel=1e-6)
+
+
+def test_the_result_does_not_depend_on_batching() -> None:
+    """The state is a function of the points and forecasts in offset order, not of how they were
+    cut into batches (a rebuild replays in other chunks than the live run)."""
+    rng = np.random.default_rng(5)
+    y = np.cumsum(rng.normal(0, 1, 700))
+    a, fa = run_stream(y, 0.7, horizon=2)
+    b, fb = run_stream(y, 0.7, horizon=2, batches=[1, 2, 3, 50, 13, 631])
+    assert a.encode("s") == b.encode("s")
+    np.testing.assert_array_equal(a.prior, b.prior)
+    for lv in ("80", "95"):
+        np.testing.assert_array_equal(
+            np.concatenate([f.upper[lv] for f in fa]), np.concatenate([f.upper[lv] for f in fb])
+        )
+
+
+def test_a_repeated_forecast_equals_the_first_after_a_reload() -> None:
+    """A redelivered record's forecast uses the factors recorded for its point, even after later
+    points moved the series' factors and the state went through its blob codec."""
+    rng = np.random.default_rng(9)
+    y = np.cumsum(rng.normal(0, 1, 400))
+    cal, fcs = run_stream(y, 0.5, batches=[100] * 4)
+    snap = cal.snapshot(full=True)
+    again = OnlineCalibrator(1, 96)
+    assert again.load(snap.set) == []
+    # offsets 350..359 again (still within the 96 kept), as a redelivery brings them
+    idx = np.arange(350, 360)
+    fc = model_forecast(y[idx, None], np.full((10, 1), 0.5))
+    got, _ = again.calibrate_batch([], ["s"] * 10, idx.astype(np.int64), fc)
+    np.testing.assert_array_equal(got.upper["80"][:, 0], fcs[3].upper["80"][50:60, 0])
+    np.testing.assert_array_equal(got.lower["95"][:, 0], fcs[3].lower["95"][50:60, 0])
+    assert again.encode("s") == cal.encode("s")  # repeats change nothing
+    assert again.history_misses == 0
+
+
+def test_a_new_series_starts_from_the_partitions_prior() -> None:
+    """Series 'a' learns its intervals are 3x too narrow; the prior follows; 'b' starts there."""
+    rng = np.random.default_rng(2)
+    y = np.cumsum(rng.normal(0, 3, 2000))
+    cal, _ = run_stream(y, 1.0, series="a")
+    assert cal.prior[0, 0] > 0.5  # widened (log-factor)
+    cal.observe("b", 0, 10_000, 1.0)
+    np.testing.assert_array_equal(cal.series["b"].theta, cal.prior)
+
+
+def test_a_forgotten_series_is_deleted_and_restarts() -> None:
+    cal, _ = run_stream(np.arange(50.0), 1.0)
+    cal.snapshot()
+    cal.forget(["s"])
+    snap = cal.snapshot()
+    assert snap.delete == ["s"] and "s" not in snap.set
+    cal.observe("s", 0, 99, 1.0)
+    assert cal.series["s"].n == 1
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [b"", b"\x01", b"\x02" + b"\x00" * 40, None],
+    ids=["empty", "short", "other-version", "truncated"],
+)
+def test_an_unreadable_blob_is_reported_not_loaded(blob: bytes | None) -> None:
+    cal, _ = run_stream(np.arange(60.0), 1.0)
+    good = cal.encode("s")
+    bad = good[:-3] if blob is None else blob
+    fresh = OnlineCalibrator(1, 96)
+    assert fresh.load({"s": bad, "t": good}) == ["s"]
+    assert "t" in fresh.series and "s" not in fresh.series
+    assert fresh.load({PRIOR_FIELD: b"\x01\x02"}) == [PRIOR_FIELD]
+
+
+def test_a_blob_of_another_horizon_is_unreadable() -> None:
+    cal, _ = run_stream(np.arange(60.0), 1.0, horizon=2)
+    assert OnlineCalibrator(3, 96).load({"s": cal.encode("s")}) == ["s"]
