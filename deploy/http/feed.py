@@ -1,8 +1,8 @@
 """Forecasts read back from the forecast topic, for ``GET /series/{id}`` and the live view.
 
-:class:`ForecastHistory` holds the most recent forecast objects per series in memory;
-:class:`TopicForecastFeed` keeps it filled from the topic in the background (best effort: it never
-stops the HTTP service).
+:class:`ForecastHistory` holds the most recent forecast objects per series in memory, with the
+record headers the view shows (``model_version``, ``calibration``); :class:`TopicForecastFeed`
+keeps it filled from the topic in the background (best effort: it never stops the HTTP service).
 """
 
 from __future__ import annotations
@@ -18,6 +18,27 @@ import orjson
 
 log = logging.getLogger(__name__)
 
+# Record headers kept with each forecast (docs/contract.md, "Forecasts"), each cut to this length.
+KEPT_HEADERS = ("model_version", "calibration")
+MAX_HEADER_CHARS = 64
+
+
+def kept_headers(headers: Any) -> dict[str, str]:
+    """The headers of :data:`KEPT_HEADERS` among a Kafka record's ``(name, bytes)`` pairs, decoded
+    (undecodable bytes replaced) and cut to :data:`MAX_HEADER_CHARS`; the last of a repeated name
+    wins."""
+    kept: dict[str, str] = {}
+    for item in headers or ():
+        try:
+            name, raw = item
+        except (TypeError, ValueError):
+            continue
+        if name in KEPT_HEADERS and isinstance(raw, bytes | bytearray):
+            kept[name] = bytes(raw[: 4 * MAX_HEADER_CHARS]).decode("utf-8", "replace")[
+                :MAX_HEADER_CHARS
+            ]
+    return kept
+
 
 class ForecastHistory:
     """The most recent forecast objects per series, in memory, bounded in series and per series.
@@ -25,17 +46,18 @@ class ForecastHistory:
     Fed by the forecast-topic feed; read by ``GET /series/{id}`` and the view. The least recently
     updated series is forgotten when more than ``max_series`` are held. Forecasts are kept in the
     order they are added; a forecast whose ``ts`` equals the newest one held replaces it (a repeat
-    after a worker restart under at-least-once).
+    after a worker restart under at-least-once). Each forecast keeps the record headers it came
+    with (:func:`kept_headers`), apart from the object: the forecast objects are served unchanged.
     """
 
     def __init__(self, per_series: int = 200, max_series: int = 10_000) -> None:
         self.per_series = per_series
         self.max_series = max_series
-        self._data: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+        self._data: OrderedDict[str, deque[tuple[dict[str, Any], dict[str, str]]]] = OrderedDict()
 
-    def add(self, forecast: Mapping[str, Any]) -> None:
-        """Remember ``forecast`` (a forecast object); objects without a string ``series_id`` are
-        ignored."""
+    def add(self, forecast: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> None:
+        """Remember ``forecast`` (a forecast object) and its record ``headers`` (name → text);
+        objects without a string ``series_id`` are ignored."""
         sid = forecast.get("series_id")
         if not isinstance(sid, str):
             return
@@ -43,20 +65,26 @@ class ForecastHistory:
         if ring is None:
             ring = self._data[sid] = deque(maxlen=self.per_series)
         self._data.move_to_end(sid)
-        if ring and ring[-1].get("ts") == forecast.get("ts"):
-            ring[-1] = dict(forecast)
+        entry = (dict(forecast), dict(headers or {}))
+        if ring and ring[-1][0].get("ts") == forecast.get("ts"):
+            ring[-1] = entry
         else:
-            ring.append(dict(forecast))
+            ring.append(entry)
         while len(self._data) > self.max_series:
             self._data.popitem(last=False)
 
     def recent(self, series_id: str) -> list[dict[str, Any]]:
         """The forecasts held for ``series_id``, oldest first (empty when none)."""
-        return list(self._data.get(series_id, ()))
+        return [f for f, _ in self._data.get(series_id, ())]
 
     def latest(self, series_id: str) -> dict[str, Any] | None:
         ring = self._data.get(series_id)
-        return ring[-1] if ring else None
+        return ring[-1][0] if ring else None
+
+    def latest_headers(self, series_id: str) -> dict[str, str]:
+        """The kept record headers of the newest forecast of ``series_id`` (empty when none)."""
+        ring = self._data.get(series_id)
+        return dict(ring[-1][1]) if ring else {}
 
     def series(self) -> list[str]:
         """Series ids held, most recently updated first."""
@@ -143,6 +171,6 @@ class TopicForecastFeed:
                         except orjson.JSONDecodeError:
                             continue
                         if isinstance(doc, dict):
-                            self.history.add(doc)
+                            self.history.add(doc, kept_headers(msg.headers))
         finally:
             await consumer.stop()

@@ -30,6 +30,7 @@ from deploy.http.serving import forecast_objects
 from deploy.http.settings import ServeSettings
 from deploy.http.state import RedisWindows
 from deploy.plot import ACTUAL, BAND80, BAND95, ChartData, render_svg
+from deploy.web.labels import number_label, percent_label, time_label
 from model.features import build_inputs
 from model.registry import ModelRegistry
 from stream.settings import KafkaSettings, LimitSettings, RedisSettings
@@ -281,6 +282,189 @@ def test_view_renders_bands_in_headless_chromium(
     assert band95 > 2000, band95
     assert band80 > 2000, band80
     assert actual > 300, actual
+
+
+# --- rolling accuracy beside the chart ------------------------------------------------------------
+
+
+def produce_with_headers(
+    bootstrap: str, topic: str, records: list[tuple[str, dict[str, Any], dict[str, str]]]
+) -> None:
+    """Produce ``(key, forecast object, headers)`` in order, as the worker does (headers as
+    UTF-8 bytes)."""
+    from aiokafka import AIOKafkaProducer
+
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            for key, doc, headers in records:
+                await producer.send_and_wait(
+                    topic, orjson.dumps(doc), key=key.encode(),
+                    headers=[(k, v.encode()) for k, v in headers.items()],
+                )  # fmt: skip
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+
+
+def hand_forecast(sid: str, ts: float, mean: float, w80: float, w95: float) -> dict[str, Any]:
+    return {
+        "schema_version": 1, "series_id": sid, "ts": ts, "horizon": 1, "target_ts": [ts + STEP],
+        "mean": [mean], "std": [w80 / 1.2816],
+        "lower": {"80": [mean - w80], "95": [mean - w95]},
+        "upper": {"80": [mean + w80], "95": [mean + w95]},
+        "model_version": "v-hand", "source": {"topic": "events", "partition": 0, "offset": 0},
+        "emitted_at": ts + 0.5,
+    }  # fmt: skip
+
+
+@pytest.mark.integration
+def test_view_shows_rolling_mae_and_coverage_of_the_joined_forecasts(
+    stack: Any, make_topic: Any, redis_url: str, tiny_model_dir: Path
+) -> None:
+    """A known sequence: the window (60 points, Redis) and hand-made persistence forecasts (the
+    topic), each forecast at point k answered by point k + 1; the expected numbers are computed
+    here with plain loops, not with the view's code."""
+    sid, n = "acc-1", 60
+    asyncio.run(write_windows(redis_url, {sid: n}))
+    ts, values = series_points(n)
+    w80, w95 = 0.79, 0.83  # the errors here run from 0.05 to 0.94: both outcomes at both levels
+    made = list(range(40, n))  # the last one (k = 59) has no next actual yet
+    records = [
+        (sid, hand_forecast(sid, ts[k], values[k], w80, w95), {"calibration": "static"})
+        for k in made
+    ]
+    # before the window's first point: its next actual may have left the window, not scored
+    records.insert(0, (sid, hand_forecast(sid, ts[0] - STEP, 0.0, w80, w95), {}))
+    # a repeat of the forecast at k = 50 after a restart, with another mean: the later one counts
+    repeat = hand_forecast(sid, ts[50], values[50] + 0.5, w80, w95)
+    records.append((sid, repeat, {"calibration": "online"}))
+    topic = make_topic("forecasts", PARTITIONS)
+    produce_with_headers(stack.bootstrap, topic, records)
+
+    def expected(last: int) -> dict[str, Any]:
+        rows = []
+        for k in made[:-1]:
+            mean = values[50] + 0.5 if k == 50 else values[k]
+            err = values[k + 1] - mean
+            rows.append((abs(err), abs(err) <= w80, abs(err) <= w95))
+        rows = rows[-last:]
+        return {
+            "joined": len(rows),
+            "mae": sum(r[0] for r in rows) / len(rows),
+            "80": sum(r[1] for r in rows) / len(rows),
+            "95": sum(r[2] for r in rows) / len(rows),
+        }
+
+    history = ForecastHistory()
+    feed = TopicForecastFeed(KafkaSettings(bootstrap_servers=stack.bootstrap), topic, history)
+    redis = RedisSettings(redis_url=redis_url)
+    settings = ServeSettings(model_dir=tiny_model_dir, device="cpu", threads=1)
+    app = create_app(
+        settings, ModelRegistry(tiny_model_dir), history=history, feed=feed,
+        window_reader=RedisWindows(redis.client(), redis.prefix, "events"),
+    )  # fmt: skip
+    import httpx
+
+    with serve_in_thread(app) as url:
+        deadline = time.monotonic() + 30
+        while history.latest_headers(sid) != {"calibration": "online"}:
+            assert time.monotonic() < deadline, "feed did not catch up"
+            time.sleep(0.1)
+        for points in (50, 5):
+            want = expected(points)
+            got = httpx.get(
+                f"{url}/view/stats.json", params={"series": sid, "points": points}, timeout=10
+            )
+            assert got.status_code == 200 and got.headers["cache-control"] == "no-store"
+            body = got.json()
+            assert body["joined"] == want["joined"] == min(points, len(made) - 1), body
+            assert body["mae"] == pytest.approx(want["mae"], rel=1e-12)
+            assert body["coverage"] == {
+                "80": pytest.approx(want["80"], rel=1e-12),
+                "95": pytest.approx(want["95"], rel=1e-12),
+            }
+            assert 0 < want["80"] < want["95"] <= 1, want  # the sequence tests both outcomes
+            assert body["calibration"] == "online"
+            labels = body["labels"]
+            assert labels["coverage_80"] == f"{100 * want['80']:.1f} %"
+            assert labels["coverage_95"] == f"{100 * want['95']:.1f} %"
+            assert labels["mae"] == f"{want['mae']:.4g}" and "e" not in labels["mae"]
+            first = made[-1 - want["joined"]]
+            assert body["first_ts"] == ts[first] and body["last_ts"] == ts[made[-2]]
+            assert labels["to"] == time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts[made[-2]]))
+        page = httpx.get(f"{url}/", params={"series": sid, "points": 5}, timeout=10)
+        assert page.status_code == 200
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        want = expected(5)
+        text = page.text
+        assert "Last 5 forecasts joined with the next actual" in text
+        assert f'data-stat="mae">{want["mae"]:.4g}</dd>' in text
+        assert f'data-stat="coverage_80">{100 * want["80"]:.1f} %</dd>' in text
+        assert f'data-stat="coverage_95">{100 * want["95"]:.1f} %</dd>' in text
+        assert 'data-stat="calibration">online</dd>' in text
+        assert 'data-points="5"' in text
+        # a series without forecasts from the topic: nothing joined, "-" shown
+        unknown = httpx.get(f"{url}/view/stats.json", params={"series": "nobody"}, timeout=10)
+        assert unknown.json()["joined"] == 0 and unknown.json()["labels"]["mae"] == "-"
+        too_many = httpx.get(
+            f"{url}/view/stats.json", params={"series": sid, "points": 10**6}, timeout=10
+        )
+        assert too_many.status_code == 422
+
+
+def test_rolling_accuracy_join_rules() -> None:
+    """The join itself on a tiny sequence: next actual after ts, repeats, the unanswered last
+    forecast, malformed objects, non-finite bounds."""
+    from deploy.http.view import rolling_accuracy
+
+    def fc(t: float, mean: float, w: float) -> dict[str, Any]:
+        return hand_forecast("s", t, mean, w, 2 * w)
+
+    ts, values = [10.0, 20.0, 30.0, 40.0], [1.0, 2.0, 4.0, 8.0]
+    forecasts = [
+        fc(5.0, 1.0, 1.0),  # before the window: skipped
+        fc(10.0, 1.0, 1.0),  # answered by 2.0: error 1, inside 80 (bounds inclusive) and 95
+        fc(20.0, 2.0, 1.0),  # answered by 4.0: error 2, outside 80, inside 95
+        fc(25.0, 5.0, 0.4),  # answered by 4.0 (first point after 25): error 1, outside both
+        {"series_id": "s", "ts": 30.0, "mean": ["x"]},  # malformed: skipped
+        fc(40.0, 8.0, 1.0),  # no next actual yet
+        fc(20.0, 3.0, 0.5),  # a repeat of ts 20 (later wins): error 1, outside 80, inside 95
+    ]
+    got = rolling_accuracy(ts, values, forecasts, points=50)
+    assert got["joined"] == 3 and got["mae"] == pytest.approx(1.0)
+    assert got["coverage"] == {"80": pytest.approx(1 / 3), "95": pytest.approx(2 / 3)}
+    assert (got["first_ts"], got["last_ts"]) == (10.0, 25.0)
+    last2 = rolling_accuracy(ts, values, forecasts, points=2)
+    assert last2["joined"] == 2 and last2["coverage"] == {"80": 0.0, "95": 0.5}
+    empty = rolling_accuracy([], [], forecasts)
+    assert empty["joined"] == 0 and empty["mae"] is None and empty["coverage"]["80"] is None
+
+
+def test_labels_are_readable() -> None:
+    """The server-side formatter (deploy/web/labels.py) the view's texts use; the page's script
+    only copies these texts. (The chart's axis ticks are drawn by deploy/plot.py.)"""
+    assert number_label(33760) == "33,760"
+    assert number_label(33760.0, step=2500.0) == "33,760"
+    assert number_label(1_234_567.891) == "1,234,568"
+    assert number_label(21.4371) == "21.44" and number_label(20.123, step=0.25) == "20.12"
+    assert number_label(0.0012345) == "0.001234" and number_label(0) == "0"
+    assert number_label(-0.00001, step=0.5) == "0.00"  # no "-0"
+    assert number_label(float("nan")) == "-" and number_label(float("inf")) == "-"
+    for v in np.geomspace(1e-3, 1e9, 400):
+        for x in (float(v), -float(v)):
+            for step in (None, abs(x) / 4, abs(x) * 10):
+                label = number_label(x, step)
+                assert "e" not in label.lower(), (x, step, label)
+                back = float(label.replace(",", ""))
+                tol = 5.01e-4 * abs(x) if step is None else step  # 4 significant digits / ticks
+                assert abs(back - x) <= tol, (x, step, label)
+    assert percent_label(0.7941) == "79.4 %" and percent_label(None) == "-"
+    t = 1_764_601_200.0  # 2025-12-01 15:00:00 UTC
+    assert time_label(t) == "2025-12-01 15:00"
+    assert time_label(t + 5, span=300) == "15:00:05" and time_label(t, span=3600) == "15:00"
 
 
 # --- worker plot ---------------------------------------------------------------------------------
