@@ -131,6 +131,11 @@ def cmd_evaluate(args: EvaluateOptions) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     print(text)
+    if report.get("online_calibration"):  # human lines on stderr (issue 17)
+        from train.online_eval import summary_lines
+
+        for line in summary_lines(report["online_calibration"]):
+            log.info("%s", line)
     return 0
 
 

@@ -235,5 +235,9 @@ def evaluate(
         "test_fraction": arrays.settings.test_fraction,
         "per_step_mae": steps,
     }
+    # The worker's online interval calibration replayed on the held-out part (issue 17)
+    from train.online_eval import online_calibration_report
+
+    report["online_calibration"] = online_calibration_report(ho, fc)
     report["quality"] = quality_check(report)
     return report, ho, fc
