@@ -6,8 +6,8 @@ thousands separators and no exponent for ordinary magnitudes, times as UTC dates
   from 1,000 on); with ``step`` (the spacing of the axis ticks), as many decimals as that
   spacing needs plus one, the same for every tick. Plain digits for every magnitude from 1e-4 up
   to 1e12; beyond that (or for steps finer than 1e-9) the ``1.23e+15`` form. Not finite: ``-``.
-- :func:`time_label`: epoch seconds → ``2026-11-26 15:00`` (or ``15:00``, ``15:00:05`` when the
-  span shown is under a day, under ten minutes), always UTC.
+- :func:`time_label`: epoch seconds → ``2026-11-26 15:00`` (``15:00:05`` when the span shown is
+  under ten minutes), always UTC.
 
 Pure functions, no dependencies: the server formats, the page's script only copies text.
 """
@@ -65,6 +65,4 @@ def time_label(t: float, span: float | None = None) -> str:
         return "-"
     if span is not None and span < 600:
         return d.strftime("%H:%M:%S")
-    if span is not None and span < 86_400:
-        return d.strftime("%H:%M")
     return d.strftime("%Y-%m-%d %H:%M")
