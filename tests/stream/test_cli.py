@@ -127,6 +127,13 @@ def test_topics_create_status_and_sigterm(
     from tests.stream.conftest import wait_for
 
     wait_for(lambda: "eventcast_forecasts_published_total 9.0" in w.metrics(), 60, "9 forecasts")
+    import redis
+
+    announced = redis.Redis.from_url(redis_url)
+    try:
+        wait_for(lambda: announced.hlen("eventcast:workers:cli-g") > 0, 30, "the announce record")
+    finally:
+        announced.close()
     res = run_cli(
         "status", "--bootstrap-servers", stack.bootstrap, "--redis-url", redis_url,
         "--group-id", "cli-g", "--input-topic", topics.input, "--interval", "0.5", "--json",
@@ -135,6 +142,18 @@ def test_topics_create_status_and_sigterm(
     report = orjson.loads(res.stdout)
     assert report["total_lag"] == 0 and len(report["partitions"]) == 3
     assert len(report["members"]) == 1 and sorted(report["members"][0]["partitions"]) == [0, 1, 2]
+    # the running worker's own announce record: its interval calibration (default online)
+    (worker,) = report["workers"]
+    calibration = worker["calibration"]
+    assert calibration["mode"] == "online", worker
+    assert set(calibration["coverage"]) == set(calibration["adjustment"]) == {"80", "95"}, worker
+    assert isinstance(calibration["scored"], int), worker
+    text = run_cli(
+        "status", "--bootstrap-servers", stack.bootstrap, "--redis-url", redis_url,
+        "--group-id", "cli-g", "--input-topic", topics.input, "--interval", "0.1",
+    )  # fmt: skip
+    assert text.returncode == 0, text.stderr
+    assert "    calibration online  coverage 80 % " in text.stdout, text.stdout
     # SIGUSR1: thread and asyncio task stacks in the log; the worker goes on serving.
     dump = w.dump()
     assert "thread stacks" in dump and "end of dump" in dump, dump
