@@ -42,7 +42,7 @@ import numpy as np
 from model.predictor import Forecast
 
 LEVELS: tuple[str, ...] = ("80", "95")
-MISS_TARGET = np.array([0.20, 0.05], np.float32)[:, None]  # α per level, (L, 1)
+_ALPHA = (0.20, 0.05)  # the miss rate each level promises (α)
 RATE = 0.05  # θ step per unit of coverage error, per score of a series
 PRIOR_RATE = 0.005  # the partition prior's step (it sees every series' scores)
 LOG_FACTOR_RANGE = (math.log(0.25), math.log(4.0))
@@ -113,25 +113,18 @@ class OnlineCalibrator:
         s.last_off = offset
         self._dirty.add(series_id)
         h_max = self.horizon
-        for h in range(1, h_max + 1):
+        pend_at = s.pend_at
+        for h in range(1, min(index, h_max) + 1):
             at = index - h
             slot = at % h_max
-            if at < 0 or s.pend_at[slot] != at:
-                continue
-            p = s.pend[slot, :, h - 1]
-            err = value - float(p[0])
+            if pend_at[slot] != at:
+                continue  # no forecast was made at that point (--emit latest, model_output)
+            p = s.pend[slot, :, h - 1].tolist()
+            err = value - p[0]
             side = p[1 + _L : 1 + 2 * _L] if err >= 0 else p[1 : 1 + _L]  # the model's halves
-            col = s.theta[:, h - 1 : h]
-            pcol = self.prior[:, h - 1 : h]
-            # the series scores its published interval; the prior scores the one it would give
-            for theta, applied, rate in (
-                (col, p[1 + 2 * _L :], RATE),
-                (pcol, pcol[:, 0], PRIOR_RATE),
-            ):
-                half = np.maximum.accumulate(side * np.exp(applied))
-                miss = (abs(err) > half).astype(np.float32)[:, None]  # (L, 1)
-                np.clip(theta + np.float32(rate) * (miss - MISS_TARGET), *LOG_FACTOR_RANGE,
-                        out=theta)  # fmt: skip
+            # the series scores its published interval; the prior the one it would have given
+            _track(s.theta, h - 1, side, p[1 + 2 * _L :], abs(err), RATE)
+            _track(self.prior, h - 1, side, None, abs(err), PRIOR_RATE)
             self._prior_dirty = True
 
     def calibrate(
@@ -139,25 +132,25 @@ class OnlineCalibrator:
         series_id: str,
         offset: int,
         mean: np.ndarray,
-        lower: Sequence[np.ndarray],
-        upper: Sequence[np.ndarray],
+        lower: np.ndarray,
+        upper: np.ndarray,
     ) -> np.ndarray:
         """The factors (L, H) float32 for the forecast of the point at ``offset`` (the model's
-        ``mean`` (H,) and per level ``lower``/``upper`` (H,)): the series' current ones when the
-        point is its newest (recorded with the published forecast, now pending), the recorded ones
-        when the forecast is repeated (a redelivered record)."""
+        ``mean`` (H,) and its bounds ``lower``/``upper`` (L, H), levels in ``LEVELS`` order): the
+        series' current ones when the point is its newest (recorded with the published forecast,
+        now pending), the recorded ones when the forecast is repeated (a redelivered record)."""
         s = self.series.get(series_id)
         if s is None:  # a forecast without its point observed: only after lost state
             s = self.series[series_id] = _Series(self.prior, self.horizon, self.capacity)
             self._dirty.add(series_id)
-        hit = np.flatnonzero(s.hist_off == offset)
-        if hit.size:
-            return s.hist[hit[0]].copy()
-        if offset != s.last_off:  # a repeat whose factor is no longer kept: the current ones
-            self.history_misses += 1
-            return s.theta.copy()
         index = s.n - 1
         slot = index % self.capacity
+        if offset != s.last_off or s.hist_off[slot] == offset:  # a repeated forecast
+            hit = np.flatnonzero(s.hist_off == offset)
+            if hit.size:
+                return s.hist[hit[0]].copy()
+            self.history_misses += 1  # its factors are no longer kept: the current ones
+            return s.theta.copy()
         theta = s.theta.copy()
         s.hist_off[slot] = offset
         s.hist[slot] = theta
@@ -165,9 +158,8 @@ class OnlineCalibrator:
         s.pend_at[pslot] = index
         p = s.pend[pslot]
         p[0] = mean
-        for i in range(_L):
-            p[1 + i] = np.maximum(mean - lower[i], 0)
-            p[1 + _L + i] = np.maximum(upper[i] - mean, 0)
+        p[1 : 1 + _L] = np.maximum(mean - lower, 0)
+        p[1 + _L : 1 + 2 * _L] = np.maximum(upper - mean, 0)
         p[1 + 2 * _L :] = theta
         self._dirty.add(series_id)
         return theta
@@ -184,8 +176,8 @@ class OnlineCalibrator:
         ``fc``). Returns the calibrated forecast and each row's step-1 factors (R, L)."""
         order = np.argsort(offsets, kind="stable")
         theta = np.zeros((len(series), _L, self.horizon), np.float32)
-        lower = [fc.lower[lv] for lv in LEVELS]
-        upper = [fc.upper[lv] for lv in LEVELS]
+        lower = np.stack([fc.lower[lv] for lv in LEVELS], axis=1)  # (R, L, H)
+        upper = np.stack([fc.upper[lv] for lv in LEVELS], axis=1)
         i = 0
         offs = offsets.tolist()
         for r in order.tolist():
@@ -194,9 +186,7 @@ class OnlineCalibrator:
                 off, sid, idx, val = points[i]
                 self.observe(sid, idx, off, val)
                 i += 1
-            theta[r] = self.calibrate(
-                series[r], o, fc.mean[r], [b[r] for b in lower], [b[r] for b in upper]
-            )
+            theta[r] = self.calibrate(series[r], o, fc.mean[r], lower[r], upper[r])
         for off, sid, idx, val in points[i:]:
             self.observe(sid, idx, off, val)
         return apply_factors(fc, np.exp(theta)), np.exp(theta[:, :, 0])
@@ -280,6 +270,29 @@ class OnlineCalibrator:
         s.hist_off[slots] = offs
         s.hist[slots] = hist.reshape(k, _L, h)
         return s
+
+
+def _track(
+    theta: np.ndarray,
+    step: int,
+    side: list[float],
+    applied: list[float] | None,
+    err: float,
+    rate: float,
+) -> None:
+    """One score of the rule on column ``step`` of ``theta`` (L, H), in place: per level, was
+    ``err`` (the absolute error) outside the half-width ``side`` (the model's, on the side the
+    actual fell) times ``exp`` of the factors ``applied`` (None: ``theta``'s own), nested as
+    published? Then ``θ += rate · (miss − α)``, clamped."""
+    th = theta[:, step].tolist()
+    used = th if applied is None else applied
+    lo, hi = LOG_FACTOR_RANGE
+    half = 0.0
+    for i in range(_L):
+        half = max(half, side[i] * math.exp(used[i]))  # nested: never below the level before
+        miss = 1.0 if err > half else 0.0
+        th[i] = min(hi, max(lo, th[i] + rate * (miss - _ALPHA[i])))
+    theta[:, step] = th
 
 
 def scaled_halves(
