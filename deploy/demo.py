@@ -51,7 +51,17 @@ class SeriesView:
     last_actual: float | None = None
     last: dict | None = None
     errors: list[float] = field(default_factory=list)  # |actual - previous 1-step mean|
-    covered: int = 0
+    covered: dict[str, list[bool]] = field(  # level -> was each actual in its interval
+        default_factory=lambda: {"80": [], "95": []}
+    )
+    calibration: str = "-"  # the latest forecast's `calibration` header
+
+
+RECENT = 100  # the live table's recent coverage: the last this many scored forecasts
+
+
+def pct(hits: list[bool]) -> str:
+    return f"{100 * sum(hits) / len(hits):.0f} %" if hits else "-"
 
 
 def worker_cmd(*args: str) -> list[str]:
@@ -122,7 +132,11 @@ def render(views: dict[str, SeriesView], elapsed: float, sent: int, received: in
         "80 % interval",
         "95 % interval",
         "MAE so far",
-        "80 % coverage",
+        "80 % coverage: all",
+        f"last {RECENT}",
+        "95 %: all",
+        f"last {RECENT}",
+        "intervals",
         "model",
     ):
         table.add_column(col, justify="right" if col != "series" else "left")
@@ -138,7 +152,11 @@ def render(views: dict[str, SeriesView], elapsed: float, sent: int, received: in
             f"[{f['lower']['80'][0]:.2f}, {f['upper']['80'][0]:.2f}]" if f else "-",
             f"[{f['lower']['95'][0]:.2f}, {f['upper']['95'][0]:.2f}]" if f else "-",
             f"{sum(v.errors) / n:.3f}" if n else "-",
-            f"{100 * v.covered / n:.0f} %" if n else "-",
+            pct(v.covered["80"]),
+            pct(v.covered["80"][-RECENT:]),
+            pct(v.covered["95"]),
+            pct(v.covered["95"][-RECENT:]),
+            v.calibration,
             f["model_version"] if f else "-",
         )
     return table
@@ -206,12 +224,14 @@ async def stream_demo(
                         received += 1
                         view.last = f
                         view.last_actual = actual_by_ts.get((sid, f["ts"]))
+                        view.calibration = dict(m.headers or ()).get("calibration", b"-").decode()
                         prev = pending.get(sid)
                         if prev is not None and view.last_actual is not None:
                             err = abs(view.last_actual - prev["mean"][0])
                             view.errors.append(err)
-                            lo, hi = prev["lower"]["80"][0], prev["upper"]["80"][0]
-                            view.covered += int(lo <= view.last_actual <= hi)
+                            for lv, hits in view.covered.items():
+                                lo, hi = prev["lower"][lv][0], prev["upper"][lv][0]
+                                hits.append(lo <= view.last_actual <= hi)
                         pending[sid] = f
                 live.update(render(views, time.monotonic() - start, sent, received))
     finally:
@@ -241,8 +261,12 @@ class DemoSettings(Settings):
     ``--config``, like every ``worker`` command."""
 
     model_dir: Path = Field(Path("models"), description="train here when it holds no version")
-    points: PositiveInt = Field(240, description="events replayed per series")
-    rate: PositiveFloat = Field(40.0, description="events per second")
+    points: PositiveInt = Field(
+        720,
+        description="events replayed per series (30 days of the hourly series: enough for the "
+        "online interval calibration to show its coverage settling near 80 %)",
+    )
+    rate: PositiveFloat = Field(120.0, description="events per second")
     duration: PositiveFloat = Field(120.0, description="seconds at most")
     train_budget: str = Field("3m", description="time budget of the training run, e.g. 3m")
 

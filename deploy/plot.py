@@ -24,6 +24,8 @@ from typing import Any
 
 import orjson
 
+from deploy.web.labels import number_label, time_label
+
 log = logging.getLogger(__name__)
 
 # Opaque colours (no alpha), so a screenshot shows exactly these where the bands are drawn.
@@ -102,8 +104,7 @@ def _finite(values: Iterable[float]) -> list[float]:
 
 
 def _time_label(t: float, span: float) -> str:
-    d = datetime.fromtimestamp(t, UTC)
-    return d.strftime("%H:%M:%S" if span < 600 else "%m-%d %H:%M")
+    return time_label(t, span)
 
 
 def render_svg(chart: ChartData, width: int = 900, height: int = 360) -> str:
@@ -155,7 +156,8 @@ def render_svg(chart: ChartData, width: int = 900, height: int = 360) -> str:
             f'<line x1="{left}" y1="{py:.1f}" x2="{left + pw}" y2="{py:.1f}" stroke="{GRID}"/>'
         )
         parts.append(
-            f'<text x="{left - 6}" y="{py + 4:.1f}" text-anchor="end" fill="{TEXT}">{yv:.4g}</text>'
+            f'<text x="{left - 6}" y="{py + 4:.1f}" text-anchor="end" fill="{TEXT}">'
+            f"{html.escape(number_label(yv, step=(y1 - y0) / 4))}</text>"
         )
         xv = x0 + (x1 - x0) * i / 4
         px = sx(xv)
@@ -228,6 +230,7 @@ def render_png(
     matplotlib.use("Agg", force=True)
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     out = Path(out)
     band = forecast_band(chart.forecasts)
@@ -262,7 +265,10 @@ def render_png(
             )
         else:
             ax.legend(loc="upper left", fontsize=8)
-            ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M", tz=UTC))
+            ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d %H:%M", tz=UTC))
+            ticks = ax.get_yticks()
+            step = float(ticks[1] - ticks[0]) if len(ticks) > 1 else None
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: number_label(v, step=step)))
             fig.autofmt_xdate()
         title = chart.series_id
         if chart.model_version():

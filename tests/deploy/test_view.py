@@ -173,6 +173,22 @@ def test_svg_draws_both_bands_and_escapes_text(tiny_model_dir: Path) -> None:
     assert "no data" in empty and "band80" not in empty
 
 
+def test_chart_axes_read_like_numbers_and_dates(tmp_path: Path) -> None:
+    """Values around 33,760 are labelled 33,714 ... 33,806, never 3.376e+04; times as UTC dates."""
+    import re
+
+    from deploy.plot import render_png
+
+    ts = [1_700_000_000.0 + 3600 * i for i in range(60)]
+    values = [33_760.0 + 40 * math.sin(i / 5) for i in range(60)]
+    svg = render_svg(ChartData("big", ts, values))
+    labels = re.findall(r'text-anchor="end" fill="[^"]+">([^<]+)<', svg)[:5]  # (the y axis)
+    assert all(re.fullmatch(r"33,[78]\d\d(\.\d+)?", x) for x in labels), labels
+    assert "e+" not in svg and "2023-11-" in svg
+    png = render_png(ChartData("big", ts, values), tmp_path / "big.png")
+    assert png.stat().st_size > 1000  # (its tick labels use the same formatter)
+
+
 def test_page_escapes_the_series_and_sets_a_strict_csp(tiny_model_dir: Path) -> None:
     settings = ServeSettings(model_dir=tiny_model_dir, device="cpu", threads=1)
     with TestClient(create_app(settings, ModelRegistry(tiny_model_dir))) as c:
