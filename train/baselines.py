@@ -30,6 +30,11 @@ _Z = {0.1: -1.2815515655446004, 0.2: -0.8416212335729143, 0.3: -0.52440051270804
 Z80, Z95 = 1.2815515655446004, 1.959963984540054
 
 
+def gaussian_quantiles(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(…, 9) quantiles at QUANTILE_LEVELS of normal distributions with this mean and std."""
+    return np.stack([mean + _Z[lv] * std for lv in QUANTILE_LEVELS], axis=-1)
+
+
 def infer_season(spacing_s: float) -> int:
     """Season length in steps for a series sampled every ``spacing_s`` seconds: one day for
     sub-daily data (rounded), a week (7) for daily data, a year for weekly (52) and monthly (12)
@@ -131,7 +136,7 @@ class LinearAR:
         a = np.hstack([xn, np.ones((len(xn), 1))])
         mean = (a @ self.coef) * sd + mu
         std = self.resid_std[None, :] * sd
-        q = np.stack([mean + _Z[lv] * std for lv in QUANTILE_LEVELS], axis=-1)
+        q = gaussian_quantiles(mean, std)
         return {
             "mean": mean,
             "std": std,

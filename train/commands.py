@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, NonNegativeInt
 from pydantic_settings import CliPositionalArg
 
 from model.errors import ConfigError
 from stream.config import Settings, add_settings_arguments
 from train.settings import DataOptions, RetrainSettings, Text
+
+DEFAULT_PEER_ORIGINS = 300  # train.peers.DEFAULT_ORIGINS (not imported: numba loads lazily)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,11 @@ class EvaluateOptions(DataOptions):
     model_dir: Text = None
     version: str | None = Field(None, description="version to score (default: CURRENT)")
     out: Text = Field(None, description="also write the JSON report to this file")
+    peer_origins: NonNegativeInt = Field(
+        DEFAULT_PEER_ORIGINS,
+        description="held-out windows (evenly spread) the statsforecast peers AutoETS and MSTL "
+        "forecast; 0: no peers, a number over the held-out windows: all of them",
+    )
 
 
 class PredictOptions(DataOptions):
@@ -120,13 +127,15 @@ def cmd_retrain(settings: RetrainSettings) -> int:
 
 
 def cmd_evaluate(args: EvaluateOptions) -> int:
+    from train.peers import PeerSettings
     from train.retrain import evaluate_version
 
     model_dir = Path(_require(args, "model_dir"))
     _require(args, "data")
     report = evaluate_version(
-        model_dir, args.source(), args.split, version=args.version, season=args.season
-    )
+        model_dir, args.source(), args.split, version=args.version, season=args.season,
+        peers=PeerSettings(origins=args.peer_origins),
+    )  # fmt: skip
     text = json.dumps(report, indent=2, default=str)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -36,6 +36,7 @@ from model.errors import EventcastError, ModelLoadError
 from model.registry import ModelRegistry, new_version_name
 from train.data import STORE_META, EventDataModule, SeriesArrays, SplitSettings, describe
 from train.evaluate import HeldOut, evaluate, held_out
+from train.peers import PeerSettings
 from train.settings import RetrainSettings
 from train.sources import DataReport, DataSettings, SeriesFrame, load_data
 
@@ -349,9 +350,11 @@ def evaluate_version(
     *,
     version: str | None = None,
     season: int | None = None,
+    peers: PeerSettings | None = None,
 ) -> dict[str, Any]:
     """``worker evaluate``: score a version (default the serving one) on ``data``'s held-out
-    split beside the baselines and return the report. NoModelError without a serving version;
+    split beside the baselines (and, with ``peers``, the statsforecast models of
+    :mod:`train.peers`) and return the report. NoModelError without a serving version;
     ModelLoadError when the version fails its checks; ConfigError when the data lack one of the
     model's features."""
     registry = ModelRegistry(model_dir)
@@ -366,6 +369,7 @@ def evaluate_version(
         season=season,
         version=loaded.version,
         holdout=ho,
+        peers=peers,
     )
     report["data"] = data_report.to_dict()
     return report

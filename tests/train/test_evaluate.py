@@ -114,3 +114,51 @@ def test_long_season_drops_windows_without_history_for_everyone() -> None:
     long = held_out(arr, cfg, season=330)
     assert long.windows < short.windows  # same rule for all methods
     assert set(long.starts) <= set(short.starts)
+
+
+def test_peers_score_on_the_same_windows_as_every_method() -> None:
+    from train.peers import PeerSettings, mstl_seasons, peer_rows
+
+    arr = _seasonal_arrays(n=700)
+    cfg = ModelConfig(hidden_size=16, num_layers=1, attention_heads=2, horizon=4, dropout=0.0)
+    report, ho, _ = evaluate(ForecastNet(cfg), arr, cfg, peers=PeerSettings(origins=6))
+    peers = report["peers"]
+    rows = peer_rows(ho.windows, 6)
+    assert peers["windows"] == len(rows) == 6 and peers["of_windows"] == ho.windows
+    assert peers["points"] == 6 * 4
+    assert set(peers["metrics"]) == {"model", "persistence", "seasonal_naive", "linear_ar",
+                                     "autoets", "mstl"}  # fmt: skip
+    assert peers["models"]["autoets"]["season_length"] == 24
+    assert peers["models"]["mstl"]["season_length"] == [24, 168] == mstl_seasons(3600.0)
+    for name, m in peers["metrics"].items():
+        assert m["mae"] is not None, (name, m)
+        assert np.mean(peers["per_step_mae"][name]) == pytest.approx(m["mae"])
+        if name in ("autoets", "mstl"):
+            assert 0 <= m["coverage_80"] <= m["coverage_95"] <= 1 and m["wql"] > 0
+    # The baselines on the subsample are the full report's methods restricted to those rows.
+    sn = baselines.seasonal_naive(np.asarray(arr.values), ho.starts[rows], 48, 4, 24)
+    assert peers["metrics"]["seasonal_naive"]["mae"] == pytest.approx(metrics.mae(ho.y[rows], sn))
+    # A clean daily cycle: the seasonal peers beat persistence.
+    assert peers["metrics"]["autoets"]["mae"] < peers["metrics"]["persistence"]["mae"]
+    json.dumps(report, allow_nan=False)
+    # Off by default in evaluate() (the retrain's path): no peers, no statsforecast.
+    plain, _, _ = evaluate(ForecastNet(cfg), arr, cfg)
+    assert "peers" not in plain
+
+
+def test_peer_rows_and_seasons() -> None:
+    from train.peers import mstl_seasons, peer_rows
+
+    assert list(peer_rows(5, 10)) == [0, 1, 2, 3, 4]
+    r = peer_rows(1000, 4)
+    assert list(r) == [0, 333, 666, 999]
+    assert mstl_seasons(1800.0) == [48, 336] and mstl_seasons(86400.0) == [7, 365]
+    assert mstl_seasons(7 * 86400.0) == [52] and mstl_seasons(3 * 86400.0) == []
+
+
+def test_commands_default_matches_peers_default() -> None:
+    from train.commands import DEFAULT_PEER_ORIGINS, EvaluateOptions
+    from train.peers import DEFAULT_ORIGINS
+
+    assert DEFAULT_PEER_ORIGINS == DEFAULT_ORIGINS
+    assert EvaluateOptions.model_fields["peer_origins"].default == DEFAULT_ORIGINS
