@@ -32,6 +32,7 @@ from tests.stream.conftest import (
     worker_argv,
 )
 from tests.stream.test_faults import (
+    check_calibration,
     check_forecasts,
     check_windows,
     run_kill_test,
@@ -214,6 +215,8 @@ def test_engines_swap_on_a_running_system(
     by_src = check_forecasts(records, truth)
     assert len(records) == len(by_src), "a clean swap repeats no forecast"
     check_windows(redis_url, topics.input, truth)
+    # the engines hand the interval calibration state to each other through Redis, exactly
+    assert check_calibration(tiny_model_dir, truth, by_src) == len(records)
 
 
 @pytest.mark.integration
@@ -259,6 +262,7 @@ def test_redis_flushed_mid_run_windows_rebuilt(
     by_src = check_forecasts(consume_all(stack.bootstrap, topics.output, idle=1.0), truth)
     check_windows(redis_url, topics.input, truth)
     check_against_offline(tiny_model_dir, truth, by_src, 10, seed=1)
+    assert check_calibration(tiny_model_dir, truth, by_src) >= len(by_src)  # rebuilt exactly
 
 
 def test_faust_refuses_exactly_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
