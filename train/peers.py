@@ -21,7 +21,8 @@ windows, so the side-by-side table compares identical (series, ts, step) points.
   seasons (:func:`mstl_seasons`: hourly 24 and 168, half-hourly 48 and 336, daily 7 and 365,
   weekly 52, monthly 12, ...), each kept only when the training part holds two full cycles and
   four cycles are at most 2 000 steps (a week of 5-minute data is left out). Its ``forward`` gets
-  the last four cycles of the longest season, not the whole history (:data:`MSTL_CONTEXT_CYCLES`).
+  the last four cycles of the longest season, not the whole history (:data:`MSTL_CONTEXT_CYCLES`),
+  with its trend model's initial level moved to that context's start (:meth:`_Peer.forward`).
 - Intervals: statsforecast's own 80 % and 95 % ones. They are Gaussian (mean ± z·σ), so the
   quantiles 0.1 … 0.9 that the weighted quantile loss needs are those of the normal distribution
   whose 0.1 and 0.9 quantiles are the 80 % interval's ends (exact for these models' intervals).
@@ -151,6 +152,26 @@ class _Peer:
             return None, f"{n_train} training points: not two full cycles of {want}"
         return MSTL(season_length=seasons, trend_forecaster=AutoETS(model="ZZN")), None
 
+    def forward(self, model: Any, y: np.ndarray, h: int) -> dict[str, np.ndarray]:
+        """``model.forward(y, h, level=[80, 95])`` with the fitted parameters. For MSTL, whose
+        ``y`` is only the last cycles (:meth:`context`), its trend model's initial level is first
+        moved to the mean of ``y``'s first cycle: the fitted one belongs to the start of the
+        training part, and filtering from it would turn the jump into residuals that inflate the
+        interval (co2: 80 % intervals ~7× wider than a forward over the whole history; with the
+        start moved, within ~10 % of it). Smoothing parameters and the other states stay."""
+        if self.name != "mstl":
+            return dict(model.forward(y=y, h=h, level=list(LEVELS)))
+        trend = model.trend_forecaster.model_
+        fitted_par = trend["par"]
+        par = np.array(fitted_par, dtype=np.float64)
+        if len(par) > 4:  # alpha, beta, gamma, phi, then the initial level (forecast::ets order)
+            par[4] = float(np.mean(y[: max(model.season_length)]))
+        trend["par"] = par
+        try:
+            return dict(model.forward(y=y, h=h, level=list(LEVELS)))
+        finally:
+            trend["par"] = fitted_par
+
     def context(self, model: Any) -> int | None:
         """How much history ``forward`` gets (None: all of it)."""
         if self.name == "mstl":
@@ -194,7 +215,7 @@ def peer_forecasts(
             origin = int(ho.starts[rows[r]]) - start + t  # exclusive end of the history
             first = 0 if ctx is None else max(0, origin - ctx)
             try:
-                fc = model.forward(y=values[first:origin], h=h, level=list(LEVELS))
+                fc = peer.forward(model, values[first:origin], h)
             except Exception as exc:  # as above
                 info["reason"] = f"series {sid}: forward failed: {type(exc).__name__}: {exc}"
                 return None, info
