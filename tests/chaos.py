@@ -190,6 +190,46 @@ def _flat(x: Any) -> list[float]:
 NUMERIC = ("mean", "std", "lower", "upper")
 
 
+def check_intervals(
+    model_dir: Path,
+    accepted: dict[str, list[tuple[int, int, float, float]]],
+    expected: dict[tuple[int, int], tuple[str, int]],
+    by_src: dict[tuple[int, int], list[dict[str, Any]]],
+) -> list[tuple[tuple[int, int], str]]:
+    """The forecasts whose 80/95 % bounds differ from an independent replay of online interval
+    calibration (stream/calibration.py) fed the true accepted points and the model's offline
+    forecasts of every expected source, one calibrator per partition, in offset order."""
+    from model.features import build_inputs
+    from model.registry import ModelRegistry
+    from stream.calibration import OnlineCalibrator
+
+    model = ModelRegistry(model_dir).load(backend="torch", device="cpu")
+    parts: dict[int, list[tuple[int, str, int, float]]] = {}
+    for sid, acc in accepted.items():
+        for i, (p, o, _, v) in enumerate(acc):
+            parts.setdefault(p, []).append((o, sid, i, v))
+    wrong: list[tuple[tuple[int, int], str]] = []
+    for p, points in parts.items():
+        points.sort()
+        rows = [(o, sid, i) for o, sid, i, _ in points if (p, o) in expected]
+        if not rows:
+            continue
+        ts = np.array([[e[2] for e in accepted[s][i - WINDOW + 1 : i + 1]] for _, s, i in rows])
+        vals = np.array([[e[3] for e in accepted[s][i - WINDOW + 1 : i + 1]] for _, s, i in rows])
+        fc = model.predictor.predict(build_inputs(ts, vals, None, model.config))
+        cal = OnlineCalibrator(model.config.horizon, KEPT)
+        offsets = np.array([o for o, _, _ in rows], np.int64)
+        want, _ = cal.calibrate_batch(points, [s for _, s, _ in rows], offsets, fc)
+        for r, (o, _, _) in enumerate(rows):
+            doc = by_src[(p, o)][0]
+            for side, arr in (("lower", want.lower), ("upper", want.upper)):
+                for lv in ("80", "95"):
+                    got, w = doc[side][lv][0], float(arr[lv][r, 0])
+                    if not np.isclose(got, w, rtol=1e-4, atol=1e-4):
+                        wrong.append(((p, o), f"{side} {lv} {got}, replay {w}"))
+    return wrong
+
+
 def check_history(h: History) -> tuple[Counter[str], dict[str, list[str]]]:
     """Every anomaly of the run, counted by kind, with up to 5 examples of each."""
     anomalies: Counter[str] = Counter()
@@ -297,6 +337,15 @@ def check_history(h: History) -> tuple[Counter[str], dict[str, list[str]]]:
                 got = by_src[src][0]["mean"][0]
                 if not np.isclose(got, w, rtol=1e-4, atol=1e-5):
                     bad("forecast_from_wrong_window", f"{src}: mean {got}, offline {w}")
+
+    # Intervals: with online calibration, each forecast's bounds against an independent replay of
+    # the calibration rule over the true points and the offline forecasts, per partition in offset
+    # order. An update lost or applied twice under a fault shifts every later factor of its series.
+    online = any((getattr(r, "headers", None) or {}).get("calibration") == "online"
+                 for r in h.outputs)  # fmt: skip
+    if online and h.model_dir is not None and expected.keys() <= by_src.keys():
+        for src, what in check_intervals(h.model_dir, accepted, expected, by_src):
+            bad("interval_from_wrong_state", f"{src}: {what}")
 
     # Dead letters: exactly the rejected events (at least once), never an accepted one.
     dead: set[tuple[int, int]] = set()

@@ -108,3 +108,63 @@ def test_the_checker_finds_what_it_promises() -> None:
     h = _synthetic("at_least_once")
     h.dead_letters.append(SimpleNamespace(headers={"source.partition": "0", "source.offset": "5"}))
     assert check_history(h)[0] == {"dead_letter_for_accepted_event": 1}
+
+
+def test_the_checker_finds_an_interval_from_a_wrong_calibration_state(
+    tiny_model_dir: Any,
+) -> None:
+    """With online calibration (the forecasts' header says so), each forecast's bounds must equal
+    the replay of the rule over the true history: a clean history passes, one bound moved is found,
+    and a history whose calibration missed one update (a lost write) is found from there on."""
+    import numpy as np
+    import orjson
+
+    from model.features import build_inputs
+    from model.registry import ModelRegistry
+    from stream.calibration import OnlineCalibrator
+    from tests.chaos import STEP, T0, check_history
+
+    def history(skip_update: int | None = None) -> Any:
+        h = _synthetic("at_least_once", n=120)
+        h.model_dir = tiny_model_dir
+        ts = np.array([T0 + i * STEP for i in range(120)])
+        vals = np.sin(np.arange(120) / 4.0) * 3  # values the checker reads from the inputs
+        docs = [
+            {"series_id": "s0", "ts": float(ts[i]), "value": float(vals[i])} for i in range(120)
+        ]
+        h.inputs = [
+            SimpleNamespace(partition=0, offset=i, headers={}, value=orjson.dumps(d))
+            for i, d in enumerate(docs)
+        ]
+        h.acked = {(0, i): r.value for i, r in enumerate(h.inputs)}
+        kept = range(24, 120)
+        h.windows["s0"] = SimpleNamespace(
+            offsets=np.array(list(kept)), ts=ts[24:], values=vals[24:]
+        )
+        model = ModelRegistry(tiny_model_dir).load(backend="torch", device="cpu")
+        idx = np.arange(47, 120)
+        x_ts = np.stack([ts[i - 47 : i + 1] for i in idx])
+        x_vals = np.stack([vals[i - 47 : i + 1] for i in idx])
+        fc = model.predictor.predict(build_inputs(x_ts, x_vals, None, model.config))
+        points = [(i, "s0", i, float(vals[i])) for i in range(120) if i != skip_update]
+        want, _ = OnlineCalibrator(1, 96).calibrate_batch(points, ["s0"] * len(idx), idx, fc)
+        h.outputs = []
+        for r, i in enumerate(idx.tolist()):
+            doc = {"series_id": "s0", "ts": float(ts[i]), "mean": [float(fc.mean[r, 0])],
+                   "std": [1.0], "model_version": "v", "emitted_at": 1.0,
+                   "lower": {lv: [float(want.lower[lv][r, 0])] for lv in ("80", "95")},
+                   "upper": {lv: [float(want.upper[lv][r, 0])] for lv in ("80", "95")},
+                   "source": {"topic": "in", "partition": 0, "offset": i}}  # fmt: skip
+            h.outputs.append(
+                SimpleNamespace(value=orjson.dumps(doc), headers={"calibration": "online"})
+            )
+        return h
+
+    assert not check_history(history())[0]
+    h = history()
+    doc = orjson.loads(h.outputs[30].value)
+    doc["upper"]["80"] = [doc["upper"]["80"][0] * 1.01 + 0.01]
+    h.outputs[30] = SimpleNamespace(value=orjson.dumps(doc), headers={"calibration": "online"})
+    assert check_history(h)[0] == {"interval_from_wrong_state": 1}
+    found = check_history(history(skip_update=80))[0]
+    assert set(found) == {"interval_from_wrong_state"} and found["interval_from_wrong_state"] >= 1
