@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 
 from model.config import ModelConfig
+from model.network import ForecastNet
 from model.predictor import Forecast
 from stream.calibration import LEVELS, OnlineCalibrator, apply_factors
 from train.data import SeriesArrays
-from train.evaluate import HeldOut, held_out
+from train.evaluate import HeldOut, evaluate, held_out
 from train.metrics import QUANTILE_LEVELS
-from train.online_eval import online_calibration_report, online_forecasts
+from train.online_eval import online_calibration_report, online_forecasts, summary_lines
 from train.settings import SplitSettings
 
 Z = {0.8: 1.2815516, 0.95: 1.959964}
@@ -152,3 +153,23 @@ def test_replay_equals_feeding_the_calibrator_directly() -> None:
     assert not np.allclose(got["upper_80"], fc["upper_80"])  # the rule did move them
     assert sorted(order.tolist()) == list(range(ho.windows))
     assert factors.shape == (ho.windows, 2)
+
+
+def test_evaluate_reports_static_and_online() -> None:
+    """``evaluate()``'s report carries the block; its static scores are the model's own metrics
+    (same points, same scorer) and the human lines name every quarter."""
+    arr = walk_arrays(2, 600, seed=3)
+    cfg = ModelConfig(hidden_size=8, num_layers=1, attention_heads=1, horizon=2, dropout=0.0)
+    report, ho, _ = evaluate(ForecastNet(cfg), arr, cfg, season=1, linear_ar=False)
+    block = report["online_calibration"]
+    model = report["metrics"]["model"]
+    for key in ("mae", "mase", "wql", "coverage_80", "coverage_95"):
+        assert block["static"][key] == pytest.approx(model[key]), key
+    assert block["online"]["mae"] == pytest.approx(model["mae"])
+    assert block["windows"] == ho.windows
+    assert [q["windows"] for q in block["quarters"]] == [
+        len(p) for p in np.array_split(np.arange(ho.windows), 4)
+    ]
+    lines = summary_lines(block)
+    assert sum("quarter" in line for line in lines) == 8
+    json.dumps(report, allow_nan=False)
