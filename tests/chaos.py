@@ -49,7 +49,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -62,12 +61,12 @@ import numpy as np
 import orjson
 
 from deploy.stack import KafkaServer, RedisServer, create_topics, free_port
+from tests.helpers.faults import LoadProducer
+from tests.stream.conftest import make_events
 
 SESSION_TIMEOUT_S = 6.0  # worker_argv's --session-timeout-ms
 WINDOW = 48  # full window: the first forecast comes with a series' 48th accepted event
 KEPT = 96  # points a window keeps in Redis (48 + --window-history 48)
-STEP = 300.0
-T0 = 1_700_000_000.0
 
 FAULTS = (
     "worker_kill9",
@@ -85,83 +84,12 @@ def log(msg: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-# --- the producer: a steady load, every send's acknowledgement recorded --------------------
+# --- the load: tests/helpers/faults.py's LoadProducer, failed sends not sent again --------------
 
 
-def series_value(s: int, i: int) -> float:
-    return round(10.0 * s + 3.0 * ((i * 7 + s) % 24) / 24.0 + (i % 5) * 0.25, 4)
-
-
-class Producer:
-    """One step (an event for every series) every ``interval`` seconds, in a thread of its own.
-    A send that fails is not sent again (its event may or may not be on the topic: the checker
-    reads the topic); the acknowledged ``(partition, offset) -> value`` are kept."""
-
-    def __init__(self, bootstrap: str, topic: str, n_series: int, interval: float) -> None:
-        self.bootstrap, self.topic = bootstrap, topic
-        self.n_series, self.interval = n_series, interval
-        self.acked: dict[tuple[int, int], bytes] = {}
-        self.errors = 0
-        self.steps = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._main, daemon=True, name="chaos-producer")
-        self.error: BaseException | None = None
-
-    def start(self) -> Producer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(120)
-
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._run())
-        except BaseException as exc:  # reported by the harness
-            self.error = exc
-
-    async def _run(self) -> None:
-        from aiokafka import AIOKafkaProducer
-
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            request_timeout_ms=15000,
-            retry_backoff_ms=250,
-        )
-        await producer.start()
-        try:
-            i = 0
-            next_at = time.monotonic()
-            while not self._stop.is_set():
-                pending = []
-                for s in range(self.n_series):
-                    doc = {"series_id": f"s{s}", "ts": T0 + i * STEP, "value": series_value(s, i)}
-                    value = orjson.dumps(doc)
-                    try:
-                        fut = await asyncio.wait_for(
-                            producer.send(self.topic, value=value, key=f"s{s}".encode()), 20
-                        )
-                        pending.append((value, fut))
-                    except Exception:
-                        self.errors += 1
-                for value, fut in pending:
-                    try:
-                        meta = await asyncio.wait_for(fut, 30)
-                        self.acked[(meta.partition, meta.offset)] = value
-                    except Exception:
-                        self.errors += 1
-                i += 1
-                self.steps = i
-                next_at += self.interval
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                next_at = max(next_at, time.monotonic() - self.interval)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), 30)
+def chaos_step(n_series: int) -> Any:
+    """One step of the load: an event for every series (tests/stream/conftest.py's values)."""
+    return lambda i: make_events(n_series, 1, start=i)
 
 
 # --- the history checker --------------------------------------------------------------------------
@@ -585,7 +513,7 @@ class Chaos:
         log(f"working in {self.dir}")
         self.redis = RedisServer(self.dir / "redis", port=free_port())
         self.kafka = KafkaServer(self.dir / "kafka", port=free_port())
-        producer: Producer | None = None
+        producer: LoadProducer | None = None
         try:
             self.redis.start()
             self.kafka.start(timeout=120)
@@ -603,8 +531,10 @@ class Chaos:
             make_tiny_model_dir(self.model_dir)
             for _ in range(self.n_workers):
                 self._start_worker()
-            producer = Producer(self.kafka.bootstrap, self.topics.input, self.series, self.interval)
-            producer.start()
+            producer = LoadProducer(
+                self.kafka.bootstrap, self.topics.input, chaos_step(self.series),
+                interval=self.interval, resend=False,
+            ).start()  # fmt: skip
             log(
                 f"{len(self.workers)} workers, producing {self.series / self.interval:.0f} events/s"
             )
@@ -620,11 +550,10 @@ class Chaos:
                 self._reap()
                 self.inject(self.rng.choice(self._eligible()))
             time.sleep(max(0.0, end - time.monotonic()))
-            producer.stop()
-            if producer.error is not None:
-                raise producer.error
-            log(f"produced {producer.steps} steps ({len(producer.acked)} acknowledged, "
-                f"{producer.errors} send errors); draining")  # fmt: skip
+            producer.stop()  # (raises what failed it)
+            acked = {(p, o): value for _, value, p, o in producer.placed}
+            log(f"produced {producer.step} steps ({len(acked)} acknowledged, "
+                f"{producer.send_errors} send errors); draining")  # fmt: skip
 
             drained = False
             deadline = time.monotonic() + self.drain_timeout
@@ -662,7 +591,7 @@ class Chaos:
             finally:
                 client.close()
             history = History(
-                self.guarantee, self.partitions, inputs, dict(producer.acked), outputs, dead,
+                self.guarantee, self.partitions, inputs, acked, outputs, dead,
                 windows, self.model_dir, list(self.exits), drained,
             )  # fmt: skip
             anomalies, examples = check_history(history)
@@ -673,7 +602,7 @@ class Chaos:
         finally:
             self.cleanup(producer)
 
-    def cleanup(self, producer: Producer | None) -> None:
+    def cleanup(self, producer: LoadProducer | None) -> None:
         for pid in list(self.frozen):
             self._cont_signal(pid)
         if producer is not None and producer._thread.is_alive():

@@ -7,6 +7,7 @@ that acknowledged writes are really lost, as a power cut would lose them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 import time
@@ -21,11 +22,13 @@ import orjson
 
 
 class LoadProducer:
-    """Produces one step of ``n_series`` events (``make_events(n_series, 1, start=i)``) every
-    ``interval`` seconds from a thread of its own, until :meth:`stop`. Each step is awaited
-    (acks=all, idempotent producer) before the next is sent; records whose send failed (the
-    broker is down) are sent again after a pause, so a resend may land twice: ground truth is
-    taken from the topic (:func:`truth_from_topic`), not from what was sent."""
+    """Produces one step of events (``make_step(i)``, e.g. ``make_events(n_series, 1, start=i)``)
+    every ``interval`` seconds from a thread of its own, until :meth:`stop`. Each step is awaited
+    (acks=all, idempotent producer) before the next is sent. Records whose send failed (the broker
+    is down) are sent again after a pause (``resend``), so a resend may land twice; without
+    ``resend`` they are counted and left (the chaos run: its event may or may not be on the
+    topic). Either way ground truth is taken from the topic (:func:`truth_from_topic`), not from
+    what was sent; :attr:`placed` holds what the broker acknowledged."""
 
     def __init__(
         self,
@@ -35,11 +38,13 @@ class LoadProducer:
         *,
         interval: float = 0.05,
         start: int = 0,
+        resend: bool = True,
     ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.make_step = make_step
         self.interval = interval
+        self.resend = resend
         self.step = start
         self.acked = 0
         self.send_errors = 0
@@ -95,9 +100,8 @@ class LoadProducer:
                     futures = []
                     for key, value in pending:
                         try:
-                            futures.append(
-                                await producer.send(self.topic, value=value, key=key.encode())
-                            )
+                            send = producer.send(self.topic, value=value, key=key.encode())
+                            futures.append(await asyncio.wait_for(send, 20))
                         except Exception:
                             futures.append(None)
                     failed = []
@@ -105,7 +109,7 @@ class LoadProducer:
                         try:
                             if fut is None:
                                 raise RuntimeError("send refused")
-                            meta = await fut
+                            meta = await asyncio.wait_for(fut, 30)
                         except Exception:
                             failed.append((key, value))
                             continue
@@ -113,6 +117,8 @@ class LoadProducer:
                         self.acked += 1
                     if failed:
                         self.send_errors += len(failed)
+                        if not self.resend:
+                            break
                         await asyncio.sleep(0.5)
                     pending = failed
                 self.step += 1
@@ -123,7 +129,8 @@ class LoadProducer:
                 else:
                     next_at = time.monotonic()
         finally:
-            await producer.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), 30)
 
 
 # --- ground truth --------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ def _synthetic(guarantee: str, n: int = 50) -> Any:
     import numpy as np
     import orjson
 
-    from tests.chaos import STEP, T0, History
+    from tests.chaos import History
+    from tests.stream.conftest import STEP, T0
 
     inputs, outputs, acked = [], [], {}
     for i in range(n):
@@ -122,7 +123,8 @@ def test_the_checker_finds_an_interval_from_a_wrong_calibration_state(
     from model.features import build_inputs
     from model.registry import ModelRegistry
     from stream.calibration import OnlineCalibrator
-    from tests.chaos import STEP, T0, check_history
+    from tests.chaos import check_history
+    from tests.stream.conftest import STEP, T0
 
     def history(skip_update: int | None = None) -> Any:
         h = _synthetic("at_least_once", n=120)
