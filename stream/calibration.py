@@ -57,6 +57,10 @@ _BLOB_VERSION = 1
 PRIOR_FIELD = ""  # the prior's field in the cal hash (no series id is empty: missing_key)
 
 
+class _OtherHorizon(ValueError):
+    """A stored blob written for a model of another horizon."""
+
+
 class _Series:
     """One series' calibration state (see the module docstring)."""
 
@@ -96,6 +100,7 @@ class OnlineCalibrator:
         self._deleted: set[str] = set()
         self._prior_dirty = False
         self.history_misses = 0  # repeated forecasts whose factor was no longer kept
+        self.dropped = 0  # stored blobs of another horizon, dropped by load()
 
     # ---- the rule ------------------------------------------------------------------------------
 
@@ -223,8 +228,9 @@ class OnlineCalibrator:
         ))  # fmt: skip
 
     def load(self, blobs: dict[str, bytes]) -> list[str]:
-        """Restore from the stored blobs; returns the names whose blob is unreadable (or of
-        another horizon): the caller rebuilds the partition."""
+        """Restore from the stored blobs; returns the names whose blob is unreadable: the caller
+        rebuilds the partition. A blob written for another horizon (the serving model changed
+        shape) is dropped, not unreadable: that series starts afresh from the prior."""
         bad: list[str] = []
         for name, blob in blobs.items():
             try:
@@ -232,14 +238,22 @@ class OnlineCalibrator:
                     self.prior = self._decode_prior(blob)
                 else:
                     self.series[name] = self._decode(blob)
+            except _OtherHorizon:
+                self.dropped += 1
+                if name == PRIOR_FIELD:
+                    self._prior_dirty = True  # the fresh prior replaces it
+                else:
+                    self._deleted.add(name)
             except (ValueError, struct.error):
                 bad.append(name)
         return sorted(bad)
 
     def _decode_prior(self, blob: bytes) -> np.ndarray:
         ver, levels, h = _PRIOR_HEADER.unpack_from(blob)
-        if (ver, levels, h) != (_BLOB_VERSION, _L, self.horizon):
-            raise ValueError("calibration prior of another format or horizon")
+        if (ver, levels) != (_BLOB_VERSION, _L):
+            raise ValueError("calibration prior of another format")
+        if h != self.horizon:
+            raise _OtherHorizon
         arr = np.frombuffer(blob, np.float32, _L * h, _PRIOR_HEADER.size)
         if len(blob) != _PRIOR_HEADER.size + arr.nbytes:
             raise ValueError("calibration prior of a wrong size")
@@ -247,8 +261,10 @@ class OnlineCalibrator:
 
     def _decode(self, blob: bytes) -> _Series:
         ver, levels, h, k, n, last_off = _SERIES_HEADER.unpack_from(blob)
-        if (ver, levels, h) != (_BLOB_VERSION, _L, self.horizon) or k > self.capacity or n < 0:
-            raise ValueError("calibration blob of another format or horizon")
+        if (ver, levels) != (_BLOB_VERSION, _L) or k > self.capacity or n < 0:
+            raise ValueError("calibration blob of another format")
+        if h != self.horizon:
+            raise _OtherHorizon
         s = _Series(self.prior, h, self.capacity)
         s.n, s.last_off = n, last_off
         pos = _SERIES_HEADER.size

@@ -184,6 +184,13 @@ def test_an_unreadable_blob_is_reported_not_loaded(blob: bytes | None) -> None:
     assert fresh.load({PRIOR_FIELD: b"\x01\x02"}) == [PRIOR_FIELD]
 
 
-def test_a_blob_of_another_horizon_is_unreadable() -> None:
+def test_a_blob_of_another_horizon_is_dropped_not_a_rebuild() -> None:
+    """The serving model changed horizon: the old state does not apply; the series starts from
+    the (fresh) prior and the old blobs are deleted by the next write, without a rebuild."""
     cal, _ = run_stream(np.arange(60.0), 1.0, horizon=2)
-    assert OnlineCalibrator(3, 96).load({"s": cal.encode("s")}) == ["s"]
+    snap = cal.snapshot(full=True)
+    other = OnlineCalibrator(3, 96)
+    assert other.load(snap.set) == []
+    assert other.dropped == 2 and other.series == {}
+    later = other.snapshot()
+    assert later.delete == ["s"] and PRIOR_FIELD in later.set
