@@ -74,32 +74,27 @@ def replay_events(
     values = np.asarray(arrays.values)
     times = np.asarray(arrays.ts)
     origin = ho.starts.astype(np.int64) + t - 1
-    flat: list[np.ndarray] = []  # flat indices of the points fed, per series
-    for s in np.unique(ho.series).tolist():
-        rows = np.flatnonzero(ho.series == s)
-        o = origin[rows[np.argsort(origin[rows], kind="stable")]]
-        pts = [o[:1]]
-        d = np.diff(o)
-        for prev, gap in zip(o[:-1].tolist(), d.tolist(), strict=True):
-            pts.append(np.arange(prev + 1, prev + 1 + min(gap, h), dtype=np.int64))
-            if gap > h:
-                pts.append(np.array([prev + gap], np.int64))
-        flat.append(np.concatenate(pts))
-    idx = np.concatenate(flat)
-    ser = np.concatenate([np.full(len(f), s, np.int64) for s, f in
-                          zip(np.unique(ho.series).tolist(), flat, strict=True)])  # fmt: skip
-    pos = np.concatenate([np.arange(len(f), dtype=np.int64) for f in flat])
-    order = np.lexsort((idx, ser, times[idx]))  # time, then series, then position
-    offset_of = np.empty(len(idx), np.int64)
-    offset_of[order] = np.arange(len(idx), dtype=np.int64)
+    # Flat indices are series-major and in time order within a series: consecutive sorted
+    # origins of one series are a series' consecutive held-out origins.
+    o = np.sort(origin)
+    o_series = np.searchsorted(arrays.starts, o, side="right") - 1
+    pair = o_series[1:] == o_series[:-1]
+    first = o[:-1][pair] + 1  # the previous origin's targets: its first min(d, H)
+    count = np.minimum(np.diff(o)[pair], h)
+    step = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+    fed = np.unique(np.concatenate([o, np.repeat(first, count) + step]))
+    ser = np.searchsorted(arrays.starts, fed, side="right") - 1
+    _, head, n = np.unique(ser, return_index=True, return_counts=True)
+    pos = np.arange(len(fed), dtype=np.int64) - np.repeat(head, n)  # 0: the series' first point
+    order = np.lexsort((fed, times[fed]))  # time, then series and position (flat order)
+    offset_of = np.empty(len(fed), np.int64)
+    offset_of[order] = np.arange(len(fed), dtype=np.int64)
     ids = arrays.ids
     points = [
-        (int(offset_of[k]), ids[int(ser[k])], int(pos[k]), float(values[idx[k]]))
+        (int(offset_of[k]), ids[int(ser[k])], int(pos[k]), float(values[fed[k]]))
         for k in order.tolist()
     ]
-    # each origin's offset: the fed point at that flat index
-    at = dict(zip(idx.tolist(), offset_of.tolist(), strict=True))
-    row_off = np.array([at[int(x)] for x in origin.tolist()], np.int64)
+    row_off = offset_of[np.searchsorted(fed, origin)]
     rows = np.argsort(row_off, kind="stable")
     return points, rows, [ids[int(ho.series[r])] for r in rows.tolist()], row_off[rows]
 
