@@ -12,8 +12,10 @@ score:
   forecast's half-widths (below and above the mean, separately) are the model's times
   ``exp(θ)``.
 - When the actual of step ``h`` of an earlier forecast arrives (the ``h``-th accepted point of the
-  series after the forecast's point), ``θ[l, h] += RATE · (miss − α_l)``, where ``miss`` is 1 when
-  the actual fell outside that forecast's published ``l`` interval and ``α_l`` = 0.20 or 0.05.
+  series after the forecast's point), ``θ[l, h] += γ_h · (miss − α_l)``, where ``miss`` is 1 when
+  the actual fell outside that forecast's published ``l`` interval, ``α_l`` = 0.20 or 0.05, and
+  ``γ_h = RATE / √h``: step ``h``'s scores come ``h`` points late, after ``h − 1`` more forecasts
+  used the same factor, so a full-rate step would overshoot (measured: docs/training.md).
   This is online gradient descent on the pinball loss of the log score: over any sequence, the
   miss rate of each (series, level, step) converges to ``α_l`` (long-run coverage), at a speed and
   jitter set by ``RATE`` (docs/training.md, "Online interval calibration").
@@ -43,8 +45,9 @@ from model.predictor import Forecast
 
 LEVELS: tuple[str, ...] = ("80", "95")
 _ALPHA = (0.20, 0.05)  # the miss rate each level promises (α)
-RATE = 0.05  # θ step per unit of coverage error, per score of a series
+RATE = 0.1  # θ step per unit of coverage error, per score of a series (at step 1)
 PRIOR_RATE = 0.005  # the partition prior's step (it sees every series' scores)
+DELAY_POWER = 0.5  # step h's rate is RATE / h ** DELAY_POWER
 LOG_FACTOR_RANGE = (math.log(0.25), math.log(4.0))
 MODES = ("online", "static")
 
@@ -101,6 +104,9 @@ class OnlineCalibrator:
         self._prior_dirty = False
         self.history_misses = 0  # repeated forecasts whose factor was no longer kept
         self.dropped = 0  # stored blobs of another horizon, dropped by load()
+        # The rate of step h: its scores arrive h points after the forecast, by which time h - 1
+        # more forecasts used the same factor (delayed feedback); RATE / h ** DELAY_POWER.
+        self.rates = [RATE / h**DELAY_POWER for h in range(1, horizon + 1)]
 
     # ---- the rule ------------------------------------------------------------------------------
 
@@ -128,7 +134,7 @@ class OnlineCalibrator:
             err = value - p[0]
             side = p[1 + _L : 1 + 2 * _L] if err >= 0 else p[1 : 1 + _L]  # the model's halves
             # the series scores its published interval; the prior the one it would have given
-            _track(s.theta, h - 1, side, p[1 + 2 * _L :], abs(err), RATE)
+            _track(s.theta, h - 1, side, p[1 + 2 * _L :], abs(err), self.rates[h - 1])
             _track(self.prior, h - 1, side, None, abs(err), PRIOR_RATE)
             self._prior_dirty = True
 

@@ -51,7 +51,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from model.predictor import Forecast
-from stream.calibration import LEVELS, LOG_FACTOR_RANGE, PRIOR_RATE, RATE, OnlineCalibrator
+from stream.calibration import (
+    DELAY_POWER,
+    LEVELS,
+    LOG_FACTOR_RANGE,
+    PRIOR_RATE,
+    RATE,
+    OnlineCalibrator,
+)
 from train.metrics import QUANTILE_LEVELS, score
 
 if TYPE_CHECKING:
@@ -190,6 +197,7 @@ def online_calibration_report(ho: HeldOut, fc: dict[str, np.ndarray]) -> dict[st
     return {
         "rule": {
             "rate": RATE,
+            "rate_of_step_h": f"rate / h ** {DELAY_POWER}",
             "prior_rate": PRIOR_RATE,
             "factor_range": [math.exp(lo), math.exp(hi)],
             "replay": "one calibrator, held-out origins in time order, each series from the prior",
