@@ -257,6 +257,11 @@ class Bench:
                 key = f"{model} {backend} emit=every"
                 if want(key):
                     rows[key] = self.drain(key, self.worker_for(model, backend, *flags))
+        # Online interval calibration (the default) against the model's static intervals.
+        key = f"small {a.backend} emit=every, --interval-calibration static"
+        if want(key):
+            static = (*flags, "--interval-calibration", "static")
+            rows[key] = self.drain(key, self.worker_for("small", a.backend, *static))
         key = f"small {a.backend} emit=latest"
         if want(key):
             latest = (*flags, "--emit", "latest", *a.latest_flags.split())
