@@ -76,12 +76,14 @@ def test_end_to_end_forecasts_windows_and_offline_parity(
     for docs in by_src.values():
         d = docs[0]
         assert d["std"][0] > 0
+        # nested (the contract's ≤: online calibration may bring the 95 % bound onto the 80 % one
+        # when the two levels' factors cross), and a positive width at 80 %
         assert (
             d["lower"]["95"][0]
-            < d["lower"]["80"][0]
+            <= d["lower"]["80"][0]
             < d["mean"][0]
             < d["upper"]["80"][0]
-            < d["upper"]["95"][0]
+            <= d["upper"]["95"][0]
         )
     assert consume_all(stack.bootstrap, topics.dlq, idle=1.0) == []
 
