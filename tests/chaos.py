@@ -61,6 +61,7 @@ import numpy as np
 import orjson
 
 from deploy.stack import KafkaServer, RedisServer, create_topics, free_port
+from tests.helpers.calibration import replayed_intervals
 from tests.helpers.faults import LoadProducer
 from tests.stream.conftest import make_events
 
@@ -121,40 +122,18 @@ NUMERIC = ("mean", "std", "lower", "upper")
 def check_intervals(
     model_dir: Path,
     accepted: dict[str, list[tuple[int, int, float, float]]],
-    expected: dict[tuple[int, int], tuple[str, int]],
     by_src: dict[tuple[int, int], list[dict[str, Any]]],
 ) -> list[tuple[tuple[int, int], str]]:
-    """The forecasts whose 80/95 % bounds differ from an independent replay of online interval
-    calibration (stream/calibration.py) fed the true accepted points and the model's offline
-    forecasts of every expected source, one calibrator per partition, in offset order."""
-    from model.features import build_inputs
-    from model.registry import ModelRegistry
-    from stream.calibration import OnlineCalibrator
-
-    model = ModelRegistry(model_dir).load(backend="torch", device="cpu")
-    parts: dict[int, list[tuple[int, str, int, float]]] = {}
-    for sid, acc in accepted.items():
-        for i, (p, o, _, v) in enumerate(acc):
-            parts.setdefault(p, []).append((o, sid, i, v))
+    """The forecasts whose 80/95 % bounds differ from the independent replay of online interval
+    calibration over the true accepted points (tests/helpers/calibration.py)."""
     wrong: list[tuple[tuple[int, int], str]] = []
-    for p, points in parts.items():
-        points.sort()
-        rows = [(o, sid, i) for o, sid, i, _ in points if (p, o) in expected]
-        if not rows:
-            continue
-        ts = np.array([[e[2] for e in accepted[s][i - WINDOW + 1 : i + 1]] for _, s, i in rows])
-        vals = np.array([[e[3] for e in accepted[s][i - WINDOW + 1 : i + 1]] for _, s, i in rows])
-        fc = model.predictor.predict(build_inputs(ts, vals, None, model.config))
-        cal = OnlineCalibrator(model.config.horizon, KEPT)
-        offsets = np.array([o for o, _, _ in rows], np.int64)
-        want, _ = cal.calibrate_batch(points, [s for _, s, _ in rows], offsets, fc)
-        for r, (o, _, _) in enumerate(rows):
-            doc = by_src[(p, o)][0]
-            for side, arr in (("lower", want.lower), ("upper", want.upper)):
-                for lv in ("80", "95"):
-                    got, w = doc[side][lv][0], float(arr[lv][r, 0])
-                    if not np.isclose(got, w, rtol=1e-4, atol=1e-4):
-                        wrong.append(((p, o), f"{side} {lv} {got}, replay {w}"))
+    for src, bounds in replayed_intervals(model_dir, accepted, window=WINDOW, kept=KEPT).items():
+        doc = by_src[src][0]
+        for side, levels in bounds.items():
+            for lv, arr in levels.items():
+                got, w = doc[side][lv][0], float(arr[0])
+                if not np.isclose(got, w, rtol=1e-4, atol=1e-4):
+                    wrong.append((src, f"{side} {lv} {got}, replay {w}"))
     return wrong
 
 
@@ -272,7 +251,7 @@ def check_history(h: History) -> tuple[Counter[str], dict[str, list[str]]]:
     online = any((getattr(r, "headers", None) or {}).get("calibration") == "online"
                  for r in h.outputs)  # fmt: skip
     if online and h.model_dir is not None and expected.keys() <= by_src.keys():
-        for src, what in check_intervals(h.model_dir, accepted, expected, by_src):
+        for src, what in check_intervals(h.model_dir, accepted, by_src):
             bad("interval_from_wrong_state", f"{src}: {what}")
 
     # Dead letters: exactly the rejected events (at least once), never an accepted one.

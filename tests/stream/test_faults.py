@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from deploy.stack import free_port
+from tests.helpers.calibration import replayed_intervals
 from tests.helpers.kafka import consume_all, end_offsets, produce
 from tests.helpers.store import read_window_sync
 from tests.stream.conftest import (
@@ -116,50 +117,18 @@ def check_forecasts(
 def check_calibration(
     model_dir: Path, truth: Truth, by_src: dict[Any, Any], *, window: int = 48
 ) -> int:
-    """Every published forecast's intervals equal the ones an independent replay gives: the model
-    run offline (torch) on each true window, then one :class:`OnlineCalibrator` per partition fed
-    the true accepted points and those forecasts in offset order. A calibration update lost or
-    applied twice (a crash between the window write and the commit, a rebuild that did not
-    re-forecast) shifts every later factor of its series, so this compares the whole history of
-    the state, not only the final one. Returns how many forecasts were compared."""
-    from model.features import build_inputs
-    from model.registry import ModelRegistry
-    from stream.calibration import OnlineCalibrator
-
-    model = ModelRegistry(model_dir).load(backend="torch", device="cpu")
-    by_part: dict[int, list[tuple[int, str, int, float, float]]] = {}
-    for sid, evs in truth.events.items():
-        for i, (p, o, ts, v) in enumerate(evs):
-            by_part.setdefault(p, []).append((o, sid, i, ts, v))
+    """Every published forecast's intervals equal the independent replay of online calibration
+    over the true history (tests/helpers/calibration.py). Returns how many were compared."""
+    want = replayed_intervals(model_dir, truth.events, window=window)
     compared = 0
-    for p, evs in by_part.items():
-        evs.sort()
-        hist: dict[str, list[tuple[float, float]]] = {}
-        rows: list[tuple[int, str, list[tuple[float, float]]]] = []
-        for o, sid, i, ts, v in evs:
-            h = hist.setdefault(sid, [])
-            h.append((ts, v))
-            if i >= window - 1:
-                rows.append((o, sid, h[-window:]))
-        x = build_inputs(
-            np.array([[t for t, _ in w] for _, _, w in rows]),
-            np.array([[v for _, v in w] for _, _, w in rows]), None, model.config,
-        )  # fmt: skip
-        fc = model.predictor.predict(x)
-        cal = OnlineCalibrator(model.config.horizon, window + 48)
-        want, _ = cal.calibrate_batch(
-            [(o, sid, i, v) for o, sid, i, _, v in evs], [sid for _, sid, _ in rows],
-            np.array([o for o, _, _ in rows], np.int64), fc,
-        )  # fmt: skip
-        for r, (o, _, _) in enumerate(rows):
-            for d in by_src[(p, o)]:
-                for lv in ("80", "95"):
-                    for side, arr in (("lower", want.lower), ("upper", want.upper)):
-                        np.testing.assert_allclose(
-                            d[side][lv], arr[lv][r], rtol=1e-4, atol=1e-4,
-                            err_msg=f"{side} {lv} of ({p}, {o})",
-                        )  # fmt: skip
-                compared += 1
+    for src, bounds in want.items():
+        for d in by_src[src]:
+            for side, levels in bounds.items():
+                for lv, arr in levels.items():
+                    np.testing.assert_allclose(
+                        d[side][lv], arr, rtol=1e-4, atol=1e-4, err_msg=f"{side} {lv} of {src}"
+                    )
+            compared += 1
     return compared
 
 
