@@ -8,17 +8,22 @@ form of the quantile-tracking ("P") term of conformal PID control (Angelopoulos,
 Tibshirani, "Conformal PID control for time series prediction", NeurIPS 2023), on a scale-free
 score:
 
-- State per series, interval level ``l`` and horizon step ``h``: a log-factor ``θ[l, h]``. A
-  forecast's half-widths (below and above the mean, separately) are the model's times
-  ``exp(θ)``.
+- State per series, side ``s`` (below or above the mean), interval level ``l`` and horizon step
+  ``h``: a log-factor ``θ[s, l, h]``. A forecast's half-width on side ``s`` is the model's times
+  ``exp(θ[s])``: each bound is tracked alone, so a biased mean widens the side it misses on and
+  narrows the other, where one factor for both would widen both.
 - When the actual of step ``h`` of an earlier forecast arrives (the ``h``-th accepted point of the
-  series after the forecast's point), ``θ[l, h] += γ_h · (miss − α_l)``, where ``miss`` is 1 when
-  the actual fell outside that forecast's published ``l`` interval, ``α_l`` = 0.20 or 0.05, and
-  ``γ_h = RATE / √h``: step ``h``'s scores come ``h`` points late, after ``h − 1`` more forecasts
-  used the same factor, so a full-rate step would overshoot (measured: docs/training.md).
-  This is online gradient descent on the pinball loss of the log score: over any sequence, the
-  miss rate of each (series, level, step) converges to ``α_l`` (long-run coverage), at a speed and
-  jitter set by ``RATE`` (docs/training.md, "Online interval calibration").
+  series after the forecast's point), for each side ``θ[s, l, h] += γ_h · r_l · (miss − α_l / 2)``,
+  where ``miss`` is 1 when the actual fell beyond that forecast's published ``l`` bound on side
+  ``s`` (always 0 on the side it did not fall), ``α_l`` = 0.20 or 0.05, ``r_l`` = ``LEVEL_RATE``
+  and ``γ_h = RATE / √h``: step ``h``'s scores come ``h`` points late, after ``h − 1`` more
+  forecasts used the same factor, so a full-rate step would overshoot. The 95 % level moves at
+  half the rate: its misses are rare (2.5 % a side) and each is a jump of 0.975 · γ, whose jitter
+  widens the interval on average (measured: docs/training.md).
+  This is online gradient descent on the pinball loss of each bound's log score: over any
+  sequence, the miss rate of each (series, side, level, step) converges to ``α_l / 2`` (long-run
+  coverage ``1 − α_l``), at a speed and jitter set by ``RATE`` (docs/training.md, "Online interval
+  calibration").
 - ``θ`` is clamped to ``[log 1/4, log 4]``: an interval is at most 4× narrower or wider than the
   model's. Bounds stay finite and nested: the 95 % half-width is never below the 80 % one.
 - A new series starts from its partition's prior, a ``θ`` of the same rule updated by every score
@@ -44,24 +49,28 @@ import numpy as np
 from model.predictor import Forecast
 
 LEVELS: tuple[str, ...] = ("80", "95")
-_ALPHA = (0.20, 0.05)  # the miss rate each level promises (α)
+SIDES: tuple[str, ...] = ("lower", "upper")  # θ's first axis
+_ALPHA = (0.20, 0.05)  # the miss rate each level promises (α), half of it on each side
 RATE = 0.1  # θ step per unit of coverage error, per score of a series (at step 1)
+LEVEL_RATE = (1.0, 0.5)  # each level's share of RATE (r_l)
 PRIOR_RATE = 0.005  # the partition prior's step (it sees every series' scores)
 DELAY_POWER = 0.5  # step h's rate is RATE / h ** DELAY_POWER
 LOG_FACTOR_RANGE = (math.log(0.25), math.log(4.0))
 MODES = ("online", "static")
 
 _L = len(LEVELS)
-_PEND_ROWS = 1 + 3 * _L
+# a pending forecast: its mean, the model's lower and upper half-widths per level, and the
+# log-factors applied to them (lower, then upper)
+_PEND_ROWS = 1 + 4 * _L
 # version, levels, horizon, history entries k, points n, offset of the newest point
 _SERIES_HEADER = struct.Struct("<BBHHqq")
 _PRIOR_HEADER = struct.Struct("<BBH")  # version, levels, horizon
-_BLOB_VERSION = 1
+_BLOB_VERSION = 2  # 1: one factor for both sides (dropped on load: the series starts afresh)
 PRIOR_FIELD = ""  # the prior's field in the cal hash (no series id is empty: missing_key)
 
 
-class _OtherHorizon(ValueError):
-    """A stored blob written for a model of another horizon."""
+class _Stale(ValueError):
+    """A stored blob written for a model of another horizon, or by an earlier form of the rule."""
 
 
 class _Series:
@@ -72,13 +81,11 @@ class _Series:
     def __init__(self, theta: np.ndarray, horizon: int, capacity: int) -> None:
         self.n = 0  # points observed: the index of the next one
         self.last_off = -1  # source offset of the newest point observed
-        self.theta = theta.astype(np.float32, copy=True)  # (L, H) for the next forecast
+        self.theta = theta.astype(np.float32, copy=True)  # (2, L, H) for the next forecast
         self.pend_at = np.full(horizon, -1, np.int64)  # point index of each pending forecast
-        # (H slots, 1 + 3L, H): the mean, the model's lower and upper half-widths per level, and
-        # the log-factors applied to them
-        self.pend = np.zeros((horizon, _PEND_ROWS, horizon), np.float32)
+        self.pend = np.zeros((horizon, _PEND_ROWS, horizon), np.float32)  # H slots of them
         self.hist_off = np.full(capacity, -1, np.int64)  # source offset of each forecast kept
-        self.hist = np.zeros((capacity, _L, horizon), np.float32)  # θ applied to it
+        self.hist = np.zeros((capacity, 2, _L, horizon), np.float32)  # θ applied to it
 
 
 @dataclass
@@ -97,13 +104,13 @@ class OnlineCalibrator:
     def __init__(self, horizon: int, capacity: int) -> None:
         self.horizon = horizon
         self.capacity = capacity
-        self.prior = np.zeros((_L, horizon), np.float32)
+        self.prior = np.zeros((2, _L, horizon), np.float32)
         self.series: dict[str, _Series] = {}
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
         self._prior_dirty = False
         self.history_misses = 0  # repeated forecasts whose factor was no longer kept
-        self.dropped = 0  # stored blobs of another horizon, dropped by load()
+        self.dropped = 0  # stored blobs of another horizon or rule version, dropped by load()
         # The rate of step h: its scores arrive h points after the forecast, by which time h - 1
         # more forecasts used the same factor (delayed feedback); RATE / h ** DELAY_POWER.
         self.rates = [RATE / h**DELAY_POWER for h in range(1, horizon + 1)]
@@ -132,10 +139,12 @@ class OnlineCalibrator:
                 continue  # no forecast was made at that point (--emit latest, model_output)
             p = s.pend[slot, :, h - 1].tolist()
             err = value - p[0]
-            side = p[1 + _L : 1 + 2 * _L] if err >= 0 else p[1 : 1 + _L]  # the model's halves
-            # the series scores its published interval; the prior the one it would have given
-            _track(s.theta, h - 1, side, p[1 + 2 * _L :], abs(err), self.rates[h - 1])
-            _track(self.prior, h - 1, side, None, abs(err), PRIOR_RATE)
+            side = 1 if err >= 0 else 0  # the side the actual fell on
+            half = p[1 + side * _L : 1 + (side + 1) * _L]  # the model's half-widths there
+            applied = p[1 + (2 + side) * _L : 1 + (3 + side) * _L]
+            # the series scores its published bounds; the prior the ones it would have given
+            _track(s.theta, side, h - 1, half, applied, abs(err), self.rates[h - 1])
+            _track(self.prior, side, h - 1, half, None, abs(err), PRIOR_RATE)
             self._prior_dirty = True
 
     def calibrate(
@@ -146,7 +155,8 @@ class OnlineCalibrator:
         lower: np.ndarray,
         upper: np.ndarray,
     ) -> np.ndarray:
-        """The factors (L, H) float32 for the forecast of the point at ``offset`` (the model's
+        """The log-factors (2, L, H) float32 for the forecast of the point at ``offset`` (the
+        model's
         ``mean`` (H,) and its bounds ``lower``/``upper`` (L, H), levels in ``LEVELS`` order): the
         series' current ones when the point is its newest (recorded with the published forecast,
         now pending), the recorded ones when the forecast is repeated (a redelivered record)."""
@@ -171,7 +181,7 @@ class OnlineCalibrator:
         p[0] = mean
         p[1 : 1 + _L] = np.maximum(mean - lower, 0)
         p[1 + _L : 1 + 2 * _L] = np.maximum(upper - mean, 0)
-        p[1 + 2 * _L :] = theta
+        p[1 + 2 * _L :] = theta.reshape(2 * _L, -1)
         self._dirty.add(series_id)
         return theta
 
@@ -184,9 +194,10 @@ class OnlineCalibrator:
     ) -> tuple[Forecast, np.ndarray]:
         """One partition's batch, in offset order: ``points`` (offset, series, index, value) of
         the accepted events, and the forecasts made (rows: ``series``, source ``offsets``,
-        ``fc``). Returns the calibrated forecast and each row's step-1 factors (R, L)."""
+        ``fc``). Returns the calibrated forecast and each row's step-1 factor per level (R, L),
+        the mean of its two sides'."""
         order = np.argsort(offsets, kind="stable")
-        theta = np.zeros((len(series), _L, self.horizon), np.float32)
+        theta = np.zeros((len(series), 2, _L, self.horizon), np.float32)
         lower = np.stack([fc.lower[lv] for lv in LEVELS], axis=1)  # (R, L, H)
         upper = np.stack([fc.upper[lv] for lv in LEVELS], axis=1)
         i = 0
@@ -200,7 +211,8 @@ class OnlineCalibrator:
             theta[r] = self.calibrate(series[r], o, fc.mean[r], lower[r], upper[r])
         for off, sid, idx, val in points[i:]:
             self.observe(sid, idx, off, val)
-        return apply_factors(fc, np.exp(theta)), np.exp(theta[:, :, 0])
+        f = np.exp(theta)
+        return apply_factors(fc, f), f[..., 0].mean(axis=1)
 
     def forget(self, names: Iterable[str]) -> None:
         """Drop series the windows forgot (idle TTL, series cap)."""
@@ -244,7 +256,7 @@ class OnlineCalibrator:
                     self.prior = self._decode_prior(blob)
                 else:
                     self.series[name] = self._decode(blob)
-            except _OtherHorizon:
+            except _Stale:
                 self.dropped += 1
                 if name == PRIOR_FIELD:
                     self._prior_dirty = True  # the fresh prior replaces it
@@ -256,27 +268,23 @@ class OnlineCalibrator:
 
     def _decode_prior(self, blob: bytes) -> np.ndarray:
         ver, levels, h = _PRIOR_HEADER.unpack_from(blob)
-        if (ver, levels) != (_BLOB_VERSION, _L):
-            raise ValueError("calibration prior of another format")
-        if h != self.horizon:
-            raise _OtherHorizon
-        arr = np.frombuffer(blob, np.float32, _L * h, _PRIOR_HEADER.size)
+        _check_header(ver, levels, h, self.horizon)
+        arr = np.frombuffer(blob, np.float32, 2 * _L * h, _PRIOR_HEADER.size)
         if len(blob) != _PRIOR_HEADER.size + arr.nbytes:
             raise ValueError("calibration prior of a wrong size")
-        return arr.reshape(_L, h).copy()
+        return arr.reshape(2, _L, h).copy()
 
     def _decode(self, blob: bytes) -> _Series:
         ver, levels, h, k, n, last_off = _SERIES_HEADER.unpack_from(blob)
-        if (ver, levels) != (_BLOB_VERSION, _L) or k > self.capacity or n < 0:
+        _check_header(ver, levels, h, self.horizon)
+        if k > self.capacity or n < 0:
             raise ValueError("calibration blob of another format")
-        if h != self.horizon:
-            raise _OtherHorizon
         s = _Series(self.prior, h, self.capacity)
         s.n, s.last_off = n, last_off
         pos = _SERIES_HEADER.size
         parts: list[np.ndarray] = []
-        layout = ((np.float32, _L * h), (np.int64, h), (np.float32, h * _PEND_ROWS * h),
-                  (np.int64, k), (np.int64, k), (np.float32, k * _L * h))  # fmt: skip
+        layout = ((np.float32, 2 * _L * h), (np.int64, h), (np.float32, h * _PEND_ROWS * h),
+                  (np.int64, k), (np.int64, k), (np.float32, k * 2 * _L * h))  # fmt: skip
         for dtype, count in layout:
             arr = np.frombuffer(blob, dtype, count, pos)
             parts.append(arr)
@@ -286,59 +294,64 @@ class OnlineCalibrator:
         theta, pend_at, pend, slots, offs, hist = parts
         if slots.size and (slots.min() < 0 or slots.max() >= self.capacity):
             raise ValueError("calibration blob with a history slot out of range")
-        s.theta[:] = theta.reshape(_L, h)
+        s.theta[:] = theta.reshape(2, _L, h)
         s.pend_at[:] = pend_at
         s.pend[:] = pend.reshape(h, _PEND_ROWS, h)
         s.hist_off[slots] = offs
-        s.hist[slots] = hist.reshape(k, _L, h)
+        s.hist[slots] = hist.reshape(k, 2, _L, h)
         return s
+
+
+def _check_header(version: int, levels: int, horizon: int, want_horizon: int) -> None:
+    """A blob of this rule's form and horizon passes; one of the previous form (version 1) or of
+    another horizon is stale (dropped); anything else is unreadable."""
+    if version not in (1, _BLOB_VERSION) or levels != _L:
+        raise ValueError("calibration blob of another format")
+    if version != _BLOB_VERSION or horizon != want_horizon:
+        raise _Stale
 
 
 def _track(
     theta: np.ndarray,
+    side: int,
     step: int,
-    side: list[float],
+    half: list[float],
     applied: list[float] | None,
     err: float,
     rate: float,
 ) -> None:
-    """One score of the rule on column ``step`` of ``theta`` (L, H), in place: per level, was
-    ``err`` (the absolute error) outside the half-width ``side`` (the model's, on the side the
-    actual fell) times ``exp`` of the factors ``applied`` (None: ``theta``'s own), nested as
-    published? Then ``θ += rate · (miss − α)``, clamped."""
-    th = theta[:, step].tolist()
-    used = th if applied is None else applied
+    """One score of the rule on column ``step`` of ``theta`` (2, L, H), in place: the actual fell
+    ``err`` (absolute) from the mean on ``side`` (0 below, 1 above), where the model's half-widths
+    per level are ``half``. Per level, was it beyond the bound the factors ``applied`` there gave
+    (None: ``theta``'s own), nested as published? Then ``θ[side] += rate · r · (miss − α / 2)``;
+    the other side, which it cannot have missed, ``θ[other] −= rate · r · α / 2``; clamped."""
     lo, hi = LOG_FACTOR_RANGE
-    half = 0.0
+    here, there = theta[side, :, step].tolist(), theta[1 - side, :, step].tolist()
+    used = here if applied is None else applied
+    bound = 0.0
     for i in range(_L):
-        half = max(half, side[i] * math.exp(used[i]))  # nested: never below the level before
-        miss = 1.0 if err > half else 0.0
-        th[i] = min(hi, max(lo, th[i] + rate * (miss - _ALPHA[i])))
-    theta[:, step] = th
-
-
-def scaled_halves(
-    mean: np.ndarray, lower: Sequence[np.ndarray], upper: Sequence[np.ndarray], f: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Half-widths below and above ``mean`` per level (L, ...) after the factors ``f`` (L, ...),
-    nested: no level's half-width is below the narrower level's."""
-    lo = np.stack([np.maximum(mean - b, 0) for b in lower]) * f
-    up = np.stack([np.maximum(b - mean, 0) for b in upper]) * f
-    np.maximum.accumulate(lo, axis=0, out=lo)
-    np.maximum.accumulate(up, axis=0, out=up)
-    return lo.astype(np.float32), up.astype(np.float32)
+        bound = max(bound, half[i] * math.exp(used[i]))  # nested: never inside the level before
+        r = rate * LEVEL_RATE[i]
+        miss = 1.0 if err > bound else 0.0
+        here[i] = min(hi, max(lo, here[i] + r * (miss - _ALPHA[i] / 2)))
+        there[i] = max(lo, there[i] - r * _ALPHA[i] / 2)
+    theta[side, :, step] = here
+    theta[1 - side, :, step] = there
 
 
 def apply_factors(fc: Forecast, f: np.ndarray) -> Forecast:
-    """``fc`` with each row's half-widths times ``f`` (R, L, H), nested (:func:`scaled_halves`).
-    The std is scaled by the 80 % factor."""
+    """``fc`` with each row's half-widths below and above the mean times ``f`` (R, 2, L, H): side
+    (lower, upper), level, step; nested (no level's half-width below the narrower level's). The
+    std is scaled by the mean of the two 80 % factors."""
     mean = fc.mean
-    lo, up = scaled_halves(
-        mean, [fc.lower[lv] for lv in LEVELS], [fc.upper[lv] for lv in LEVELS],
-        np.moveaxis(f, 1, 0),
-    )  # fmt: skip
+    halves = []
+    for side, sign, bounds in ((0, -1.0, fc.lower), (1, 1.0, fc.upper)):
+        h = np.stack([np.maximum(sign * (bounds[lv] - mean), 0) for lv in LEVELS])
+        h *= np.moveaxis(f[:, side], 1, 0)
+        halves.append(np.maximum.accumulate(h, axis=0))
+    lo, up = halves
     return Forecast(
-        mean, (fc.std * f[:, 0]).astype(np.float32),
+        mean, (fc.std * f[:, :, 0].mean(axis=1)).astype(np.float32),
         {lv: (mean - lo[i]).astype(np.float32) for i, lv in enumerate(LEVELS)},
         {lv: (mean + up[i]).astype(np.float32) for i, lv in enumerate(LEVELS)},
     )  # fmt: skip

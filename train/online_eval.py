@@ -53,6 +53,7 @@ import numpy as np
 from model.predictor import Forecast
 from stream.calibration import (
     DELAY_POWER,
+    LEVEL_RATE,
     LEVELS,
     LOG_FACTOR_RANGE,
     PRIOR_RATE,
@@ -112,7 +113,8 @@ def online_forecasts(
     """Replay the held-out part through one :class:`~stream.calibration.OnlineCalibrator` and
     return ``(calibrated, step1_factors, order)``: the calibrated forecast arrays by window (the
     keys of ``fc`` that the rule changes: ``lower_80 … upper_95``, ``std``, ``quantiles``, plus
-    ``mean``), each window's step-1 factors (W, L) and the windows in replay order (W,)."""
+    ``mean``), each window's step-1 factors (W, L; the mean of its two sides') and the windows
+    in replay order (W,)."""
     points, rows, row_series, row_offsets = replay_events(ho)
     h = ho.config.horizon
     model = Forecast.from_outputs(
@@ -198,6 +200,8 @@ def online_calibration_report(ho: HeldOut, fc: dict[str, np.ndarray]) -> dict[st
         "rule": {
             "rate": RATE,
             "rate_of_step_h": f"rate / h ** {DELAY_POWER}",
+            "rate_of_level": dict(zip(LEVELS, LEVEL_RATE, strict=True)),
+            "sides": "a factor per side (lower, upper), each aiming at half the level's misses",
             "prior_rate": PRIOR_RATE,
             "factor_range": [math.exp(lo), math.exp(hi)],
             "replay": "one calibrator, held-out origins in time order, each series from the prior",

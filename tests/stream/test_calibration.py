@@ -110,7 +110,7 @@ def test_nesting_holds_when_factors_cross() -> None:
     """An 80 % factor far above the 95 % one would put the 80 % bound outside the 95 % one:
     the 95 % half-width is raised to the 80 % one."""
     fc = model_forecast(np.zeros((1, 1)), np.ones((1, 1)))
-    f = np.array([[[4.0], [0.25]]], np.float32)  # (R, L, H)
+    f = np.array([[[[4.0], [0.25]]] * 2], np.float32)  # (R, side, L, H)
     got = apply_factors(fc, f)
     assert got.upper["95"][0, 0] == got.upper["80"][0, 0] == pytest.approx(4 * Z80, rel=1e-6)
 
@@ -154,7 +154,7 @@ def test_a_new_series_starts_from_the_partitions_prior() -> None:
     rng = np.random.default_rng(2)
     y = np.cumsum(rng.normal(0, 3, 2000))
     cal, _ = run_stream(y, 1.0, series="a")
-    assert cal.prior[0, 0] > 0.5  # widened (log-factor)
+    assert (cal.prior[:, :, 0] > 0.3).all()  # both sides, both levels widened (log-factors)
     cal.observe("b", 0, 10_000, 1.0)
     np.testing.assert_array_equal(cal.series["b"].theta, cal.prior)
 
@@ -171,7 +171,7 @@ def test_a_forgotten_series_is_deleted_and_restarts() -> None:
 
 @pytest.mark.parametrize(
     "blob",
-    [b"", b"\x01", b"\x02" + b"\x00" * 40, None],
+    [b"", b"\x01", b"\x07" + b"\x00" * 40, None],
     ids=["empty", "short", "other-version", "truncated"],
 )
 def test_an_unreadable_blob_is_reported_not_loaded(blob: bytes | None) -> None:
@@ -194,3 +194,32 @@ def test_a_blob_of_another_horizon_is_dropped_not_a_rebuild() -> None:
     assert other.dropped == 2 and other.series == {}
     later = other.snapshot()
     assert later.delete == ["s"] and PRIOR_FIELD in later.set
+
+
+def test_a_blob_of_the_previous_rule_is_dropped_not_a_rebuild() -> None:
+    """Version 1 (one factor for both sides, before this release): its factors mean something
+    else now, so the series starts afresh from the prior, as for another horizon."""
+    cal, _ = run_stream(np.arange(60.0), 1.0)
+    blob = bytearray(cal.encode("s"))
+    blob[0] = 1
+    fresh = OnlineCalibrator(1, 96)
+    assert fresh.load({"s": bytes(blob)}) == []
+    assert fresh.dropped == 1 and fresh.series == {}
+    assert fresh.snapshot().delete == ["s"]
+
+
+def test_each_side_is_tracked_alone() -> None:
+    """A random walk with drift, forecast by its last value (a mean biased low), with the right
+    width: the upper bound widens, the lower one narrows, and each misses about α / 2 of the
+    time, where one factor for both sides would have widened both."""
+    rng = np.random.default_rng(4)
+    y = np.cumsum(rng.normal(0.8, 1.0, 6000))
+    cal, fcs = run_stream(y, 1.0)
+    lower, upper = np.exp(cal.series["s"].theta[:, :, 0])  # per level
+    assert (upper > 1.2).all() and (lower < 0.8).all(), (lower, upper)
+    nxt = y[1:]
+    for lv, alpha in (("80", 0.20), ("95", 0.05)):
+        lo = np.concatenate([f.lower[lv][:, 0] for f in fcs])[:-1][1000:]
+        up = np.concatenate([f.upper[lv][:, 0] for f in fcs])[:-1][1000:]
+        below, above = np.mean(nxt[1000:] < lo), np.mean(nxt[1000:] > up)
+        assert abs(below - alpha / 2) <= 0.02 and abs(above - alpha / 2) <= 0.02, (lv, below, above)
