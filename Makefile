@@ -15,6 +15,7 @@ help:
 	@echo "make stack-up      start Kafka (127.0.0.1:9092) and Redis (127.0.0.1:6379) locally"
 	@echo "make stack-down    stop them        make stack-status    show them"
 	@echo "make lint          ruff + mypy + import contracts   make bench   benchmark tables (bench/)"
+	@echo "make bench-gpu     GPU vs CPU check + GPU tables (~3 min, no setup; GPU_ARGS=--dry-run: CPU)"
 
 setup:
 	@bash deploy/setup_env.sh >/dev/null
@@ -54,5 +55,7 @@ format:
 bench:
 	@venv=$(ENV) && bash bench/run_all.sh "$$venv"
 
+# GPU check + benchmark (bench/gpu_check.py, docs/benchmarks.md "GPU"): no setup_env (no Java,
+# no apt), installs nothing; $PYTHON, else .venv/bin/python, else python3. Exits 0 without a GPU.
 bench-gpu:
-	@venv=$(ENV) && bash bench/gpu.sh "$$venv"
+	@bash bench/gpu.sh $(GPU_ARGS)
