@@ -29,6 +29,7 @@ from tests.stream.conftest import (
     forecasts_by_source,
     make_events,
     metric_value,
+    wait_for,
     worker_argv,
 )
 from tests.stream.test_faults import (
@@ -52,6 +53,10 @@ def features_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def published_total(w: Any) -> float:
+    return metric_value(w.metrics(), "eventcast_forecasts_published_total")
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("engine", ENGINES)
 def test_happy_path_every_forecast_and_windows(
@@ -71,10 +76,15 @@ def test_happy_path_every_forecast_and_windows(
     )
     w = proc_worker(argv).wait_ready()
     recs = consume_all(stack.bootstrap, topics.output, expected=len(expected), timeout=120, idle=30)
-    published = metric_value(w.metrics(), "eventcast_forecasts_published_total")
+    # The counter moves when the publish is acknowledged, which may trail the records' visibility.
+    wait_for(lambda: published_total(w) >= len(expected), 30, "the published counter")
+    published = published_total(w)
     assert w.terminate() == 0, w.log()
     log_text = w.log_path.read_text(errors="replace")
-    assert "batching: max_batch=64 max_delay_ms=5 queue_size=1 infer_batch=7" in log_text
+    assert (
+        "batching: max_batch=64 max_delay_ms=5 queue_size=1 infer_batch=7 latency_budget_ms=100"
+        in log_text
+    )
     if engine == "faust":
         assert "broker_max_poll_records 64, stream buffer 64" in log_text
 
