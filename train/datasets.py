@@ -1,10 +1,10 @@
 """Real time series shipped inside PyPI packages, as ``series_id, ts, value`` frames.
 
-Nothing is downloaded: the data sit in the installed ``vega_datasets``, ``bokeh_sampledata`` and
-``statsmodels`` packages. Each loader returns the raw frame (``ts`` epoch seconds UTC); it goes
-through the same cleaning as a user's file (:func:`train.sources.clean_frame`), so duplicates and
-gaps in the originals (the glucose log has a few duplicates, the CO2 record empty weeks) are
-counted and dropped there.
+Nothing is downloaded: the data sit in the installed ``vega_datasets``, ``bokeh_sampledata``,
+``statsmodels`` and ``pmdarima`` packages. Each loader returns the raw frame (``ts`` epoch seconds
+UTC); it goes through the same cleaning as a user's file (:func:`train.sources.clean_frame`), so
+duplicates and gaps in the originals (the glucose log has a few duplicates, the CO2 record empty
+weeks) are counted and dropped there.
 
 =================  ==========  =========================================================
 name               spacing     content
@@ -17,6 +17,9 @@ glucose            5 min       a patient's blood glucose (mg/dL) with sensor sig
                                as a feature column, 2010-03 … 2010-10, bokeh_sampledata
 co2                1 week      atmospheric CO2 at Mauna Loa (ppm), 1958-03 … 2001-12, with
                                59 missing weeks (rejected as ``non_finite``), statsmodels
+taylor             30 min      electricity demand in England and Wales (MW), 2000-06-05 …
+                               2000-08-27 (12 weeks): a daily and a weekly season,
+                               pmdarima (Taylor 2003, from R's forecast package)
 =================  ==========  =========================================================
 
 Export one as CSV (the demo does): ``python -m train.datasets seattle-temps --out data.csv``.
@@ -107,6 +110,19 @@ def co2() -> pd.DataFrame:
     )
 
 
+def taylor() -> pd.DataFrame:
+    """Half-hourly electricity demand in England and Wales (4 032 rows, one series
+    ``england-wales``), Monday 2000-06-05 00:00 to Sunday 2000-08-27 23:30 UK time (summer time
+    throughout): a daily (48) and a weekly (336) season, weekends lower."""
+    from pmdarima.datasets import load_taylor
+
+    values = load_taylor()
+    index = pd.date_range("2000-06-05 00:00", periods=len(values), freq="30min")
+    return pd.DataFrame(
+        {"series_id": "england-wales", "ts": _epoch(index, "Europe/London"), "value": values}
+    )
+
+
 DATASETS: dict[str, Callable[[], pd.DataFrame]] = {
     "seattle-temps": seattle_temps,
     "sf-temps": sf_temps,
@@ -114,6 +130,7 @@ DATASETS: dict[str, Callable[[], pd.DataFrame]] = {
     "sea-temp": sea_temp,
     "glucose": glucose,
     "co2": co2,
+    "taylor": taylor,
 }
 
 

@@ -128,5 +128,11 @@ def test_bundled_real_datasets_and_export(tmp_path: Path) -> None:
     c = load_data(DataSettings("dataset://co2"))
     assert c.report.accepted == 2225 and c.report.rejected == {"non_finite": 59}
     assert float(np.median(np.diff(c.frame["ts"]))) == 7 * 86400.0
+    # Half-hourly demand, 12 whole weeks from a Monday midnight UK summer time (23:00 UTC), no gap.
+    t = load_data(DataSettings("dataset://taylor"))
+    assert t.report.accepted == 12 * 336 and not t.report.rejected
+    assert set(np.diff(t.frame["ts"])) == {1800.0}
+    first = pd.Timestamp(t.frame["ts"].iloc[0], unit="s", tz="UTC").tz_convert("Europe/London")
+    assert (first.day_name(), first.hour, first.minute) == ("Monday", 0, 0)
     with pytest.raises(ConfigError, match="unknown data set"):
         datasets.load_dataset("nope")
