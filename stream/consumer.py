@@ -14,6 +14,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from stream.budget import LatencyBudget
 from stream.errors import KafkaUnavailableError
 from stream.settings import BatchSettings, KafkaSettings
 
@@ -22,27 +23,43 @@ Batch = dict[TopicPartition, list[Any]]
 
 class Batcher:
     """Micro-batches from a consumer (as Triton's dynamic batcher): a batch closes when it holds
-    ``max_batch`` records or ``max_delay`` seconds after its first record arrived. Records of a
-    partition stay in offset order."""
+    ``limit`` records or ``wait`` seconds after its first record arrived. Records of a partition
+    stay in offset order.
+
+    ``limit`` and ``wait`` come from ``budget`` (:class:`stream.budget.LatencyBudget`, built from
+    the settings when not given): ``max_batch`` and ``max_delay`` without a latency budget, at
+    most those with one. Each fetch tells the budget whether records were waiting (its first read
+    alone filled the limit) and how long its oldest record had waited: its backlog evidence.
+    """
 
     def __init__(
-        self, consumer: AIOKafkaConsumer, settings: BatchSettings, poll: float = 0.2
+        self,
+        consumer: AIOKafkaConsumer,
+        settings: BatchSettings,
+        poll: float = 0.2,
+        budget: LatencyBudget | None = None,
     ) -> None:
         self.consumer = consumer
         self.settings = settings
         self.poll = poll
+        self.budget = budget or LatencyBudget(
+            settings.latency_budget, settings.max_batch, settings.max_delay
+        )
+        self.limit = settings.max_batch  # the limit of the latest fetch (the batch-limit gauge)
 
     async def next(self, max_delay: float | None = None) -> Batch:
         """The next batch; empty after ``poll`` seconds without records. ``max_delay`` overrides
-        the configured one for this batch (0: take what the first fetch returns)."""
-        limit = self.settings.max_batch
+        the planned fill wait for this batch (0: take what the first fetch returns)."""
+        plan = self.budget.plan(time.monotonic())
+        limit = self.limit = plan.limit
         batch: Batch = await self.consumer.getmany(
             timeout_ms=int(self.poll * 1000), max_records=limit
         )
         n = sum(len(v) for v in batch.values())
         if n == 0:
             return {}
-        delay = self.settings.max_delay if max_delay is None else max_delay
+        full = n >= limit
+        delay = plan.wait if max_delay is None else max_delay
         deadline = time.monotonic() + delay
         while n < limit:
             remaining = deadline - time.monotonic()
@@ -56,7 +73,16 @@ class Batcher:
             for tp, recs in more.items():
                 batch.setdefault(tp, []).extend(recs)
                 n += len(recs)
+        self.budget.fetched(full=full, age=oldest_age(batch, time.time()))
         return batch
+
+
+def oldest_age(batch: Batch, now: float) -> float | None:
+    """Seconds between the oldest Kafka record timestamp of ``batch`` (the first record of each
+    partition) and ``now`` (wall clock); None when no record carries a timestamp."""
+    stamps = [recs[0].timestamp for recs in batch.values() if recs]
+    stamps = [t for t in stamps if t is not None and t > 0]
+    return now - min(stamps) / 1000.0 if stamps else None
 
 
 async def offset_bounds(

@@ -34,6 +34,16 @@ How the guarantees of docs/design.md are kept on top of Faust:
   does not let an agent do).
 
 Guarantees Faust cannot keep are refused at startup (:func:`check_supported`), never weakened.
+
+**The latency budget is not applied** (``--latency-budget-ms``, :mod:`stream.budget`): batches
+are always ``--max-batch`` events or ``--max-delay-ms``, and ``eventcast_batch_limit`` stays at
+``--max-batch``. Faust's ``Stream.take_events(max_, within)`` fixes both when the agent starts
+(they are locals of the one generator the agent iterates for its whole life), and the same
+generator acknowledges each batch's events when the agent's loop body returns, which is what
+"commit last" above rests on. Sizing batches one by one would mean replacing ``take_events``
+with our own buffering and acknowledgement of Faust's events: the part of the consumer this
+engine leaves to Faust. The flag is accepted (it is on by default) and the start-up line says
+that it is not applied.
 """
 
 from __future__ import annotations
@@ -216,11 +226,13 @@ class FaustEngine:
         if s.gc_freeze:
             freeze_startup_objects()
         conf = self.app.conf
+        self.metrics.batch_limit.set(s.batch.max_batch)  # take_events' fixed size (see above)
         log.info(
             "batching: max_batch=%d max_delay_ms=%g queue_size=%d infer_batch=%d "
-            "(faust: broker_max_poll_records %d, stream buffer %d)",
+            "latency_budget_ms=%g (faust: broker_max_poll_records %d, stream buffer %d; "
+            "the latency budget is not applied: take_events(max_batch, within=max_delay))",
             s.batch.max_batch, s.batch.max_delay * 1000, s.batch.queue_size,
-            core.runner.cpu_chunk if core.runner else -1,
+            core.runner.cpu_chunk if core.runner else -1, s.batch.latency_budget_ms,
             conf.broker_max_poll_records, conf.stream_buffer_maxsize,
         )  # fmt: skip
         log.info(

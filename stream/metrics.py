@@ -60,6 +60,12 @@ class Metrics:
         self.batch_size = Histogram(
             "eventcast_batch_size", "Records per batch", buckets=_BATCH_BUCKETS, registry=r
         )
+        self.batch_limit = Gauge(
+            "eventcast_batch_limit",
+            "Most records the batcher takes into its next batch: --max-batch, or fewer under "
+            "--latency-budget-ms (native engine)",
+            registry=r,
+        )  # fmt: skip
         self.stage = Histogram(
             "eventcast_stage_seconds", "Time per batch stage", ["stage"],
             buckets=_LATENCY_BUCKETS, registry=r,

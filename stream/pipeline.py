@@ -11,6 +11,13 @@ published and committed. Every stage takes batches in fetch order, so per-partit
 commit-last hold. When the inference queue is full, fetching stops (aiokafka keeps at most one
 prefetched response per partition), so memory stays bounded.
 
+Each batch carries a :class:`~stream.budget.Ticket` of the batcher's latency budget through the
+stages: the pipeline times the batch's own work in each stage (prepare, infer, complete; not the
+waits in the queues between them, which depend on the batches ahead, not on this one's size) and
+hands the sum to the budget when the batch is completed, as a measurement of what a batch of its
+size costs (:mod:`stream.budget`). The budget also sees which batches are still in flight, to
+estimate how long a new batch will wait behind them.
+
 - :class:`InflightSlots` counts the batches between fetch and completion. A batch takes a
   :class:`Slot` when it is fetched and gives it back when it is completed, or when it is dropped
   on the way, in one ``with`` each.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -182,6 +190,8 @@ class Pipeline:
         self.rewind = rewind
         self.between_batches = between_batches
         self.stopping = stopping
+        self.budget = batcher.budget
+        metrics.batch_limit.set(batcher.limit)
 
     async def run(self) -> None:
         """Run the stages until ``stopping`` is set; the batches in flight are finished first.
@@ -209,7 +219,8 @@ class Pipeline:
                 self.swap_model()  # idle: no inference in flight (else the infer stage)
             await self.rewind({})
             # Dynamic batching: while the model is busy, records pile up into the next batch
-            # (up to max_batch / max_delay); when it is idle, waiting would only add latency.
+            # (up to the batcher's limit and fill wait: max_batch / max_delay, or less under the
+            # latency budget); when it is idle, waiting would only add latency.
             try:
                 batch = await self.batcher.next(None if len(self.slots) else 0.0)
             except KafkaError as exc:
@@ -220,29 +231,44 @@ class Pipeline:
                 await asyncio.sleep(1.0)
                 continue
             self.fetch_clock.beat()
+            self.metrics.batch_limit.set(self.batcher.limit)
             await self.gate.wait_open()  # a rebalance is waiting for the batches in flight
             if any(batch.values()):
+                rows = sum(len(recs) for recs in batch.values())
                 with self.slots.take() as slot:
+                    ticket = self.budget.begin(rows, time.monotonic())
                     async with self.gate.batch_lock:
                         # Partitions reset by a later stage while these records were fetched:
                         # the records predate the rewind and are read again.
                         await self.rewind(batch)
+                        ticket.rows = sum(len(recs) for recs in batch.values())
+                        t0 = time.perf_counter()
                         prep = await self.steps.prepare(batch)
-                    if prep is not None:
+                        ticket.service += time.perf_counter() - t0
+                    if prep is None:
+                        self.budget.forget(ticket)
+                    else:
                         prep.slot = slot.hand_over()
-                        await out.put(prep)
+                        await out.put((prep, ticket))
             await self.between_batches()
         await out.put(None)
 
     async def _infer(self, inp: asyncio.Queue[Any], out: asyncio.Queue[Any]) -> None:
-        while (prep := await inp.get()) is not None:
+        while (item := await inp.get()) is not None:
+            prep, ticket = item
             self.swap_model()  # between batches: a batch never mixes versions
+            t0 = time.perf_counter()
             await self.steps.infer(prep)
-            await out.put(prep)
+            ticket.service += time.perf_counter() - t0
+            await out.put(item)
         await out.put(None)
 
     async def _finish(self, inp: asyncio.Queue[Any]) -> None:
-        while (prep := await inp.get()) is not None:
+        while (item := await inp.get()) is not None:
+            prep, ticket = item
             with prep.slot:
                 async with self.gate.batch_lock:
+                    t0 = time.perf_counter()
                     await self.steps.complete(prep)
+                    ticket.service += time.perf_counter() - t0
+                self.budget.finish(ticket, time.monotonic())

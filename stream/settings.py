@@ -218,17 +218,38 @@ class BatchSettings(Settings):
     first event; at most ``queue_size`` fetched batches wait for inference before fetching
     pauses. On the CPU the model runs on chunks of at most ``infer_batch`` windows (small batches
     keep the recurrent state in the cache: faster per window than one large call); on a GPU the
-    whole batch goes in one call."""
+    whole batch goes in one call.
+
+    ``latency_budget_ms`` (native engine; :mod:`stream.budget`): the batcher sizes each batch
+    from the measured fixed and per-record costs of a batch so that an event's expected time
+    from fetch to publish stays within it, below ``max_batch`` (a hard cap) and with a fill wait
+    below ``max_delay_ms``; under backlog it grows batches back towards ``max_batch``. 0 turns it
+    off. The default, 100 ms, is the design's p99 event-to-forecast target for the seed-size
+    model (docs/design.md); docs/benchmarks.md's stage means put a batch at about 15 ms plus
+    0.7 ms per record for that model (0.25 ms for the small one) on 2 cores, so 100 ms leaves
+    room for about 120 (340) records a batch, more than the default model's batches at half
+    capacity (docs/operations.md, "Batching and the latency budget")."""
 
     max_batch: PositiveInt = 2048
     max_delay_ms: NonNegativeFloat = 20.0
     queue_size: PositiveInt = 2
     infer_batch: PositiveInt = Field(256, description="most windows per model call on the CPU")
+    latency_budget_ms: NonNegativeFloat = Field(
+        100.0,
+        description="the batcher sizes batches from their measured costs to keep an event's "
+        "fetch-to-publish time within this (never above --max-batch or --max-delay-ms; grows "
+        "them again under backlog); 0: off (native engine only)",
+    )
 
     @property
     def max_delay(self) -> float:
         """``max_delay_ms`` in seconds."""
         return self.max_delay_ms / 1000.0
+
+    @property
+    def latency_budget(self) -> float | None:
+        """``latency_budget_ms`` in seconds; None when off (0)."""
+        return self.latency_budget_ms / 1000.0 if self.latency_budget_ms > 0 else None
 
     @cached_property
     def batch(self) -> BatchSettings:

@@ -245,8 +245,10 @@ class Worker:
             freeze_startup_objects()
         b = self.pipeline.batcher.settings
         log.info(
-            "batching: max_batch=%d max_delay_ms=%g queue_size=%d infer_batch=%d",
+            "batching: max_batch=%d max_delay_ms=%g queue_size=%d infer_batch=%d "
+            "latency_budget_ms=%g",
             b.max_batch, b.max_delay * 1000, self.pipeline.queue_size, self._serving().cpu_chunk,
+            b.latency_budget_ms,
         )  # fmt: skip
         log.info(
             "worker started: %s -> %s (group %s, model %s, %s, %s)", s.input_topic,
