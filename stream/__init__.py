@@ -8,6 +8,8 @@ batch flows"):
 - ``pipeline``     — the three concurrent stages, in-flight slots, the rebalance gate;
 - ``consumer``     — the micro-batcher, and bounded offset-range reads (``read_ranges``: the
   rebuild replayer, the trainer's ``kafka://`` replay, ``dlq replay``, ``worker plot``);
+- ``budget``       — the latency budget: what a batch costs (learnt online) and how large the next
+  one may be so that a record's fetch → publish time stays within ``--latency-budget-ms``;
 - ``batch``        — one batch: prepare → infer → complete;
 - ``partitions``   — the assigned partitions' state: load, reset, persist, revoke; ``rebuild``
   restores stored windows and rebuilds lost ones exactly from the input topic;
@@ -15,6 +17,8 @@ batch flows"):
 - ``rings``        — the ring buffers under the windows, and the blob Redis stores per series;
 - ``decode``       — one record → ``Event`` or ``Rejection`` (the contract's reasons; total);
 - ``inference``    — the model on a batch of windows, in a thread;
+- ``calibration``  — online interval calibration: per series, side, level and step, a factor on
+  the model's half-widths, learnt from each forecast's realised error, stored with the windows;
 - ``publisher``    — forecast and dead-letter encoding, idempotent and transactional producers;
 - ``delivery``     — at-least-once and exactly-once: publish, persist, commit;
 - ``store``        — the Redis layout and the fenced atomic write;
