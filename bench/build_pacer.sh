@@ -7,8 +7,8 @@
 # is ever committed. It needs a C compiler and librdkafka's headers (Debian: gcc, librdkafka-dev);
 # when they are missing and this runs as root on a machine with apt-get, they are installed, as
 # deploy/setup_env.sh does for redis-server and kcat (only the bench and its test need them, so
-# setup_env, and with it `make test`'s set-up, does not). Exit 2 with a message when they are
-# missing and cannot be installed.
+# setup_env, and with it `make test`'s set-up, does not). Exit 2, with a message starting
+# "missing", when they are missing and cannot be installed; any other failure is a build error.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -36,8 +36,11 @@ fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     log "installing ${need_apt[*]} from Debian packages"
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >&2
+    if ! { apt-get update -qq >&2 &&
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >&2; }; then
+      log "missing ${need_apt[*]}, and apt-get could not install them"
+      exit 2
+    fi
   else
     log "missing ${need_apt[*]}: install them with your package manager" \
         "(Debian: apt-get install ${need_apt[*]})"

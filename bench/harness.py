@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,6 +147,84 @@ def kcat_produce(bootstrap: str, topic: str, path: Path, timeout: float = 600) -
     return time.perf_counter() - t0
 
 
+# ---- the paced producer (bench/pacer.c) ----------------------------------------------------------
+
+PACER_BUILD = REPO / "bench" / "build_pacer.sh"
+# One record per acknowledged event in the pacer's --deliveries file: where it landed and its
+# CreateTime as the broker stored it (three little-endian int64).
+DELIVERY = np.dtype([("partition", "<i8"), ("offset", "<i8"), ("create_ms", "<i8")])
+
+
+class PacerUnavailable(RuntimeError):
+    """No C compiler or librdkafka headers, and bench/build_pacer.sh could not install them."""
+
+
+def build_pacer() -> Path:
+    """The pacer binary, built by bench/build_pacer.sh into the cache (reused while its source is
+    unchanged; apt-get installs a C compiler and librdkafka-dev when root and missing)."""
+    r = subprocess.run(
+        ["bash", str(PACER_BUILD)], capture_output=True, text=True, timeout=900, check=False
+    )
+    if r.returncode == 2:
+        raise PacerUnavailable(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "")
+    if r.returncode != 0 or not r.stdout.strip():
+        raise RuntimeError(f"bench/build_pacer.sh failed (exit {r.returncode}):\n{r.stderr}")
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+def pacer_argv(
+    binary: Path,
+    bootstrap: str,
+    topic: str,
+    *,
+    series: int,
+    rate: float = 0.0,
+    duration: float = 0.0,
+    warmup: int = 0,
+    deliveries: Path | None = None,
+    cpus: str | None = None,
+) -> list[str]:
+    """Command line of one pacer run: ``rate`` events/s for ``duration`` s, or with ``warmup``
+    that many points per series, unpaced; ``cpus`` pins it (taskset)."""
+    argv = [str(binary), "-b", bootstrap, "-t", topic, "-s", str(series)]
+    if warmup:
+        argv += ["--warmup", str(warmup)]
+    else:
+        argv += ["-r", f"{rate:.3f}", "-d", f"{duration:.3f}"]
+    if deliveries is not None:
+        argv += ["--deliveries", str(deliveries)]
+    return (["taskset", "-c", cpus] if cpus else []) + argv
+
+
+def read_deliveries(path: Path) -> np.ndarray:
+    """The pacer's delivery records (structured array: partition, offset, create_ms)."""
+    return np.fromfile(path, dtype=DELIVERY)
+
+
+# ---- CPU pinning ---------------------------------------------------------------------------------
+
+
+def can_pin(cpus: set[int]) -> str | None:
+    """Why pinning to ``cpus`` is impossible here, or None when taskset exists and they are ours."""
+    if shutil.which("taskset") is None:
+        return "taskset not found (util-linux)"
+    missing = cpus - os.sched_getaffinity(0)
+    return f"CPU(s) {sorted(missing)} not available to this process" if missing else None
+
+
+def affinity(pid: int) -> str:
+    """The CPU list a process may run on now (its main thread's), as taskset writes it."""
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(pid)))
+
+
+def pin(pid: int, cpus: str) -> None:
+    """Pin every thread of a running process to ``cpus`` (``taskset -a -p``); threads it starts
+    later inherit the affinity of the thread that starts them, so the whole process stays there."""
+    subprocess.run(
+        ["taskset", "-a", "-p", "-c", cpus, str(pid)], check=True, capture_output=True, timeout=10
+    )
+
+
 # ---- reading what the topics say -----------------------------------------------------------------
 
 
@@ -186,6 +265,117 @@ async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
 
 def total(offsets: dict[int, int]) -> int:
     return sum(offsets.values())
+
+
+class LagProbe:
+    """Consumer lag of a group on one topic (sum over partitions of end offset − committed
+    offset; a partition without a commit counts from 0), with one consumer and one admin client
+    kept open, so sampling it every second is cheap."""
+
+    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
+        self.bootstrap, self.topic, self.group = bootstrap, topic, group
+        self._consumer: Any = None
+        self._admin: Any = None
+        self._tps: list[Any] = []
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False
+        )
+        await self._consumer.start()
+        await self._consumer._client.force_metadata_update()
+        parts = self._consumer.partitions_for_topic(self.topic) or set()
+        self._tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await self._admin.start()
+
+    async def lag(self) -> int | None:
+        """Events not yet committed by the group; None when the coordinator did not answer."""
+        from aiokafka.errors import KafkaError
+
+        ends = await self._consumer.end_offsets(self._tps)
+        try:
+            got = await self._admin.list_consumer_group_offsets(self.group)
+        except KafkaError:
+            return None
+        done = {tp.partition: m.offset for tp, m in got.items() if tp.topic == self.topic}
+        return sum(max(0, end - max(0, done.get(tp.partition, 0))) for tp, end in ends.items())
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._consumer.stop()
+        with contextlib.suppress(Exception):
+            await self._admin.close()
+
+
+class ForecastReader:
+    """Reads a forecast topic from its beginning for as long as it runs (one consumer, no group).
+
+    It counts every forecast; while ``recording`` it also notes, per forecast, when it arrived
+    (``time.time()`` when the fetch returned: the same machine's clock as the input records'
+    CreateTime) under the key of its input record, ``source`` partition and offset (the first
+    arrival of a repeated forecast counts), and the highest source offset seen per partition.
+    ``read_committed`` for exactly-once workers: their forecasts become visible at the
+    transaction's commit, and that is when a consumer gets them."""
+
+    def __init__(self, bootstrap: str, topic: str, *, read_committed: bool = False) -> None:
+        self.bootstrap, self.topic, self.read_committed = bootstrap, topic, read_committed
+        self.seen = 0
+        self.recording = False
+        self.arrivals: dict[int, float] = {}  # (partition << 40) | offset → arrival, epoch s
+        self.high: dict[int, int] = {}  # source partition → highest offset recorded
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    @staticmethod
+    def key(partition: Any, offset: Any) -> Any:
+        return (partition << 40) | offset
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20,
+            isolation_level="read_committed" if self.read_committed else "read_uncommitted",
+        )  # fmt: skip
+        await consumer.start()
+        try:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(self.topic) or set()
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            while not self._stop.is_set():
+                got = await consumer.getmany(timeout_ms=100, max_records=10000)
+                now = time.time()
+                for recs in got.values():
+                    self.seen += len(recs)
+                    if not self.recording:
+                        continue
+                    for r in recs:
+                        src = orjson.loads(r.value)["source"]
+                        p, o = src["partition"], src["offset"]
+                        self.arrivals.setdefault((p << 40) | o, now)
+                        if o > self.high.get(p, -1):
+                            self.high[p] = o
+        finally:
+            await consumer.stop()
+
+    def clear(self) -> None:
+        self.arrivals.clear()
+        self.high.clear()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
 
 
 # ---- worker processes ----------------------------------------------------------------------------
