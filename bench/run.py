@@ -13,11 +13,18 @@ Starts a private Kafka + Redis on free ports, writes the default (hidden 256, 3 
    ``latest``, the naive per-event worker and the faust engine;
 3. latency: an open-loop producer at half of the measured capacity stamping each event with its
    send time as ``ts``, and a consumer of the forecast topic (latency = arrival − ``ts``);
-4. soak: the same at half capacity for ``--soak`` seconds, worker RSS and latency over time.
+4. latency curve: bench/pacer.c (a compiled open-loop producer on librdkafka, built on demand by
+   bench/build_pacer.sh) drives a worker at its batcher defaults; capacity = the highest fixed
+   rate it holds for ``--curve-hold`` s with bounded lag, the pacer running; then p50/p95/p99/
+   p99.9 at 10, 25, 50, 75 and 90 % of it, latency = forecast arrival at the bench's consumer −
+   the input record's CreateTime, joined through the forecast's ``source`` (partition, offset);
+   per model, at_least_once, exactly_once, and pinned (worker on one core, the rest on another);
+5. soak: the same as 3. at half capacity for ``--soak`` seconds, worker RSS and latency over time.
 
 Every phase is bounded in time; everything it started is stopped at the end.
 
-    python -m bench.run [--quick] [--soak 600] [--only ceilings,drain,latency,soak] [--json F]
+    python -m bench.run [--quick] [--soak 600] [--only ceilings,drain,latency,curve,soak]
+                        [--json F]
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +50,13 @@ from bench.harness import (
     PARTITIONS,
     REPO,
     BenchStack,
+    ForecastReader,
+    LagProbe,
     Proc,
+    affinity,
     backlog_file,
+    build_pacer,
+    can_pin,
     committed,
     dumps,
     end_offsets,
@@ -51,7 +64,10 @@ from bench.harness import (
     free_port,
     kcat_produce,
     loadavg,
+    pacer_argv,
     percentiles,
+    pin,
+    read_deliveries,
     rss_bytes,
     series_name,
     stage_means,
@@ -63,6 +79,23 @@ from bench.harness import (
 )
 
 BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8")
+GUARANTEES = ("at_least_once", "exactly_once")
+WARM_POINTS = 48  # the worker forecasts a series once it holds this many points
+
+
+@dataclass
+class CurveRun:
+    """What one latency curve's steps share: its worker, the forecast reader and the lag probe on
+    its topics, and where the pacer runs (``pacer_cpus``: the rest of the stack's core when
+    pinned)."""
+
+    label: str
+    pacer: Path  # the pacer binary
+    topic: str
+    proc: Proc
+    reader: ForecastReader
+    probe: LagProbe
+    pacer_cpus: str | None
 
 
 class Bench:
@@ -85,12 +118,15 @@ class Bench:
 
     # ---- setup ---------------------------------------------------------------------------------
 
-    def setup(self) -> None:
+    def setup(self, backlog: bool = True) -> None:
+        """Stack and models; the backlog topic only when a phase reads it (ceilings, drains)."""
         a = self.args
         self.say(f"# stack in {self.root}")
         self.stack = BenchStack.start(self.root)
         for name in ("default", "small"):
             self.models[name] = write_model(self.root, name)
+        if not backlog:
+            return
         self.stack.topics({self.backlog: PARTITIONS})
         path = self.root / "backlog.tsv"
         self.backlog_events = backlog_file(path, a.series, a.backlog // a.series)
@@ -492,6 +528,331 @@ class Bench:
             )
         self.results["soak"] = r
 
+    # ---- latency curve (paced producer, latency from the input record's CreateTime) ------------
+
+    async def _run_pacer(self, argv: list[str], timeout: float, tick: Any = None) -> dict[str, Any]:
+        """Run the pacer to its end, calling ``tick()`` about once a second meanwhile; its
+        one-line JSON summary, with ``exit``."""
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        comm = asyncio.ensure_future(proc.communicate())
+        deadline = time.monotonic() + timeout
+        try:
+            while not comm.done():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"pacer ran past {timeout:.0f} s: {' '.join(argv)}")
+                if tick is not None:
+                    await tick()
+                await asyncio.wait({comm}, timeout=1.0)
+        finally:
+            if not comm.done():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await comm
+        out, err = comm.result()
+        lines = out.decode().strip().splitlines()
+        if not lines:
+            raise RuntimeError(
+                f"pacer: no summary (exit {proc.returncode}):\n{err.decode()[-2000:]}"
+            )
+        summary: dict[str, Any] = orjson.loads(lines[-1])
+        summary["exit"] = proc.returncode
+        if proc.returncode:
+            summary["stderr"] = err.decode()[-2000:]
+        return summary
+
+    async def _wait_drained(self, run: CurveRun, timeout: float) -> int | None:
+        """Wait until the worker's group has committed everything produced (lag 0); the lag
+        left when ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        lag: int | None = None
+        while time.monotonic() < deadline:
+            if not run.proc.alive():
+                raise RuntimeError(f"{run.label}: worker exited:\n{run.proc.tail()}")
+            lag = await run.probe.lag()
+            if lag == 0:
+                return 0
+            await asyncio.sleep(0.5)
+        return lag
+
+    async def _hold(self, run: CurveRun, rate: float) -> dict[str, Any]:
+        """One capacity step: the pacer at ``rate`` for ``--curve-hold`` s, the group's lag
+        sampled every second. Held: the pacer kept its rate (achieved ≥ 97 %), every acknowledged,
+        and the lag over the last third of the hold (and just after it) stayed within
+        ``--lag-bound-s`` seconds of input."""
+        a = self.args
+        lags: list[tuple[float, int]] = []
+        t0 = time.monotonic()
+
+        async def tick() -> None:
+            if not run.proc.alive():
+                raise RuntimeError(f"{run.label}: worker exited:\n{run.proc.tail()}")
+            lag = await run.probe.lag()
+            if lag is not None:
+                lags.append((time.monotonic() - t0, lag))
+
+        argv = pacer_argv(
+            run.pacer, self.stack.bootstrap, run.topic, series=a.latency_series,  # type: ignore[union-attr]
+            rate=rate, duration=a.curve_hold, cpus=run.pacer_cpus,
+        )  # fmt: skip
+        summary = await self._run_pacer(argv, a.curve_hold + 120, tick)
+        await tick()  # the lag once the last event was acknowledged
+        tail = [lag for t, lag in lags if t >= a.curve_hold * 2 / 3]
+        bound = max(rate * a.lag_bound_s, 200.0)
+        held = (
+            summary["exit"] == 0
+            and summary["achieved_rate"] >= 0.97 * rate
+            and bool(tail)
+            and max(tail) <= bound
+        )
+        return {
+            "rate": rate, "held": held, "lag_end": lags[-1][1] if lags else None,
+            "lag_tail_max": max(tail) if tail else None, "lag_bound": bound, "lags": lags,
+            "pacer": summary, "load": loadavg(),
+        }  # fmt: skip
+
+    async def _capacity(self, run: CurveRun, guess: float) -> tuple[float, list[dict[str, Any]]]:
+        """The highest fixed rate held (``_hold``), searched from 70 % of ``guess``: up by 1.3×
+        until a step fails, down by 0.6× until one holds, then halving the interval; at most
+        ``--curve-steps`` steps (3 more while none held), stopping once the interval is within
+        8 %. Between steps the worker drains what it is behind."""
+        a = self.args
+        lo, hi = 0.0, float("inf")
+        rate = _round_rate(0.7 * guess)
+        steps: list[dict[str, Any]] = []
+        self.say(
+            f"| {run.label}: rate events/s | held | lag at end | max lag, last third (bound) "
+            "| pacer achieved/s | late sends | max late ms | load avg |"
+        )
+        self.say("|---|---|---:|---:|---:|---:|---:|---|")
+        while len(steps) < a.curve_steps or (lo == 0 and len(steps) < a.curve_steps + 3):
+            r = await self._hold(run, rate)
+            steps.append(r)
+            p = r["pacer"]
+            self.say(
+                f"| {rate:,.0f} | {'yes' if r['held'] else 'no'} | {_num(r['lag_end'])} | "
+                f"{_num(r['lag_tail_max'])} ({r['lag_bound']:,.0f}) | {p['achieved_rate']:,.0f} | "
+                f"{p['late']:,} | {p['max_late_ms']:.1f} | {r['load']} |"
+            )
+            if r["held"]:
+                lo = rate
+            else:
+                hi = rate
+            r["lag_after_drain"] = await self._wait_drained(run, max(30.0, 2 * a.curve_hold))
+            if hi == float("inf"):
+                rate = _round_rate(rate * 1.3)
+            elif lo == 0:
+                rate = _round_rate(rate * 0.6)
+            elif hi / lo <= 1.08:
+                break
+            else:
+                rate = _round_rate((lo + hi) / 2)
+        if lo == 0:
+            raise RuntimeError(f"{run.label}: no rate held down to {rate:,.0f} events/s")
+        return lo, steps
+
+    async def _point(self, run: CurveRun, pct: float, rate: float) -> dict[str, Any]:
+        """One point of the curve: the pacer at ``rate`` for ``--curve-duration`` s writing its
+        delivery records; each record joined to its forecast through ``source`` (partition,
+        offset); latency = forecast arrival at the reader − the record's CreateTime (the pacer's
+        wall clock at the send; the reader's ``time.time()``: one clock, one machine). Records
+        of the first ``--curve-skip`` s are not counted."""
+        a = self.args
+        deliveries = self.root / f"{unique('deliveries')}.bin"
+        run.reader.clear()
+        run.reader.recording = True
+
+        async def tick() -> None:
+            if not run.proc.alive():
+                raise RuntimeError(f"{run.label}: worker exited:\n{run.proc.tail()}")
+
+        argv = pacer_argv(
+            run.pacer, self.stack.bootstrap, run.topic, series=a.latency_series,  # type: ignore[union-attr]
+            rate=rate, duration=a.curve_duration, deliveries=deliveries, cpus=run.pacer_cpus,
+        )  # fmt: skip
+        try:
+            summary = await self._run_pacer(argv, a.curve_duration + 120, tick)
+            d = read_deliveries(deliveries)
+        finally:
+            deliveries.unlink(missing_ok=True)
+        # Every partition's newest record of this run forecast (per partition the forecasts
+        # come in input order), bounded; then a moment for the other output partitions.
+        newest: dict[int, int] = {}
+        for p, o in zip(d["partition"].tolist(), d["offset"].tolist(), strict=True):
+            newest[p] = max(o, newest.get(p, -1))
+        deadline = time.monotonic() + max(30.0, a.curve_duration)
+        while time.monotonic() < deadline and any(
+            run.reader.high.get(p, -1) < o for p, o in newest.items()
+        ):
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
+        run.reader.recording = False
+        counted = d[d["create_ms"] >= d["create_ms"].min() + a.curve_skip * 1000] if len(d) else d
+        keys = ForecastReader.key(counted["partition"], counted["offset"]).tolist()
+        arrivals = run.reader.arrivals
+        lat = [
+            arrivals[k] - c / 1000.0
+            for k, c in zip(keys, counted["create_ms"].tolist(), strict=True)
+            if k in arrivals
+        ]
+        qs = [x * 1000 for x in percentiles(lat, (50, 95, 99, 99.9))]
+        run.reader.clear()
+        return {
+            "pct": pct, "rate": rate, "sent": summary["sent"], "counted": len(counted),
+            "joined": len(lat), "p50_ms": qs[0], "p95_ms": qs[1], "p99_ms": qs[2],
+            "p99_9_ms": qs[3], "max_ms": max(lat) * 1000 if lat else float("nan"),
+            "pacer": summary, "load": loadavg(),
+        }  # fmt: skip
+
+    async def _curve(
+        self, model: str, guarantee: str, pinned: bool, guess: float, label: str, pacer: Path
+    ) -> dict[str, Any]:
+        """One curve: a worker on fresh topics (batcher defaults), warmed by the pacer; capacity
+        searched with the pacer running; then the points at ``--curve-points`` % of it."""
+        a = self.args
+        st = self.stack
+        assert st is not None
+        topic, out, group, db = unique("cin"), unique("cfc"), unique("g"), self.next_db()
+        await asyncio.to_thread(st.topics, {topic: PARTITIONS, out: PARTITIONS, f"{out}.dlq": 1})
+        flush_db(st, db)
+        argv = worker_argv(
+            st, self.models[model], input_topic=topic, output_topic=out, group=group, db=db,
+            backend=a.backend, threads=1 if pinned else a.threads,
+            extra=("--guarantee", guarantee),
+        )  # fmt: skip
+        restore: dict[int, str] = {}
+        if pinned:
+            argv = ["taskset", "-c", a.pin_worker, *argv]
+            # The rest of the stack on the other core: every thread of the broker's JVM, Redis,
+            # and this process (the forecast reader and the lag probe); the pacer starts there.
+            for pid in (st.kafka.pid(), st.redis.pid(), os.getpid()):
+                if pid is not None:
+                    restore[pid] = affinity(pid)
+                    pin(pid, a.pin_rest)
+        name = label.replace(" ", "_")
+        proc = Proc(argv, self.root / f"curve-{name}.log")
+        reader = ForecastReader(st.bootstrap, out, read_committed=guarantee == "exactly_once")
+        probe = LagProbe(st.bootstrap, topic, group)
+        run = CurveRun(label, pacer, topic, proc, reader, probe, a.pin_rest if pinned else None)
+        row: dict[str, Any] = {"label": label, "model": model, "guarantee": guarantee,
+                               "pinned": pinned, "search_from": guess}  # fmt: skip
+        try:
+            await reader.start()
+            await probe.start()
+            warm = pacer_argv(
+                run.pacer, st.bootstrap, topic, series=a.latency_series, warmup=WARM_POINTS,
+                cpus=run.pacer_cpus,
+            )  # fmt: skip
+            row["warmup"] = await self._run_pacer(warm, 120)
+            deadline = time.monotonic() + 240
+            while reader.seen < a.latency_series:  # each series' 48th point is forecast
+                if not proc.alive():
+                    raise RuntimeError(f"{label}: worker exited:\n{proc.tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{label}: warm-up forecasts missing:\n{proc.tail()}")
+                await asyncio.sleep(0.5)
+            await self._wait_drained(run, 60)
+            cap, steps = await self._capacity(run, guess)
+            row.update(capacity=cap, steps=steps)
+            self.say(f"\ncapacity: **{cap:,.0f} events/s** held {a.curve_hold:.0f} s\n")
+            self.say(
+                f"| {label}: % of capacity | events/s | p50 ms | p95 ms | p99 ms | p99.9 ms | "
+                "forecasts joined / counted | late sends | load avg |"
+            )
+            self.say("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            points = []
+            for pct in a.curve_points:
+                pt = await self._point(run, pct, _round_rate(cap * pct / 100))
+                points.append(pt)
+                self.say(
+                    f"| {pct:g} | {pt['rate']:,.0f} | {pt['p50_ms']:.1f} | {pt['p95_ms']:.1f} | "
+                    f"{pt['p99_ms']:.1f} | {pt['p99_9_ms']:.1f} | {pt['joined']:,} / "
+                    f"{pt['counted']:,} | {pt['pacer']['late']:,} | {pt['load']} |"
+                )
+            row["points"] = points
+        finally:
+            await reader.stop()
+            await probe.stop()
+            row["exit"] = await asyncio.to_thread(proc.stop)
+            for pid, cpus in restore.items():
+                with contextlib.suppress(Exception):
+                    pin(pid, cpus)
+        return row
+
+    def run_curve(self, pacer: Path) -> None:
+        a = self.args
+        drains = self.results.get("drain", {})
+        variants = [v for v in a.curve_variants.split(",") if v]
+        self.say(
+            f"\n## Latency curve (pacer: open loop on librdkafka, {a.latency_series} series, "
+            f"{a.backend}, batcher defaults; capacity = highest rate held {a.curve_hold:.0f} s "
+            f"with lag ≤ {a.lag_bound_s:g} s of input, the pacer running; points "
+            f"{a.curve_duration:.0f} s, first {a.curve_skip:.0f} s not counted; latency = forecast "
+            "arrival at the bench's consumer − input CreateTime, joined through source)"
+        )
+        if "pinned" in variants:
+            why = can_pin(_cpu_set(a.pin_worker) | _cpu_set(a.pin_rest))
+            if why:
+                self.say(f"pinned curves skipped: {why}")
+                variants.remove("pinned")
+            else:
+                self.say(
+                    f"pinned: worker `taskset -c {a.pin_worker}` with --threads 1; Kafka (every "
+                    f"JVM thread), Redis, the pacer and this process (forecast reader, lag probe) "
+                    f"on CPU {a.pin_rest}"
+                )
+        rows: dict[str, Any] = {}
+        for variant in variants:
+            guarantee = "at_least_once" if variant == "pinned" else variant
+            if guarantee not in GUARANTEES:
+                raise SystemExit(f"--curve-variants: unknown {variant!r}")
+            for model in a.curve_models.split(","):
+                label = f"{model} {a.backend} {guarantee}" + (
+                    " pinned" if variant == "pinned" else ""
+                )
+                drain = drains.get(f"{model} {a.backend} emit=every", {}).get("forecasts_per_s")
+                alo = rows.get(f"{model} {a.backend} at_least_once", {}).get("capacity")
+                guess = alo or drain or a.fallback_capacity[model]
+                if variant == "pinned":
+                    guess /= 2  # one core for the worker instead of two shared
+                self.say(f"\n### {label} (search from {guess:,.0f} events/s)")
+                try:
+                    rows[label] = asyncio.run(
+                        self._curve(model, guarantee, variant == "pinned", guess, label, pacer)
+                    )
+                except RuntimeError as exc:
+                    self.say(f"failed: {str(exc)[-1500:]}")
+                    rows[label] = {"error": str(exc)[-2000:]}
+                rows[label]["drain_forecasts_per_s"] = drain
+        self.say(f"\n| curve | capacity events/s (held {a.curve_hold:.0f} s) | drain forecasts/s |")
+        self.say("|---|---:|---:|")
+        for label, r in rows.items():
+            cap = f"{r['capacity']:,.0f}" if "capacity" in r else "failed"
+            drain = r.get("drain_forecasts_per_s")
+            self.say(f"| {label} | {cap} | {f'{drain:,.0f}' if drain else 'not run'} |")
+        self.results["curve"] = rows
+
+
+def _round_rate(x: float) -> float:
+    """Three significant digits: rates that read well in a table."""
+    if x <= 0:
+        return 0.0
+    return float(round(x, 2 - int(np.floor(np.log10(x)))))
+
+
+def _cpu_set(text: str) -> set[int]:
+    """A taskset CPU list ("1", "0,2", "2-3") as a set."""
+    out: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        out.update(range(int(first), int(last or first) + 1))
+    return out
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.0f}"
+
 
 def machine() -> str:
     import onnxruntime as ort
@@ -513,7 +874,7 @@ def machine() -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short runs for development")
-    ap.add_argument("--only", default="ceilings,drain,latency,soak")
+    ap.add_argument("--only", default="ceilings,drain,latency,curve,soak")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument(
         "--backend", default="onnx",
@@ -534,6 +895,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="MODEL=FORECASTS_PER_S,... used for latency/soak when this run has no drain of "
         "that model (e.g. default=723,small=6864 to repeat a run's half-capacity rates)",
     )  # fmt: skip
+    ap.add_argument("--curve-models", default="default,small")
+    ap.add_argument(
+        "--curve-variants", default="at_least_once,exactly_once,pinned",
+        help="latency curves to run: at_least_once, exactly_once, pinned (at_least_once, worker "
+        "on one core, the rest of the stack on another)",
+    )  # fmt: skip
+    ap.add_argument("--curve-hold", type=float, default=None, help="s per capacity step (60)")
+    ap.add_argument("--curve-steps", type=int, default=None, help="capacity steps (5)")
+    ap.add_argument("--curve-duration", type=float, default=None, help="s per curve point (30)")
+    ap.add_argument("--curve-skip", type=float, default=None, help="s not counted per point (5)")
+    ap.add_argument("--curve-points", default="10,25,50,75,90", help="%% of capacity")
+    ap.add_argument(
+        "--lag-bound-s", type=float, default=2.0,
+        help="a capacity step holds while the group's lag stays within this many seconds of input",
+    )  # fmt: skip
+    ap.add_argument(
+        "--pin-cores", default="0:1", help="pinned curves: WORKER_CPUS:REST_CPUS (taskset lists)"
+    )
     ap.add_argument("--no-faust", action="store_true")
     ap.add_argument("--drains", default="", help="comma-separated substrings: drains to run")
     ap.add_argument("--worker-flags", default="", help="extra flags of every worker drain")
@@ -558,6 +937,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.min_time = 0.5 if q else 1.5
     args.batches = (64, 256, 1024) if q else (64, 256, 512, 1024, 2048)
     args.io_count = 100_000 if q else 400_000
+    args.curve_hold = args.curve_hold or (15.0 if q else 60.0)
+    args.curve_steps = args.curve_steps or (3 if q else 5)
+    args.curve_duration = args.curve_duration or (10.0 if q else 30.0)
+    args.curve_skip = args.curve_skip if args.curve_skip is not None else (2.0 if q else 5.0)
+    args.curve_points = [float(x) for x in args.curve_points.split(",") if x]
+    args.pin_worker, _, args.pin_rest = args.pin_cores.partition(":")
+    if not args.pin_worker or not args.pin_rest:
+        ap.error("--pin-cores: WORKER_CPUS:REST_CPUS, e.g. 0:1")
     args.fallback_capacity = {"default": 1000.0, "small": 8000.0}
     for item in filter(None, args.capacity.split(",")):
         name, _, rate = item.partition("=")
@@ -576,16 +963,21 @@ def main(argv: list[str] | None = None) -> int:
     print("# eventcast benchmarks" + (" (--quick)" if args.quick else ""), flush=True)
     print(machine(), flush=True)
     t0 = time.monotonic()
+    # The pacer first (a compile, or apt-get when root and the compiler or librdkafka-dev is
+    # missing): a machine that cannot build it fails now, not after the other phases.
+    pacer = build_pacer() if "curve" in only else None
     with workdir(keep=args.keep) as root:
         b = Bench(args, root)
         try:
-            b.setup()
+            b.setup(backlog=bool(only & {"ceilings", "drain"}))
             if "ceilings" in only:
                 b.run_ceilings()
             if "drain" in only:
                 b.run_drains()
             if "latency" in only:
                 b.run_latency()
+            if pacer is not None:
+                b.run_curve(pacer)
             if "soak" in only:
                 b.run_soak()
         finally:
