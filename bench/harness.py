@@ -217,6 +217,15 @@ def affinity(pid: int) -> str:
     return ",".join(str(c) for c in sorted(os.sched_getaffinity(pid)))
 
 
+def thread_affinities(pid: int) -> str:
+    """The distinct CPU lists of every thread of a process ("1", or "0,1 1" when they differ)."""
+    seen: set[str] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread may end meanwhile
+            seen.add(affinity(int(task.name)))
+    return " ".join(sorted(seen))
+
+
 def pin(pid: int, cpus: str) -> None:
     """Pin every thread of a running process to ``cpus`` (``taskset -a -p``); threads it starts
     later inherit the affinity of the thread that starts them, so the whole process stays there."""

@@ -71,6 +71,7 @@ from bench.harness import (
     rss_bytes,
     series_name,
     stage_means,
+    thread_affinities,
     total,
     unique,
     workdir,
@@ -752,6 +753,14 @@ class Bench:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{label}: warm-up forecasts missing:\n{proc.tail()}")
                 await asyncio.sleep(0.5)
+            if pinned:  # what each process runs on, every thread, once the worker is up
+                row["affinity"] = {
+                    what: thread_affinities(pid)
+                    for what, pid in (("worker", proc.pid), ("kafka", st.kafka.pid()),
+                                      ("redis", st.redis.pid()), ("bench", os.getpid()))
+                    if pid is not None
+                }  # fmt: skip
+                self.say("CPUs: " + ", ".join(f"{k} {v}" for k, v in row["affinity"].items()))
             await self._wait_drained(run, 60)
             cap, steps = await self._capacity(run, guess)
             row.update(capacity=cap, steps=steps)
