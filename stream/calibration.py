@@ -156,10 +156,19 @@ class OnlineCalibrator:
         upper: np.ndarray,
     ) -> np.ndarray:
         """The log-factors (2, L, H) float32 for the forecast of the point at ``offset`` (the
-        model's
-        ``mean`` (H,) and its bounds ``lower``/``upper`` (L, H), levels in ``LEVELS`` order): the
-        series' current ones when the point is its newest (recorded with the published forecast,
-        now pending), the recorded ones when the forecast is repeated (a redelivered record)."""
+        model's ``mean`` (H,) and its bounds ``lower``/``upper`` (L, H), levels in ``LEVELS``
+        order): the series' current ones when the point is its newest (recorded with the
+        published forecast, now pending), the recorded ones when the forecast is repeated (a
+        redelivered record)."""
+        head = np.concatenate(
+            [mean[None], np.maximum(mean - lower, 0), np.maximum(upper - mean, 0)]
+        )
+        return self._calibrate(series_id, offset, head.astype(np.float32)).copy()
+
+    def _calibrate(self, series_id: str, offset: int, head: np.ndarray) -> np.ndarray:
+        """:meth:`calibrate` with the forecast as its pending row's head (1 + 2L, H): the mean,
+        then the model's lower and upper half-widths per level. Returns a view of the state:
+        read it, do not keep or change it."""
         s = self.series.get(series_id)
         if s is None:  # a forecast without its point observed: only after lost state
             s = self.series[series_id] = _Series(self.prior, self.horizon, self.capacity)
@@ -169,21 +178,19 @@ class OnlineCalibrator:
         if offset != s.last_off or s.hist_off[slot] == offset:  # a repeated forecast
             hit = np.flatnonzero(s.hist_off == offset)
             if hit.size:
-                return s.hist[hit[0]].copy()
+                return s.hist[hit[0]]
             self.history_misses += 1  # its factors are no longer kept: the current ones
-            return s.theta.copy()
-        theta = s.theta.copy()
+            return s.theta
         s.hist_off[slot] = offset
-        s.hist[slot] = theta
+        kept = s.hist[slot]
+        kept[...] = s.theta
         pslot = index % self.horizon
         s.pend_at[pslot] = index
         p = s.pend[pslot]
-        p[0] = mean
-        p[1 : 1 + _L] = np.maximum(mean - lower, 0)
-        p[1 + _L : 1 + 2 * _L] = np.maximum(upper - mean, 0)
-        p[1 + 2 * _L :] = theta.reshape(2 * _L, -1)
+        p[: 1 + 2 * _L] = head
+        p[1 + 2 * _L :] = kept.reshape(2 * _L, -1)
         self._dirty.add(series_id)
-        return theta
+        return kept
 
     def calibrate_batch(
         self,
@@ -198,8 +205,12 @@ class OnlineCalibrator:
         the mean of its two sides'."""
         order = np.argsort(offsets, kind="stable")
         theta = np.zeros((len(series), 2, _L, self.horizon), np.float32)
+        mean = fc.mean[:, None]  # (R, 1, H)
         lower = np.stack([fc.lower[lv] for lv in LEVELS], axis=1)  # (R, L, H)
         upper = np.stack([fc.upper[lv] for lv in LEVELS], axis=1)
+        heads = np.concatenate(
+            [mean, np.maximum(mean - lower, 0), np.maximum(upper - mean, 0)], axis=1
+        ).astype(np.float32)  # (R, 1 + 2L, H): each row's pending head
         i = 0
         offs = offsets.tolist()
         for r in order.tolist():
@@ -208,7 +219,7 @@ class OnlineCalibrator:
                 off, sid, idx, val = points[i]
                 self.observe(sid, idx, off, val)
                 i += 1
-            theta[r] = self.calibrate(series[r], o, fc.mean[r], lower[r], upper[r])
+            theta[r] = self._calibrate(series[r], o, heads[r])
         for off, sid, idx, val in points[i:]:
             self.observe(sid, idx, off, val)
         f = np.exp(theta)
@@ -326,7 +337,8 @@ def _track(
     (None: ``theta``'s own), nested as published? Then ``θ[side] += rate · r · (miss − α / 2)``;
     the other side, which it cannot have missed, ``θ[other] −= rate · r · α / 2``; clamped."""
     lo, hi = LOG_FACTOR_RANGE
-    here, there = theta[side, :, step].tolist(), theta[1 - side, :, step].tolist()
+    col = theta[:, :, step].tolist()  # one read and one write of the state per score
+    here, there = col[side], col[1 - side]
     used = here if applied is None else applied
     bound = 0.0
     for i in range(_L):
@@ -335,8 +347,7 @@ def _track(
         miss = 1.0 if err > bound else 0.0
         here[i] = min(hi, max(lo, here[i] + r * (miss - _ALPHA[i] / 2)))
         there[i] = max(lo, there[i] - r * _ALPHA[i] / 2)
-    theta[side, :, step] = here
-    theta[1 - side, :, step] = there
+    theta[:, :, step] = col
 
 
 def apply_factors(fc: Forecast, f: np.ndarray) -> Forecast:
