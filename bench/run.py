@@ -344,6 +344,16 @@ class Bench:
 
     # ---- latency and soak ----------------------------------------------------------------------
 
+    async def _fresh_worker_place(self, prefix: str) -> tuple[str, str, str, int]:
+        """A worker's own input topic, output topic (with its dead-letter topic), consumer group
+        and flushed Redis db: ``(input, output, group, db)``."""
+        st = self.stack
+        assert st is not None
+        topic, out, group, db = unique(prefix), unique(f"{prefix}fc"), unique("g"), self.next_db()
+        await asyncio.to_thread(st.topics, {topic: PARTITIONS, out: PARTITIONS, f"{out}.dlq": 1})
+        flush_db(st, db)
+        return topic, out, group, db
+
     async def _open_loop(
         self, model: str, rate: float, duration: float, label: str, soak: bool = False
     ) -> dict[str, Any]:
@@ -355,9 +365,7 @@ class Bench:
         a = self.args
         st = self.stack
         assert st is not None
-        topic, out, group, db = unique("lat"), unique("latfc"), unique("g"), self.next_db()
-        await asyncio.to_thread(st.topics, {topic: PARTITIONS, out: PARTITIONS, f"{out}.dlq": 1})
-        flush_db(st, db)
+        topic, out, group, db = await self._fresh_worker_place("lat")
         series = a.latency_series
         names = [series_name(i) for i in range(series)]
         keys = [n.encode() for n in names]
@@ -718,9 +726,7 @@ class Bench:
         a = self.args
         st = self.stack
         assert st is not None
-        topic, out, group, db = unique("cin"), unique("cfc"), unique("g"), self.next_db()
-        await asyncio.to_thread(st.topics, {topic: PARTITIONS, out: PARTITIONS, f"{out}.dlq": 1})
-        flush_db(st, db)
+        topic, out, group, db = await self._fresh_worker_place("cin")
         argv = worker_argv(
             st, self.models[model], input_topic=topic, output_topic=out, group=group, db=db,
             backend=a.backend, threads=1 if pinned else a.threads,
