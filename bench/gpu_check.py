@@ -21,7 +21,7 @@ H100/H200 (``make bench-gpu``; the elapsed time of each part is printed).
    each of B distinct series appended to a :class:`~stream.rings.SeriesRings` of 20,000 series
    (the store under ``PartitionWindows``), their windows gathered as ``PartitionWindows`` does,
    :func:`model.features.build_inputs`, the predictor with the worker's buckets, and the finite
-   check of ``stream.inference.finite_rows``; µs per forecast by step, so that the CPU side shows
+   check of ``Forecast.finite_rows``; µs per forecast by step, so that the CPU side shows
    next to the model. Event decoding, admission and JSON encoding are not in it (they need orjson
    and pydantic; the CPU drains of ``make bench`` measure them).
 
@@ -276,16 +276,6 @@ class WindowSource:
         return rows, [self._append(r) for r in rows]
 
 
-def finite_rows(fc: Forecast) -> np.ndarray:
-    """``stream.inference.finite_rows`` (not importable here: stream.inference pulls in
-    stream.windows, hence orjson and pydantic): rows whose outputs are all finite, std > 0."""
-    ok = np.isfinite(fc.mean).all(axis=1) & np.isfinite(fc.std).all(axis=1)
-    ok &= (fc.std > 0).all(axis=1)
-    for bound in (*fc.lower.values(), *fc.upper.values()):
-        ok &= np.isfinite(bound).all(axis=1)
-    return ok  # type: ignore[no-any-return]
-
-
 STAGE_STEPS = ("append", "gather", "inputs", "model", "finite")
 
 
@@ -314,7 +304,7 @@ def stage(
                     t3 = time.perf_counter()
                     fc = mode.predict(x)
                     t4 = time.perf_counter()
-                    ok = finite_rows(fc)
+                    ok = fc.finite_rows()
                     t5 = time.perf_counter()
                     if warm:  # one batch: graph capture, first pinned buffer
                         break

@@ -54,6 +54,15 @@ class Forecast:
     def __len__(self) -> int:
         return int(self.mean.shape[0])
 
+    def finite_rows(self) -> np.ndarray:
+        """(B,) bool: the rows whose mean, std and bounds are all finite and whose std is > 0
+        (the contract's forecast); the others must not be published."""
+        ok = np.isfinite(self.mean).all(axis=1) & np.isfinite(self.std).all(axis=1)
+        ok &= (self.std > 0).all(axis=1)
+        for bound in (*self.lower.values(), *self.upper.values()):
+            ok &= np.isfinite(bound).all(axis=1)
+        return ok  # type: ignore[no-any-return]
+
 
 @runtime_checkable
 class Predictor(Protocol):

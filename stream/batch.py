@@ -31,7 +31,7 @@ from stream.decode import Rejection
 from stream.delivery import Delivery
 from stream.faults import FaultInjector
 from stream.health import Watchdog
-from stream.inference import InferenceRunner, concat_forecasts, finite_rows, take_forecast
+from stream.inference import InferenceRunner, concat_forecasts, take_forecast
 from stream.metrics import Metrics
 from stream.partitions import Partitions, PartitionState
 from stream.publisher import OutMessage, dead_letter, dlq_value_limit, encode_forecasts
@@ -205,7 +205,7 @@ class BatchProcessor:
         their records go to the dead-letter topic as ``model_output`` instead. A model that
         checked out on its canary windows can still overflow on extreme inputs."""
         assert prep.fc is not None
-        ok = finite_rows(prep.fc)
+        ok = prep.fc.finite_rows()
         if ok.all():
             return
         row = 0

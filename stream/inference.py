@@ -43,16 +43,6 @@ def concat_forecasts(parts: list[Forecast], horizon: int) -> Forecast:
     )
 
 
-def finite_rows(fc: Forecast) -> np.ndarray:
-    """(R,) bool: the rows whose mean, std and bounds are all finite and whose std is > 0 (the
-    contract's forecast); the others must not be published."""
-    ok = np.isfinite(fc.mean).all(axis=1) & np.isfinite(fc.std).all(axis=1)
-    ok &= (fc.std > 0).all(axis=1)
-    for bound in (*fc.lower.values(), *fc.upper.values()):
-        ok &= np.isfinite(bound).all(axis=1)
-    return ok  # type: ignore[no-any-return]
-
-
 class InferenceRunner:
     """Forecasts for :class:`WindowBatch` rows with the serving model; ``swap`` replaces it
     (between batches only: the caller guarantees no call is in flight)."""

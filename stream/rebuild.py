@@ -16,7 +16,7 @@ from aiokafka import TopicPartition
 from model.predictor import Forecast
 from stream.calibration import OnlineCalibrator
 from stream.consumer import PartitionReplayer
-from stream.inference import finite_rows, take_forecast
+from stream.inference import take_forecast
 from stream.metrics import Metrics
 from stream.settings import WorkerSettings
 from stream.store import StoredPartition
@@ -136,6 +136,6 @@ class Rebuilder:
         assert self._forecast is not None
         w = res.windows
         fc = await self._forecast(w)
-        ok = np.flatnonzero(finite_rows(fc))
+        ok = np.flatnonzero(fc.finite_rows())
         series = [w.series[i] for i in ok.tolist()]
         calibration.calibrate_batch(res.points, series, w.offsets[ok], take_forecast(fc, ok))
