@@ -120,6 +120,11 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     return total
 
 
+def published_total(w: Any) -> float:
+    """A running worker's ``eventcast_forecasts_published_total``."""
+    return metric_value(w.metrics(), "eventcast_forecasts_published_total")
+
+
 @pytest.fixture
 def thread_worker() -> Iterator[Callable[..., ThreadWorker]]:
     workers: list[ThreadWorker] = []

@@ -29,6 +29,7 @@ from tests.stream.conftest import (
     forecasts_by_source,
     make_events,
     metric_value,
+    published_total,
     wait_for,
     worker_argv,
 )
@@ -51,10 +52,6 @@ def features_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models-temp")
     make_tiny_model_dir(root, features=("temp",))
     return root
-
-
-def published_total(w: Any) -> float:
-    return metric_value(w.metrics(), "eventcast_forecasts_published_total")
 
 
 @pytest.mark.integration

@@ -38,6 +38,7 @@ from tests.stream.conftest import (
     forecasts_by_source,
     make_events,
     metric_value,
+    published_total,
     wait_for,
     worker_argv,
 )
@@ -453,11 +454,7 @@ def test_a_worker_with_a_latency_budget_publishes_every_forecast_and_exports_the
     expected = truth.expected_sources()
     assert len(expected) == 20 * 23
     recs = consume_all(stack.bootstrap, topics.output, expected=len(expected), timeout=120, idle=30)
-    wait_for(
-        lambda: metric_value(w.metrics(), "eventcast_forecasts_published_total") >= len(expected),
-        30,
-        "the published counter",
-    )
+    wait_for(lambda: published_total(w) >= len(expected), 30, "the published counter")
     exposition = w.metrics()
     assert "\neventcast_batch_limit " in exposition
     assert 1 <= metric_value(exposition, "eventcast_batch_limit") <= 256
