@@ -398,13 +398,6 @@ def test_third_worker_joins_under_load(
     try:
         wait_owned(a, 3)
         wait_owned(b, 3)
-        c = proc_worker(argv)
-        # When C subscribes (it joins the group next), a backlog arrives: A and B have batches
-        # in flight when the rebalance reaches them. A and B are sampled until one of them logs
-        # the rebalance; the last sample before it is the work in flight then (consumed read
-        # before the committed offsets: a lower bound).
-        wait_for(lambda: "Subscribed to topic" in c.log(), 90, "C subscribing")
-        producer.burst(1500)
         logs = [w.log_path for w in (a, b)]
         marks = [p.stat().st_size for p in logs]
 
@@ -417,27 +410,37 @@ def test_third_worker_joins_under_load(
                         return True
             return False
 
-        # Each round samples first, then looks for the rebalance: the round that sees it keeps
-        # its sample (taken as the rebalance reached the workers, or just before), so a
-        # rebalance seen at once still has its figures (a run of CI measured none before).
-        samples: list[list[InFlight]] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
+        def in_flight_now() -> list[InFlight]:
             texts = [a.metrics(), b.metrics()]
             offs = committed_offsets(stack.bootstrap, group, topics.input)
-            samples.append(
-                [
-                    InFlight(
-                        sample(t, "eventcast_events_consumed_total"),
-                        owned_partitions(t),
-                        offs,
-                        batches_in_flight(t),
-                    )
-                    for t in texts
-                ]
-            )
+            return [
+                InFlight(
+                    sample(t, "eventcast_events_consumed_total"),
+                    owned_partitions(t),
+                    offs,
+                    batches_in_flight(t),
+                )
+                for t in texts
+            ]
+
+        # C starts. From its subscribing (it joins the group next) until A or B logs the
+        # rebalance, the backlog is kept up: whenever a sample shows A and B with nothing
+        # fetched-but-uncommitted, another burst is sent (one fixed burst drained before the
+        # rebalance reached them: CI measured nothing in flight, twice). Each round samples
+        # first, then looks for the rebalance; the fuller of the last two samples is the work in
+        # flight when it hit (consumed read before the committed offsets: a lower bound).
+        c = proc_worker(argv)
+        wait_for(lambda: "Subscribed to topic" in c.log(), 90, "C subscribing")
+        samples: list[list[InFlight]] = []
+        bursts = 0
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            samples.append(in_flight_now())
             if rebalancing():
                 break
+            if sum(max(0, x.records) for x in samples[-1]) <= 0:
+                producer.burst(300)
+                bursts += 1
         else:
             raise AssertionError("no rebalance seen")
         last = max(samples[-2:], key=lambda xs: sum(max(0, x.records) for x in xs))
@@ -459,7 +462,7 @@ def test_third_worker_joins_under_load(
         summary(
             "third_worker_joins",
             faults=1, in_flight_records=in_flight,
-            in_flight_batches=sum(x.batches for x in last), produced=producer.acked,
+            in_flight_batches=sum(x.batches for x in last), bursts=bursts, produced=producer.acked,
             **figures,
         )  # fmt: skip
 
