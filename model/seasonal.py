@@ -1,0 +1,238 @@
+"""Per-series seasonal memory (issue 18, work in progress): a level and one index ring per
+season, updated O(1) per accepted point — additive exponential smoothing with several seasons
+(Holt–Winters without a trend; Taylor 2003 for double seasonality; the ES half of Smyl's ES-RNN).
+
+The network sees 48 points: one day of half-hourly data. A weekly pattern reaches it only through
+calendar features. This state remembers each season's shape per series, so the network can be
+fed the window with the seasons taken out and its forecast put back on them (the hybrid; not
+wired yet). The trainer and the worker run the *same* recursion (:meth:`SeasonalState.update`),
+one point at a time in time order.
+
+- Phase: a point's place in season ``m`` is ``round(ts / spacing) mod m``: from its time, not its
+  count, so a gap in the data does not shift the seasons.
+- Warm-up: until the series has one full cycle of its longest season ``M`` (every phase seen),
+  the state only buffers the values; then the level is their mean and each season's indices the
+  mean residual at its phase (shortest season first, each centred), and the recursion starts.
+  :attr:`SeasonalState.ready` says which path a forecast can take.
+- Update, for a point ``y`` with phases ``p_k``: ``s = Σ_k I_k[p_k]``;
+  ``ℓ ← α (y − s) + (1 − α) ℓ``; ``I_k[p_k] ← γ_k (y − ℓ − (s − I_k[p_k])) + (1 − γ_k) I_k[p_k]``.
+- Coefficients: per model (:func:`fit_coefficients`), chosen on the training split to minimise
+  the smoother's own mean absolute error over the model's horizon. Per model and not per series
+  because the worker meets series the trainer never saw; and fitted *for the horizon*, because
+  coefficients fitted for the next step (high α) make the long steps worse (measured on taylor,
+  see the module's issue).
+
+Memory per series: ``8 × (1 + Σ m)`` bytes once ready (half-hourly 48 + 336: 3.1 KB), twice the
+longest season while warming up; seasons over :data:`MAX_SEASON` steps are refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_SEASON = 2016  # a week of 5-minute data: the longest season a series keeps
+_HEADER = struct.Struct("<BBBqd")  # version, seasons, ready, points seen, level
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SeasonalSpec:
+    """What a model's seasonal state is: its seasons in steps (ascending), the data's spacing
+    and the smoothing coefficients (level ``alpha``, one ``gamma`` per season)."""
+
+    seasons: tuple[int, ...]
+    spacing_s: float
+    alpha: float
+    gammas: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.seasons or list(self.seasons) != sorted(set(self.seasons)):
+            raise ValueError(f"seasons: ascending distinct steps, got {self.seasons}")
+        if self.seasons[0] < 2 or self.seasons[-1] > MAX_SEASON:
+            raise ValueError(f"seasons: each in [2, {MAX_SEASON}], got {self.seasons}")
+        if len(self.gammas) != len(self.seasons):
+            raise ValueError("gammas: one per season")
+        if not self.spacing_s > 0:
+            raise ValueError(f"spacing_s: must be > 0, got {self.spacing_s}")
+        for name, v in (("alpha", self.alpha), *(("gamma", g) for g in self.gammas)):
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"{name}: must be in (0, 1], got {v}")
+
+    @property
+    def longest(self) -> int:
+        return self.seasons[-1]
+
+    def steps(self, ts: np.ndarray | float) -> np.ndarray:
+        """The step number of each time (its phase in every season follows by ``mod m``)."""
+        return np.rint(np.asarray(ts, np.float64) / self.spacing_s).astype(np.int64)
+
+
+class SeasonalState:
+    """One series' seasonal state (module docstring)."""
+
+    __slots__ = ("idx", "level", "n", "ready", "spec", "warm", "warm_step")
+
+    def __init__(self, spec: SeasonalSpec) -> None:
+        self.spec = spec
+        self.n = 0  # points seen
+        self.ready = False
+        self.level = 0.0
+        self.idx = [np.zeros(m) for m in spec.seasons]
+        m = spec.longest
+        self.warm = np.full(m, np.nan)  # the warm-up buffer, by phase of the longest season
+        self.warm_step = np.full(m, -1, np.int64)
+
+    def update(self, ts: float, value: float) -> None:
+        """Feed one accepted point (in time order)."""
+        self.n += 1
+        step = int(self.spec.steps(ts))
+        if not self.ready:
+            p = step % self.spec.longest
+            self.warm[p] = value
+            self.warm_step[p] = step
+            if self.warm_step.min() >= 0 and self.warm_step.max() - self.warm_step.min() < len(
+                self.warm
+            ):  # one whole cycle, every phase seen
+                self._initialise()
+            return
+        spec = self.spec
+        phases = [step % m for m in spec.seasons]
+        parts = [float(ix[p]) for ix, p in zip(self.idx, phases, strict=True)]
+        s = sum(parts)
+        level = spec.alpha * (value - s) + (1.0 - spec.alpha) * self.level
+        for ix, p, part, g in zip(self.idx, phases, parts, spec.gammas, strict=True):
+            ix[p] = g * (value - level - (s - part)) + (1.0 - g) * part
+        self.level = level
+
+    def _initialise(self) -> None:
+        self.level = float(self.warm.mean())
+        resid = self.warm - self.level
+        for k, m in enumerate(self.spec.seasons):
+            phase = self.warm_step % m
+            sums = np.bincount(phase, weights=resid, minlength=m)
+            counts = np.bincount(phase, minlength=m)
+            ix = np.divide(sums, counts, out=np.zeros(m), where=counts > 0)
+            ix -= ix[counts > 0].mean()
+            self.idx[k] = ix
+            resid = resid - ix[phase]
+        self.ready = True
+        self.warm = np.empty(0)
+        self.warm_step = np.empty(0, np.int64)
+
+    def seasonal(self, ts: np.ndarray) -> np.ndarray:
+        """The seasonal part at times ``ts`` (any shape) from the indices as they are now; 0 while
+        warming up."""
+        out = np.zeros(np.shape(ts))
+        if self.ready:
+            steps = self.spec.steps(ts)
+            for ix, m in zip(self.idx, self.spec.seasons, strict=True):
+                out += ix[steps % m]
+        return out
+
+    def forecast(self, ts: np.ndarray) -> np.ndarray:
+        """The smoother's own forecast at times ``ts``: level plus seasonal part."""
+        return self.level + self.seasonal(ts)
+
+    # ---- persistence ---------------------------------------------------------------------------
+
+    def encode(self) -> bytes:
+        head = _HEADER.pack(_VERSION, len(self.idx), int(self.ready), self.n, self.level)
+        if self.ready:
+            return head + b"".join(ix.tobytes() for ix in self.idx)
+        return head + self.warm.tobytes() + self.warm_step.tobytes()
+
+    @classmethod
+    def decode(cls, spec: SeasonalSpec, blob: bytes) -> SeasonalState:
+        """The state from :meth:`encode`; ValueError when the blob is not one of ``spec``'s."""
+        ver, k, ready, n, level = _HEADER.unpack_from(blob)
+        if ver != _VERSION or k != len(spec.seasons) or n < 0:
+            raise ValueError("seasonal state of another format")
+        s = cls(spec)
+        s.n, s.level, s.ready = n, level, bool(ready)
+        pos = _HEADER.size
+        if s.ready:
+            sizes = list(spec.seasons)
+            want = pos + 8 * sum(sizes)
+            if len(blob) != want:
+                raise ValueError("seasonal state of a wrong size")
+            for i, m in enumerate(sizes):
+                s.idx[i] = np.frombuffer(blob, np.float64, m, pos).copy()
+                pos += 8 * m
+            s.warm, s.warm_step = np.empty(0), np.empty(0, np.int64)
+        else:
+            m = spec.longest
+            if len(blob) != pos + 16 * m:
+                raise ValueError("seasonal state of a wrong size")
+            s.warm = np.frombuffer(blob, np.float64, m, pos).copy()
+            s.warm_step = np.frombuffer(blob, np.int64, m, pos + 8 * m).copy()
+        return s
+
+
+ALPHAS = (0.01, 0.03, 0.1, 0.3, 0.6, 0.9)
+GAMMAS = (0.01, 0.05, 0.1, 0.2, 0.4)
+
+
+def fit_coefficients(
+    series: Sequence[tuple[np.ndarray, np.ndarray]],
+    seasons: Sequence[int],
+    spacing_s: float,
+    horizon: int,
+    alphas: Sequence[float] = ALPHAS,
+    gammas: Sequence[float] = GAMMAS,
+) -> tuple[SeasonalSpec, float]:
+    """The grid point (α, γ per season) whose smoother, run over each ``(ts, values)`` series in
+    time order, has the least mean absolute error over the next ``horizon`` points from every
+    point after its warm-up (the points within ``horizon`` steps in time). Returns the spec and
+    that error. Every grid point runs at once: one pass over the data, vectorised over the grid."""
+    grid = list(itertools.product(alphas, *([gammas] * len(seasons))))
+    a = np.array([g[0] for g in grid])[:, None]  # (G, 1)
+    gam = np.array([g[1:] for g in grid])  # (G, K)
+    probe = SeasonalSpec(tuple(seasons), spacing_s, 0.5, tuple(0.5 for _ in seasons))
+    total = np.zeros(len(grid))
+    count = 0
+    for ts, values in series:
+        steps = probe.steps(ts)
+        warm = SeasonalState(probe)
+        start = None
+        for i, (t, v) in enumerate(zip(ts.tolist(), values.tolist(), strict=True)):
+            warm.update(t, v)
+            if warm.ready:
+                start = i + 1
+                break
+        if start is None:
+            continue
+        level = np.full((len(grid), 1), warm.level)
+        idx = [np.tile(ix, (len(grid), 1)) for ix in warm.idx]  # (G, m) each
+        rows = np.arange(len(grid))
+        n = len(values)
+        for i in range(start, n):
+            # score the forecast made after point i - 1 against the points within the horizon
+            j = np.searchsorted(steps, steps[i - 1] + horizon, side="right")
+            ahead = slice(i, j)
+            if j > i:
+                ahead_steps = steps[ahead]
+                pred = level + sum(
+                    ix[:, ahead_steps % m] for ix, m in zip(idx, seasons, strict=True)
+                )
+                total += np.abs(pred - values[ahead]).sum(axis=1)
+                count += j - i
+            phases = [int(steps[i] % m) for m in seasons]
+            parts = [ix[:, p] for ix, p in zip(idx, phases, strict=True)]
+            s = sum(parts)
+            new_level = a[:, 0] * (values[i] - s) + (1 - a[:, 0]) * level[:, 0]
+            for k, (ix, p, part) in enumerate(zip(idx, phases, parts, strict=True)):
+                ix[rows, p] = (
+                    gam[:, k] * (values[i] - new_level - (s - part)) + (1 - gam[:, k]) * part
+                )
+            level[:, 0] = new_level
+    if count == 0:
+        raise ValueError("no series has a whole cycle of its longest season to fit on")
+    mae = total / count
+    best = int(np.argmin(mae))
+    spec = SeasonalSpec(tuple(seasons), spacing_s, float(a[best, 0]), tuple(map(float, gam[best])))
+    return spec, float(mae[best])
