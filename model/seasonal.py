@@ -138,6 +138,17 @@ class SeasonalState:
         """The smoother's own forecast at times ``ts``: level plus seasonal part."""
         return self.level + self.seasonal(ts)
 
+    def window_inputs(
+        self, ts: np.ndarray, values: np.ndarray, horizon: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """What the hybrid network gets for a window whose newest point the state has seen:
+        ``(adjusted, offsets)`` — the window's values minus their seasonal part as the indices are
+        *now* (T,), and the seasonal part of the next ``horizon`` steps (H,), to add back onto
+        the network's forecast. Zeros while warming up (the plain path). The worker calls this
+        per window; the trainer through :func:`run_series`, for every point: one code path."""
+        ahead = float(ts[-1]) + self.spec.spacing_s * np.arange(1, horizon + 1)
+        return np.asarray(values, np.float64) - self.seasonal(ts), self.seasonal(ahead)
+
     # ---- persistence ---------------------------------------------------------------------------
 
     def encode(self) -> bytes:
@@ -171,6 +182,29 @@ class SeasonalState:
             s.warm = np.frombuffer(blob, np.float64, m, pos).copy()
             s.warm_step = np.frombuffer(blob, np.int64, m, pos + 8 * m).copy()
         return s
+
+
+def run_series(
+    spec: SeasonalSpec, ts: np.ndarray, values: np.ndarray, window: int, horizon: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The trainer's side: one series in time order through a fresh state; for every point ``i``
+    as the newest input of a window of ``window`` points (``i >= window - 1``), after the state
+    has seen it, :meth:`SeasonalState.window_inputs`. Returns ``(ready (N,) bool, adjusted (N,
+    window), offsets (N, horizon))``; rows before the first full window are zeros, not ready."""
+    n = len(values)
+    ready = np.zeros(n, bool)
+    adjusted = np.zeros((n, window))
+    offsets = np.zeros((n, horizon))
+    state = SeasonalState(spec)
+    for i in range(n):
+        state.update(float(ts[i]), float(values[i]))
+        if i >= window - 1 and state.ready:
+            lo = i - window + 1
+            ready[i] = True
+            adjusted[i], offsets[i] = state.window_inputs(
+                ts[lo : i + 1], values[lo : i + 1], horizon
+            )
+    return ready, adjusted, offsets
 
 
 ALPHAS = (0.01, 0.03, 0.1, 0.3, 0.6, 0.9)

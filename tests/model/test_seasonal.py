@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.seasonal import MAX_SEASON, SeasonalSpec, SeasonalState, fit_coefficients
+from model.seasonal import (
+    MAX_SEASON,
+    SeasonalSpec,
+    SeasonalState,
+    fit_coefficients,
+    run_series,
+)
 
 DAY, WEEK = 48, 336
 SPACING = 1800.0
@@ -124,3 +130,30 @@ def test_the_fit_chooses_coefficients_for_the_horizon_on_real_demand() -> None:
     day, mae48 = fit_coefficients(data, (DAY, WEEK), SPACING, 24)
     assert one.alpha >= 0.3 and day.alpha <= 0.1, (one, day)
     assert mae1 < mae48
+
+
+def test_the_trainer_and_the_worker_compute_the_same_window_inputs() -> None:
+    """run_series (the trainer, every point at once) equals a state fed point by point with
+    window_inputs called per window (the worker), and adding the offsets back onto the adjusted
+    window's continuation gives the data on a noiseless signal."""
+    ts, y = two_seasons(2 * WEEK + 60, noise=0.5, seed=2)
+    sp = spec(0.2, (0.1, 0.2))
+    ready, adjusted, offsets = run_series(sp, ts, y, 48, 4)
+    s = SeasonalState(sp)
+    for i, (t, v) in enumerate(zip(ts, y, strict=True)):
+        s.update(t, v)
+        assert ready[i] == (i >= 47 and s.ready)
+        if ready[i]:
+            a, o = s.window_inputs(ts[i - 47 : i + 1], y[i - 47 : i + 1], 4)
+            np.testing.assert_array_equal(adjusted[i], a)
+            np.testing.assert_array_equal(offsets[i], o)
+    assert ready.sum() == len(y) - WEEK + 1
+    clean_ts, clean = two_seasons(2 * WEEK)
+    _, adj, off = run_series(spec(), clean_ts, clean, 48, 3)
+    i = WEEK + 10
+    # noiseless: the adjusted window is flat (at the level: 100 less the weekend dip's weekly
+    # mean, which the weekly indices carry), and level + offsets = the next points
+    level = adj[i][0]
+    assert level == pytest.approx(100.0 - 8.0 * 2 / 7)
+    np.testing.assert_allclose(adj[i], np.full(48, level), atol=1e-9)
+    np.testing.assert_allclose(level + off[i], clean[i + 1 : i + 4], atol=1e-9)
