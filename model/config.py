@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from model.errors import ConfigError
+from model.seasonal import SeasonalSpec
 
 Distribution = Literal["gaussian", "student_t"]
 DISTRIBUTIONS: tuple[str, ...] = get_args(Distribution)
@@ -34,6 +35,10 @@ SAVED_CONFIG_DEFAULTS: dict[str, Any] = {
     "interval_scale": 1.0,
     "tail_scale": 1.0,
     "calendar_year": False,
+    "seasons": (),
+    "season_alpha": 0.1,
+    "season_gammas": (),
+    "season_spacing_s": 0.0,
 }
 
 # Lowest ``tail_scale``: the normal quantile ratio Z80 / Z95 = 0.65386 (model.network), rounded
@@ -80,6 +85,13 @@ class ModelConfig:
     # tails of real errors are rarely exactly those of the assumed distribution).
     interval_scale: float = 1.0
     tail_scale: float = 1.0
+    # Seasonal memory (model/seasonal.py; issue 18, work in progress): the seasons in steps
+    # (ascending; () = none, the plain network), the data's spacing in seconds, and the smoothing
+    # coefficients fitted by the trainer for the horizon (level; one per season).
+    seasons: tuple[int, ...] = ()
+    season_alpha: float = 0.1
+    season_gammas: tuple[float, ...] = ()
+    season_spacing_s: float = 0.0
 
     def __post_init__(self) -> None:
         feats = self.features
@@ -118,6 +130,18 @@ class ModelConfig:
                 f"distribution: expected one of {', '.join(DISTRIBUTIONS)}, "
                 f"got {self.distribution!r}"
             )
+        for name in ("seasons", "season_gammas"):
+            v = getattr(self, name)
+            if isinstance(v, str) or not isinstance(v, (list, tuple)):
+                raise ConfigError(f"{name}: expected a list, got {v!r}")
+            object.__setattr__(self, name, tuple(v))
+        if self.seasons:
+            try:
+                self.seasonal()
+            except ValueError as e:
+                raise ConfigError(f"seasons: {e}") from e
+        elif self.season_gammas:
+            raise ConfigError("season_gammas: given without seasons")
         seen: set[str] = set()
         for f in self.features:
             if not isinstance(f, str) or not f:
@@ -125,6 +149,15 @@ class ModelConfig:
             if f in seen:
                 raise ConfigError(f"features: duplicate feature name {f!r}")
             seen.add(f)
+
+    def seasonal(self) -> SeasonalSpec | None:
+        """The seasonal state's spec, or None for a model without seasons (the plain path)."""
+        if not self.seasons:
+            return None
+        return SeasonalSpec(
+            tuple(self.seasons), float(self.season_spacing_s), float(self.season_alpha),
+            tuple(float(g) for g in self.season_gammas),
+        )  # fmt: skip
 
     @property
     def input_size(self) -> int:
@@ -147,7 +180,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field (``features`` as a list)."""
         d = asdict(self)
-        d["features"] = list(self.features)
+        for name in ("features", "seasons", "season_gammas"):
+            d[name] = list(getattr(self, name))
         return d
 
     @classmethod
