@@ -140,14 +140,14 @@ def calibrate_intervals(
     on ``net`` (an EventForecaster or ForecastNet) in place. Returns the new config and a summary
     for ``metrics.json`` (``calibration``: mode, factors, points, validation coverage before and
     after, the new ``interval_scale`` and ``tail_scale``)."""
-    from train.evaluate import net_forecast
+    from train.evaluate import add_offsets, net_forecast
 
     ds = dm.sets[VAL]
     idx = np.arange(len(ds))
     if len(idx) > max_windows:
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_windows, replace=False))
     x, y, _ = ds.arrays_for(idx)
-    fc = net_forecast(net, x)
+    fc = add_offsets(net_forecast(net, x), ds.offsets_for(idx))
     half = {0.80: fc["upper_80"] - fc["mean"], 0.95: fc["upper_95"] - fc["mean"]}
     ratios = level_ratios(y, fc["mean"], half)
     factors, info = fit_interval_factors(ratios, mode)

@@ -186,6 +186,32 @@ class SeriesArrays:
         ok = (seg[: n - w + 1] == seg[last]) & (spl[first_target] == split) & (spl[last] == split)
         return np.flatnonzero(ok).astype(np.int64)
 
+    def seasonal_inputs(
+        self, config: ModelConfig
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """For a model with seasons (``config.seasonal()``): every point as a window's newest
+        input, ``(ready (N,), adjusted (N, T), offsets (N, H))`` from each series' seasonal state
+        run over the whole series in time order (:func:`model.seasonal.run_series`, the worker's
+        recursion; the state runs through gaps as the worker's does). None without seasons.
+        Computed once per model shape and kept."""
+        spec = config.seasonal()
+        if spec is None:
+            return None
+        t, h = config.sequence_length, config.horizon
+        key = (spec, t, h)
+        cache = self.__dict__.setdefault("_seasonal_cache", {})
+        if key not in cache:
+            from model.seasonal import run_series
+
+            n = len(self)
+            ready, adjusted, offsets = np.zeros(n, bool), np.zeros((n, t)), np.zeros((n, h))
+            for s, ln in zip(self.starts.tolist(), self.lengths.tolist(), strict=True):
+                part = slice(s, s + ln)
+                r, a, o = run_series(spec, self.ts[part], self.values[part], t, h)
+                ready[part], adjusted[part], offsets[part] = r, a, o
+            cache[key] = (ready, adjusted, offsets)
+        return cache[key]
+
     def split_counts(self) -> dict[str, int]:
         spl = np.asarray(self.split)
         return {SPLIT_NAMES[k]: int((spl == k).sum()) for k in SPLIT_NAMES}
@@ -216,6 +242,7 @@ class WindowSet(Dataset[int]):
         missing = [f for f in config.features if f not in arrays.features]
         if missing:
             raise ConfigError(f"features: the data has no column(s) {', '.join(missing)}")
+        self._seasonal = arrays.seasonal_inputs(config)
 
     def __len__(self) -> int:
         return int(self.starts.shape[0])
@@ -233,11 +260,28 @@ class WindowSet(Dataset[int]):
         feats = {
             name: np.asarray(v[rows][:, :t]) for name, v in self._feats.items() if v is not None
         }
-        x = build_inputs(ts[:, :t], vals[:, :t], feats or None, self.config)  # (B, T, C)
+        inputs = vals[:, :t]
+        if self._seasonal is not None:  # the hybrid: the window less its seasonal part
+            ready, adjusted, _ = self._seasonal
+            origin = rows + t - 1
+            r = ready[origin]
+            inputs = inputs.copy()
+            inputs[r] = adjusted[origin[r]]
+        x = build_inputs(ts[:, :t], inputs, feats or None, self.config)  # (B, T, C)
         return x, vals[:, t:], ts
 
+    def offsets_for(self, idx: np.ndarray) -> np.ndarray:
+        """(B, H): what to add back onto the network's forecast of windows ``idx`` (the seasonal
+        part of its targets' times; zeros without seasons or while a series warms up)."""
+        rows = self.starts[np.asarray(idx, dtype=np.int64)]
+        if self._seasonal is None:
+            return np.zeros((len(rows), self.config.horizon))
+        return self._seasonal[2][rows + self.config.sequence_length - 1]
+
     def collate(self, items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y, _ = self.arrays_for(np.asarray(items, dtype=np.int64))
+        idx = np.asarray(items, dtype=np.int64)
+        x, y, _ = self.arrays_for(idx)
+        y = y - self.offsets_for(idx)  # the network learns what the seasons leave
         return torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
 
 

@@ -63,6 +63,8 @@ class HeldOut:
     scale: np.ndarray  # (W,) MASE scale of each window's series
     # method -> why it has no forecast on these windows (e.g. no season of history)
     unavailable: dict[str, str] = field(default_factory=dict)
+    # (W, H) added back onto the network's forecast (a model with seasons; zeros otherwise)
+    offsets: np.ndarray | None = None
 
     @property
     def windows(self) -> int:
@@ -112,7 +114,20 @@ def held_out(arrays: SeriesArrays, config: ModelConfig, season: int | None = Non
     series = np.searchsorted(arrays.starts, starts, side="right") - 1
     scale = baselines.naive_scale(arrays, m)[series]
     return HeldOut(arrays, config, m, starts, x, y.astype(np.float64), ts, series, scale,
-                   unavailable)  # fmt: skip
+                   unavailable, ws.offsets_for(np.arange(len(starts))))  # fmt: skip
+
+
+def add_offsets(fc: dict[str, np.ndarray], offsets: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The forecast ``fc`` of :func:`net_forecast` moved by ``offsets`` (W, H): a model with
+    seasons forecasts what the seasons leave, and its forecast is that plus their part."""
+    if offsets is None or not np.any(offsets):
+        return fc
+    out = dict(fc)
+    for k in ("mean", "lower_80", "upper_80", "lower_95", "upper_95"):
+        out[k] = fc[k] + offsets
+    if "quantiles" in fc:
+        out["quantiles"] = fc["quantiles"] + offsets[..., None]
+    return out
 
 
 @torch.no_grad()
@@ -205,9 +220,8 @@ def baseline_forecasts(
             "mean": baselines.seasonal_naive(values, ho.starts, t, h, ho.season)
         }
     if linear_ar:
-        out["linear_ar"] = fit_linear_ar(arrays, ho.config).predict(
-            ho.x[:, :, 0].astype(np.float64)
-        )
+        raw = values[ho.starts[:, None] + np.arange(t)]  # the raw windows (a model with
+        out["linear_ar"] = fit_linear_ar(arrays, ho.config).predict(raw)  # seasons sees less)
     return out
 
 
@@ -290,7 +304,7 @@ def evaluate(
     """
     ho = holdout if holdout is not None else held_out(arrays, config, season)
     t, h = config.sequence_length, config.horizon
-    fc = net_forecast(net, ho.x)
+    fc = add_offsets(net_forecast(net, ho.x), ho.offsets)
     forecasts = {"model": fc, **baseline_forecasts(arrays, ho, linear_ar=linear_ar)}
     metrics, steps = score_methods(ho.y, forecasts, ho.scale, ho.unavailable)
     report: dict[str, Any] = {
