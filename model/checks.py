@@ -80,7 +80,10 @@ def verify_files(vdir: Path, manifest: Mapping[str, Mapping[str, Any]]) -> dict[
 
 
 def check_expected(config: ModelConfig, expect: ModelConfig, vdir: Path) -> None:
-    for fld in ("sequence_length", "calendar", "features", "horizon"):
+    # The seasonal fields too: the worker's per-series seasonal state is the serving model's
+    # recursion (a version with other seasons or coefficients needs a restart, which rebuilds it).
+    for fld in ("sequence_length", "calendar", "features", "horizon", "seasons",
+                "season_spacing_s", "season_alpha", "season_gammas"):  # fmt: skip
         got, want = getattr(config, fld), getattr(expect, fld)
         if got != want:
             raise ModelLoadError(

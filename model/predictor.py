@@ -54,6 +54,18 @@ class Forecast:
     def __len__(self) -> int:
         return int(self.mean.shape[0])
 
+    def shifted(self, offsets: np.ndarray) -> Forecast:
+        """The forecast moved by ``offsets`` (B, H): mean and bounds (a model with seasons
+        forecasts what they leave, and its forecast is that plus their part); std unchanged."""
+
+        def move(a: np.ndarray) -> np.ndarray:
+            return (a + offsets).astype(np.float32)
+
+        return Forecast(
+            move(self.mean), self.std, {k: move(v) for k, v in self.lower.items()},
+            {k: move(v) for k, v in self.upper.items()},
+        )  # fmt: skip
+
     def finite_rows(self) -> np.ndarray:
         """(B,) bool: the rows whose mean, std and bounds are all finite and whose std is > 0
         (the contract's forecast); the others must not be published."""

@@ -1,12 +1,13 @@
-"""Per-series seasonal memory (issue 18, work in progress): a level and one index ring per
-season, updated O(1) per accepted point — additive exponential smoothing with several seasons
+"""Per-series seasonal memory: a level and one index ring per season, updated O(1) per accepted
+point — additive exponential smoothing with several seasons
 (Holt–Winters without a trend; Taylor 2003 for double seasonality; the ES half of Smyl's ES-RNN).
 
 The network sees 48 points: one day of half-hourly data. A weekly pattern reaches it only through
 calendar features. This state remembers each season's shape per series, so the network can be
-fed the window with the seasons taken out and its forecast put back on them (the hybrid; not
-wired yet). The trainer and the worker run the *same* recursion (:meth:`SeasonalState.update`),
-one point at a time in time order.
+fed the window with the seasons taken out and its forecast put back on them (the hybrid). The
+trainer (:func:`run_series`) and the worker (:class:`stream.rings.SeriesRings`) run the *same*
+recursion (:meth:`SeasonalState.update`), one point at a time in time order, and take a window's
+inputs through the same call (:meth:`SeasonalState.window_inputs`).
 
 - Phase: a point's place in season ``m`` is ``round(ts / spacing) mod m``: from its time, not its
   count, so a gap in the data does not shift the seasons.
@@ -22,12 +23,21 @@ one point at a time in time order.
   coefficients fitted for the next step (high α) make the long steps worse (measured on taylor,
   see the module's issue).
 
-Memory per series: ``8 × (1 + Σ m)`` bytes once ready (half-hourly 48 + 336: 3.1 KB), twice the
-longest season while warming up; seasons over :data:`MAX_SEASON` steps are refused.
+- Undo: the worker forecasts a redelivered record's window again, as it stood at that record, and
+  the repeat must equal the first forecast. So the state keeps, for its last ``keep`` updates,
+  what each one overwrote (level, the index of each season it touched, the step): :meth:`back`
+  undoes them on a copy. ``keep`` is the worker's ``--window-history`` (how far back a window is
+  retained); the trainer keeps none.
+
+Memory per series: ``8 × (1 + Σ m)`` bytes once ready (half-hourly 48 + 336: 3.1 KB) plus
+``8 × (2 + K) × keep`` for the undo entries (K seasons; 1.5 KB with the default 48), twice the
+longest season while warming up; seasons over :data:`MAX_SEASON` steps are refused. The blob
+Redis stores (:meth:`SeasonalState.encode`) is the same size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import struct
 from collections.abc import Sequence
@@ -36,8 +46,10 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_SEASON = 2016  # a week of 5-minute data: the longest season a series keeps
-_HEADER = struct.Struct("<BBBqd")  # version, seasons, ready, points seen, level
-_VERSION = 1
+# version, seasons, ready, points seen, points seen when it became ready, level, undo entries,
+# and the spec's fingerprint (a blob of another spec is refused: its recursion differs)
+_HEADER = struct.Struct("<BBBqqdH8s")
+_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -67,30 +79,45 @@ class SeasonalSpec:
     def longest(self) -> int:
         return self.seasons[-1]
 
+    @property
+    def fingerprint(self) -> bytes:
+        """8 bytes naming the recursion: a stored state of another spec is not this one's."""
+        text = repr((self.seasons, self.spacing_s, self.alpha, self.gammas))
+        return hashlib.sha256(text.encode()).digest()[:8]
+
     def steps(self, ts: np.ndarray | float) -> np.ndarray:
         """The step number of each time (its phase in every season follows by ``mod m``)."""
         return np.rint(np.asarray(ts, np.float64) / self.spacing_s).astype(np.int64)
 
 
 class SeasonalState:
-    """One series' seasonal state (module docstring)."""
+    """One series' seasonal state (module docstring); ``keep``: how many updates :meth:`back`
+    can undo."""
 
-    __slots__ = ("idx", "level", "n", "ready", "spec", "warm", "warm_step")
+    __slots__ = ("idx", "keep", "level", "n", "ready", "ready_at", "spec", "undo_idx",
+                 "undo_level", "undo_n", "undo_step", "warm", "warm_step")  # fmt: skip
 
-    def __init__(self, spec: SeasonalSpec) -> None:
+    def __init__(self, spec: SeasonalSpec, keep: int = 0) -> None:
         self.spec = spec
+        self.keep = keep
         self.n = 0  # points seen
         self.ready = False
+        self.ready_at = -1  # points seen when the warm-up ended
         self.level = 0.0
         self.idx = [np.zeros(m) for m in spec.seasons]
         m = spec.longest
         self.warm = np.full(m, np.nan)  # the warm-up buffer, by phase of the longest season
         self.warm_step = np.full(m, -1, np.int64)
+        # what update number c overwrote, at row (c - 1) % keep: level, each season's index, step
+        self.undo_level = np.zeros(keep)
+        self.undo_idx = np.zeros((keep, len(spec.seasons)))
+        self.undo_step = np.zeros(keep, np.int64)
+        self.undo_n = 0  # entries held (at most keep)
 
     def update(self, ts: float, value: float) -> None:
         """Feed one accepted point (in time order)."""
         self.n += 1
-        step = int(self.spec.steps(ts))
+        step = round(ts / self.spec.spacing_s)  # as steps(): float64 division, half to even
         if not self.ready:
             p = step % self.spec.longest
             self.warm[p] = value
@@ -103,11 +130,39 @@ class SeasonalState:
         spec = self.spec
         phases = [step % m for m in spec.seasons]
         parts = [float(ix[p]) for ix, p in zip(self.idx, phases, strict=True)]
+        if self.keep:
+            e = (self.n - 1) % self.keep
+            self.undo_level[e] = self.level
+            self.undo_idx[e] = parts
+            self.undo_step[e] = step
+            self.undo_n = min(self.undo_n + 1, self.keep)
         s = sum(parts)
         level = spec.alpha * (value - s) + (1.0 - spec.alpha) * self.level
         for ix, p, part, g in zip(self.idx, phases, parts, spec.gammas, strict=True):
             ix[p] = g * (value - level - (s - part)) + (1.0 - g) * part
         self.level = level
+
+    def back(self, steps: int) -> SeasonalState | None:
+        """The state as it was ``steps`` points ago (``self`` for 0; a copy otherwise, the last
+        updates undone exactly), or None when it was still warming up then (the plain path).
+        ValueError when that is further back than ``keep``."""
+        if steps == 0:
+            return self if self.ready else None
+        count = self.n - steps
+        if not self.ready or count < self.ready_at:
+            return None
+        if not 0 < steps <= self.undo_n:
+            raise ValueError(f"cannot go {steps} points back (holds {self.undo_n} undo entries)")
+        s = SeasonalState(self.spec)
+        s.n, s.ready, s.ready_at, s.level = count, True, self.ready_at, self.level
+        s.idx = [ix.copy() for ix in self.idx]
+        for c in range(self.n, count, -1):
+            e = (c - 1) % self.keep
+            s.level = float(self.undo_level[e])
+            step = int(self.undo_step[e])
+            for k, m in enumerate(self.spec.seasons):
+                s.idx[k][step % m] = self.undo_idx[e, k]
+        return s
 
     def _initialise(self) -> None:
         self.level = float(self.warm.mean())
@@ -121,6 +176,7 @@ class SeasonalState:
             self.idx[k] = ix
             resid = resid - ix[phase]
         self.ready = True
+        self.ready_at = self.n
         self.warm = np.empty(0)
         self.warm_step = np.empty(0, np.int64)
 
@@ -138,50 +194,124 @@ class SeasonalState:
         """The smoother's own forecast at times ``ts``: level plus seasonal part."""
         return self.level + self.seasonal(ts)
 
+    def parts(self, ts: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """The seasonal part of a window whose newest point the state has seen, as the indices
+        are *now*: at the window's times ``ts`` (T,) and at the next ``horizon`` steps (H,)."""
+        ahead = float(ts[-1]) + self.spec.spacing_s * np.arange(1, horizon + 1)
+        return self.seasonal(ts), self.seasonal(ahead)
+
     def window_inputs(
         self, ts: np.ndarray, values: np.ndarray, horizon: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """What the hybrid network gets for a window whose newest point the state has seen:
-        ``(adjusted, offsets)`` — the window's values minus their seasonal part as the indices are
-        *now* (T,), and the seasonal part of the next ``horizon`` steps (H,), to add back onto
-        the network's forecast. Zeros while warming up (the plain path). The worker calls this
-        per window; the trainer through :func:`run_series`, for every point: one code path."""
-        ahead = float(ts[-1]) + self.spec.spacing_s * np.arange(1, horizon + 1)
-        return np.asarray(values, np.float64) - self.seasonal(ts), self.seasonal(ahead)
+        ``(adjusted, offsets)`` — the window's values less their seasonal part (:meth:`parts`)
+        (T,), and the seasonal part of the next ``horizon`` steps (H,), to add back onto the
+        network's forecast. The trainer calls this through :func:`run_series`; the worker takes
+        the same :meth:`parts` through :func:`window_parts` and subtracts them the same way."""
+        past, ahead = self.parts(ts, horizon)
+        return np.asarray(values, np.float64) - past, ahead
 
     # ---- persistence ---------------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        head = _HEADER.pack(_VERSION, len(self.idx), int(self.ready), self.n, self.level)
-        if self.ready:
-            return head + b"".join(ix.tobytes() for ix in self.idx)
-        return head + self.warm.tobytes() + self.warm_step.tobytes()
+        """The blob Redis stores: header, then the indices and the undo entries (oldest first) once
+        ready, or the warm-up buffer before."""
+        spec = self.spec
+        undo = self.undo_n
+        head = _HEADER.pack(
+            _VERSION, len(self.idx), int(self.ready), self.n, self.ready_at, self.level, undo,
+            spec.fingerprint,
+        )  # fmt: skip
+        if not self.ready:
+            return head + self.warm.tobytes() + self.warm_step.tobytes()
+        rows = [(c - 1) % self.keep for c in range(self.n - undo + 1, self.n + 1)]
+        return b"".join(
+            (
+                head,
+                *(ix.tobytes() for ix in self.idx),
+                self.undo_level[rows].tobytes(),
+                np.ascontiguousarray(self.undo_idx[rows]).tobytes(),
+                self.undo_step[rows].tobytes(),
+            )
+        )
 
     @classmethod
-    def decode(cls, spec: SeasonalSpec, blob: bytes) -> SeasonalState:
-        """The state from :meth:`encode`; ValueError when the blob is not one of ``spec``'s."""
-        ver, k, ready, n, level = _HEADER.unpack_from(blob)
-        if ver != _VERSION or k != len(spec.seasons) or n < 0:
-            raise ValueError("seasonal state of another format")
-        s = cls(spec)
-        s.n, s.level, s.ready = n, level, bool(ready)
+    def decode(cls, spec: SeasonalSpec, blob: bytes, keep: int = 0) -> SeasonalState:
+        """The state from :meth:`encode` (the newest ``keep`` undo entries kept); ValueError when
+        the blob is not one of ``spec``'s."""
+        if len(blob) < _HEADER.size:
+            raise ValueError("seasonal state too short")
+        ver, k, ready, n, ready_at, level, undo, fp = _HEADER.unpack_from(blob)
+        if ver != _VERSION or k != len(spec.seasons) or fp != spec.fingerprint:
+            raise ValueError("seasonal state of another model (seasons or coefficients)")
+        if n < 0 or (ready and not 0 < ready_at <= n) or undo > max(0, n - ready_at):
+            raise ValueError("seasonal state with inconsistent counts")
+        s = cls(spec, keep)
+        s.n, s.level, s.ready, s.ready_at = n, level, bool(ready), ready_at
         pos = _HEADER.size
-        if s.ready:
-            sizes = list(spec.seasons)
-            want = pos + 8 * sum(sizes)
-            if len(blob) != want:
-                raise ValueError("seasonal state of a wrong size")
-            for i, m in enumerate(sizes):
-                s.idx[i] = np.frombuffer(blob, np.float64, m, pos).copy()
-                pos += 8 * m
-            s.warm, s.warm_step = np.empty(0), np.empty(0, np.int64)
-        else:
+        if not s.ready:
             m = spec.longest
-            if len(blob) != pos + 16 * m:
+            if len(blob) != pos + 16 * m or undo:
                 raise ValueError("seasonal state of a wrong size")
             s.warm = np.frombuffer(blob, np.float64, m, pos).copy()
             s.warm_step = np.frombuffer(blob, np.int64, m, pos + 8 * m).copy()
+            return s
+        if len(blob) != pos + 8 * (sum(spec.seasons) + undo * (2 + k)):
+            raise ValueError("seasonal state of a wrong size")
+        for i, m in enumerate(spec.seasons):
+            s.idx[i] = np.frombuffer(blob, np.float64, m, pos).copy()
+            pos += 8 * m
+        levels = np.frombuffer(blob, np.float64, undo, pos)
+        idx = np.frombuffer(blob, np.float64, undo * k, pos + 8 * undo).reshape(undo, k)
+        steps = np.frombuffer(blob, np.int64, undo, pos + 8 * undo * (1 + k))
+        if keep:
+            counts = np.arange(n - undo + 1, n + 1)[-keep:]
+            rows = (counts - 1) % keep
+            s.undo_level[rows] = levels[-keep:]
+            s.undo_idx[rows] = idx[-keep:]
+            s.undo_step[rows] = steps[-keep:]
+            s.undo_n = len(counts)
+        s.warm, s.warm_step = np.empty(0), np.empty(0, np.int64)
         return s
+
+
+@dataclass
+class SeasonalParts:
+    """The seasonal side of R windows: whether each took the seasonal path (``ready`` (R,)), the
+    seasonal part of its points (``past`` (R, T)) and of its next H steps (``ahead`` (R, H));
+    zeros on the plain path. The network gets ``values - past`` and its forecast moves by
+    ``ahead``."""
+
+    ready: np.ndarray
+    past: np.ndarray
+    ahead: np.ndarray
+
+    def take(self, rows: slice | np.ndarray) -> SeasonalParts:
+        return SeasonalParts(self.ready[rows], self.past[rows], self.ahead[rows])
+
+    @staticmethod
+    def concat(parts: Sequence[SeasonalParts]) -> SeasonalParts:
+        return SeasonalParts(
+            np.concatenate([p.ready for p in parts]),
+            np.concatenate([p.past for p in parts]),
+            np.concatenate([p.ahead for p in parts]),
+        )
+
+
+def window_parts(
+    states: Sequence[SeasonalState | None], backs: Sequence[int], ts: np.ndarray, horizon: int
+) -> SeasonalParts:
+    """The worker's side: :meth:`SeasonalState.parts` of R windows, row ``i`` ending ``backs[i]``
+    points before the newest point of ``states[i]`` (its state taken back that far, exactly);
+    the plain path for a series still warming up then (or without a state)."""
+    r, t = ts.shape
+    out = SeasonalParts(np.zeros(r, bool), np.zeros((r, t)), np.zeros((r, horizon)))
+    for i, (state, b) in enumerate(zip(states, backs, strict=True)):
+        then = state.back(b) if state is not None else None
+        if then is not None:
+            out.ready[i] = True
+            out.past[i], out.ahead[i] = then.parts(ts[i], horizon)
+    return out
 
 
 def run_series(

@@ -68,6 +68,7 @@ def take_windows(w: WindowBatch, rows: np.ndarray) -> WindowBatch:
     return WindowBatch(
         w.partition, [w.series[i] for i in rows.tolist()], w.offsets[rows], w.record_ts_ms[rows],
         w.ts[rows], w.values[rows], {n: f[rows] for n, f in w.features.items()},
+        None if w.seasonal is None else w.seasonal.take(rows),
     )  # fmt: skip
 
 

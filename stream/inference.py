@@ -61,7 +61,9 @@ class InferenceRunner:
         self.metrics.set_model(model.version, model.predictor.backend, model.predictor.device)
 
     def _run(self, model: LoadedModel, windows: WindowBatch) -> Forecast:
-        x = build_inputs(windows.ts, windows.values, windows.features, model.config)  # (B, T, C)
+        seasonal = windows.seasonal  # a model with seasons: the window less its seasonal part
+        values = windows.values if seasonal is None else windows.values - seasonal.past
+        x = build_inputs(windows.ts, values, windows.features, model.config)  # (B, T, C)
         p = model.predictor
         start = time.perf_counter()
         step = self.cpu_chunk if p.device == "cpu" else len(x)
@@ -71,7 +73,13 @@ class InferenceRunner:
             parts = [p.predict(x[i : i + step]) for i in range(0, len(x), step)]
             fc = concat_forecasts(parts, model.config.horizon)
         self.metrics.inference.labels(p.backend).observe(time.perf_counter() - start)
-        return fc
+        if seasonal is None:
+            self.metrics.forecast_paths.labels("plain").inc(len(x))
+            return fc
+        seasonal_rows = int(seasonal.ready.sum())
+        self.metrics.forecast_paths.labels("seasonal").inc(seasonal_rows)
+        self.metrics.forecast_paths.labels("plain").inc(len(x) - seasonal_rows)
+        return fc.shifted(seasonal.ahead)  # and their part of the next steps added back
 
     async def forecast(self, windows: WindowBatch) -> Forecast:
         """The model's forecast for every row (B may be 0). Raises InputError on bad windows."""

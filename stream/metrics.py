@@ -79,6 +79,12 @@ class Metrics:
             "eventcast_inference_seconds", "Model call time per batch", ["backend"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.forecast_paths = Counter(
+            "eventcast_forecast_paths",
+            "Forecasts by path: seasonal (a model with seasons, the series' seasonal state warmed "
+            "up: the network saw the window less its seasons, which were added back) or plain",
+            ["path"], registry=r,
+        )  # fmt: skip
         self.lag = Gauge(
             "eventcast_consumer_lag", "Records behind the end", ["partition"], registry=r
         )

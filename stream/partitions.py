@@ -327,6 +327,7 @@ class Partitions:
         return PartitionWindows(
             tp.topic, tp.partition, sequence_length=cfg.sequence_length, features=cfg.features,
             limits=s.limits, max_event_bytes=s.max_event_bytes, max_future_skew=s.max_future_skew,
+            seasonal=cfg.seasonal(), horizon=cfg.horizon,
         )  # fmt: skip
 
     # ---- persisting ----------------------------------------------------------------------------

@@ -7,7 +7,11 @@ one value per feature. Point ``i`` (0-based, counted since the row was created) 
 
 The blob of a series (what Redis stores, see ``stream/store.py``) is a little-endian header
 ``<B version=1><H k points><H F features>`` then ``int64[k]`` offsets, ``float64[k]`` ts,
-``float64[k]`` values and ``float64[k*F]`` features (point-major), oldest first.
+``float64[k]`` values and ``float64[k*F]`` features (point-major), oldest first. A model with
+seasons (``ModelConfig.seasons``) appends the series' seasonal state
+(:meth:`model.seasonal.SeasonalState.encode`): it is updated with each appended point and stored
+with the points, so it is persisted by the same fenced write, restored with them and rebuilt by
+the same replay.
 """
 
 from __future__ import annotations
@@ -18,17 +22,31 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from model.seasonal import SeasonalSpec, SeasonalState
+
 _BLOB_HEADER = struct.Struct("<BHH")  # format version, points retained, feature count
 _BLOB_VERSION = 1
 
 
 class SeriesRings:
     """Rows of ring buffers, one per series id. ``index``, ``n`` (points appended per row) and
-    ``last_ts`` (newest ts per row) are read on the hot path; they are never rebound."""
+    ``last_ts`` (newest ts per row) are read on the hot path; they are never rebound.
 
-    def __init__(self, capacity: int, feature_names: Sequence[str]) -> None:
+    ``seasonal``: the serving model's seasonal spec (None: no seasonal state); each row's state
+    (``states``) can be taken back ``keep`` points (a retained window's state)."""
+
+    def __init__(
+        self,
+        capacity: int,
+        feature_names: Sequence[str],
+        seasonal: SeasonalSpec | None = None,
+        keep: int = 0,
+    ) -> None:
         self.capacity = capacity
         self.feature_names = tuple(feature_names)
+        self.seasonal = seasonal
+        self.keep = keep
+        self.states: list[SeasonalState | None] = []  # row -> seasonal state
         self.index: dict[str, int] = {}  # series id -> row
         self.names: list[str | None] = []  # row -> series id (None: free)
         self.n: list[int] = []
@@ -66,6 +84,7 @@ class SeriesRings:
             self.names[row] = series_id
             self.n[row] = 0
             self.last_ts[row] = -math.inf
+            self.states[row] = self._fresh_state()
         else:
             row = self.rows
             self.rows += 1
@@ -74,8 +93,12 @@ class SeriesRings:
             self.names.append(series_id)
             self.n.append(0)
             self.last_ts.append(-math.inf)
+            self.states.append(self._fresh_state())
         self.index[series_id] = row
         return row
+
+    def _fresh_state(self) -> SeasonalState | None:
+        return None if self.seasonal is None else SeasonalState(self.seasonal, self.keep)
 
     def _grow(self, rows: int) -> None:
         def grown(a: np.ndarray) -> np.ndarray:
@@ -93,6 +116,7 @@ class SeriesRings:
         assert name is not None
         del self.index[name]
         self.names[row] = None
+        self.states[row] = None
         self._free.append(row)
         return name
 
@@ -109,6 +133,9 @@ class SeriesRings:
             self.feat[row, col, j] = features[name]
         self.n[row] = n + 1
         self.last_ts[row] = ts
+        state = self.states[row]
+        if state is not None:
+            state.update(ts, value)
         return n
 
     def end_of(self, row: int, offset: int) -> int | None:
@@ -149,15 +176,26 @@ class SeriesRings:
                 self.ts[row, idx].tobytes(),
                 self.val[row, idx].tobytes(),
                 np.ascontiguousarray(self.feat[row, idx, :]).tobytes(),
+                b"" if (state := self.states[row]) is None else state.encode(),
             )
         )
 
     def load(self, series_id: str, blob: bytes) -> int:
-        """A row restored from a blob (its newest ``capacity`` points); returns the row. Raises
-        ValueError when the blob is malformed or has another feature count."""
+        """A row restored from a blob (its newest ``capacity`` points, and its seasonal state);
+        returns the row. Raises ValueError when the blob is malformed, has another feature count,
+        or lacks (holds) the seasonal state of the model (of another model, or without one)."""
         off, ts, val, feat = decode_series(blob, len(self.feature_names))
+        trailer = blob[series_size(blob) :]
+        if self.seasonal is None and trailer:
+            raise ValueError("window blob holds a seasonal state; the model has no seasons")
+        state = None
+        if self.seasonal is not None:
+            if not trailer:
+                raise ValueError("window blob holds no seasonal state; the model has seasons")
+            state = SeasonalState.decode(self.seasonal, trailer, self.keep)
         k = min(len(off), self.capacity)
         row = self.allocate(series_id)
+        self.states[row] = state
         sl = slice(len(off) - k, len(off))
         self.off[row, :k] = off[sl]
         self.ts[row, :k] = ts[sl]
@@ -168,19 +206,28 @@ class SeriesRings:
         return row
 
 
-def decode_series(
-    blob: bytes, features: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Parse a series blob into ``(offsets (k,), ts (k,), values (k,), features (k, F))``, oldest
-    first. Raises ValueError on a malformed blob or (when given) another feature count."""
+def series_size(blob: bytes) -> int:
+    """Bytes of a series blob's points (what follows is its seasonal state, if any). Raises
+    ValueError on a malformed header."""
     if len(blob) < _BLOB_HEADER.size:
         raise ValueError("window blob too short")
     version, k, f = _BLOB_HEADER.unpack_from(blob)
     if version != _BLOB_VERSION:
         raise ValueError(f"window blob format {version} is not {_BLOB_VERSION}")
+    return int(_BLOB_HEADER.size + 8 * k * (3 + f))
+
+
+def decode_series(
+    blob: bytes, features: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Parse a series blob's points into ``(offsets (k,), ts (k,), values (k,), features (k,
+    F))``, oldest first (a seasonal state after them is left to :meth:`SeriesRings.load`). Raises
+    ValueError on a malformed blob or (when given) another feature count."""
+    size = series_size(blob)
+    _, k, f = _BLOB_HEADER.unpack_from(blob)
     if features is not None and f != features:
         raise ValueError(f"window blob has {f} features, expected {features}")
-    if len(blob) != _BLOB_HEADER.size + 8 * k * (3 + f):
+    if len(blob) < size:
         raise ValueError("window blob has the wrong length")
     pos = _BLOB_HEADER.size
     off = np.frombuffer(blob, np.int64, k, pos)

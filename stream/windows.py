@@ -19,7 +19,10 @@ when their point is still retained the window as it stood at their offset is for
 
 This module is the admission policy (decoding, ordering, limits, the idle clock, redelivery);
 the points themselves live in :class:`stream.rings.SeriesRings`, which also encodes them as the
-blobs Redis stores.
+blobs Redis stores. For a model with seasons the rings also hold each series' seasonal state, and
+each window gathered carries its seasonal parts (:class:`model.seasonal.SeasonalParts`), taken
+from the state as it stood at the window's newest point: a redelivered record's window again
+gets exactly what it got the first time.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
+from model.seasonal import SeasonalParts, SeasonalSpec, window_parts
 from stream.decode import Event, Rejection, decode_event
 from stream.rings import SeriesRings, decode_series
 from stream.settings import LimitSettings
@@ -59,6 +63,7 @@ class WindowBatch:
     ts: np.ndarray  # (R, T) float64
     values: np.ndarray  # (R, T) float64
     features: dict[str, np.ndarray]  # name -> (R, T) float64
+    seasonal: SeasonalParts | None = None  # a model with seasons: each row's seasonal parts
 
     def __len__(self) -> int:
         return len(self.series)
@@ -67,6 +72,9 @@ class WindowBatch:
     def concat(
         partition: int, parts: Sequence[WindowBatch], t: int, names: Sequence[str]
     ) -> WindowBatch:
+        """The rows of ``parts`` one after another (empty parts left out: an empty batch carries
+        no seasonal parts)."""
+        parts = [p for p in parts if len(p)]
         if len(parts) == 1:
             return parts[0]
         if not parts:
@@ -83,7 +91,16 @@ class WindowBatch:
             np.concatenate([p.ts for p in parts]),
             np.concatenate([p.values for p in parts]),
             {n: np.concatenate([p.features[n] for p in parts]) for n in names},
+            _concat_seasonal([p.seasonal for p in parts]),
         )
+
+
+def _concat_seasonal(parts: Sequence[SeasonalParts | None]) -> SeasonalParts | None:
+    if all(p is None for p in parts):
+        return None
+    if any(p is None for p in parts):
+        raise ValueError("windows of a model with seasons and of one without, in one batch")
+    return SeasonalParts.concat(parts)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -120,7 +137,8 @@ class Snapshot:
 class PartitionWindows:
     """The windows of one input partition (see module docstring).
 
-    ``features``: the serving model's feature names (only those are kept). Not thread-safe: the
+    ``features``: the serving model's feature names (only those are kept); ``seasonal`` and
+    ``horizon``: its seasonal spec (None: no seasons) and forecast steps. Not thread-safe: the
     worker applies batches from its event loop only.
     """
 
@@ -134,6 +152,8 @@ class PartitionWindows:
         limits: LimitSettings,
         max_event_bytes: int = 65536,
         max_future_skew: float | None = None,
+        seasonal: SeasonalSpec | None = None,
+        horizon: int = 1,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -143,7 +163,10 @@ class PartitionWindows:
         self.max_event_bytes = max_event_bytes
         self.max_future_skew = max_future_skew  # seconds an event may be ahead of its record
         self.capacity = sequence_length + limits.window_history  # points kept per series (W)
-        self.rings = SeriesRings(self.capacity, self.feature_names)
+        self.horizon = horizon
+        self.rings = SeriesRings(
+            self.capacity, self.feature_names, seasonal, keep=limits.window_history
+        )
         self.applied = -1  # highest input offset applied; -1 before the first
         self.max_ts = -math.inf  # the TTL clock: newest accepted ts of all series but the lead
         self._lead_row = -1  # the series with the newest accepted ts, and that ts
@@ -324,10 +347,16 @@ class PartitionWindows:
     def _gather(
         self, rows: list[int], ends: list[int], offs: list[int], tsms: list[int]
     ) -> WindowBatch:
-        series, ts, values, feats = self.rings.gather(rows, ends, self.seq_len)
+        rings = self.rings
+        series, ts, values, feats = rings.gather(rows, ends, self.seq_len)
+        seasonal = None
+        if rings.seasonal is not None:  # each window's state as it stood at its newest point
+            states = [rings.states[r] for r in rows]
+            backs = [rings.n[r] - e for r, e in zip(rows, ends, strict=True)]
+            seasonal = window_parts(states, backs, ts, self.horizon)
         return WindowBatch(
             self.partition, series, np.asarray(offs, dtype=np.int64),
-            np.asarray(tsms, dtype=np.int64), ts, values, feats,
+            np.asarray(tsms, dtype=np.int64), ts, values, feats, seasonal,
         )  # fmt: skip
 
     # ---- forgetting ----------------------------------------------------------------------------

@@ -124,6 +124,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# A tiny model with seasons (model/seasonal.py) for tests/stream/conftest.py's series (5-minute
+# steps, a 24-step wave and a 5-step sawtooth): its series' seasonal state warms up at their 60th
+# point, so the windows of points 48..59 take the plain path and the later ones the seasonal path.
+SEASONAL_TINY = {
+    "seasons": [5, 60], "season_spacing_s": 300.0, "season_alpha": 0.3,
+    "season_gammas": [0.2, 0.1],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def seasonal_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory holding one promoted tiny version with seasons (:data:`SEASONAL_TINY`)."""
+    from tests.helpers.tiny_model import make_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("seasonal-models")
+    make_tiny_model_dir(root, **SEASONAL_TINY)
+    return root
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """GPU tests skip without CUDA; everything else runs (slow tests too)."""
     try:

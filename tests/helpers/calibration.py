@@ -7,7 +7,9 @@ the state, not only the final one."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,12 +17,39 @@ Events = dict[str, list[tuple[int, int, float, float]]]  # series -> accepted (p
 Bounds = dict[str, dict[str, np.ndarray]]  # "lower"/"upper" -> level -> (H,)
 
 
+def offline_forecast(
+    model: Any, events: Events, picks: Sequence[tuple[str, int]], *, window: int = 48
+) -> Any:
+    """The forecast (:class:`model.predictor.Forecast`) of the window ending at each ``(series,
+    index of its accepted point)`` pick, computed as the *trainer* computes it: for a model with
+    seasons, each series run through :func:`model.seasonal.run_series` (train/data.py's path), its
+    window less the seasonal part on the seasonal path, the offsets added back."""
+    from model.features import build_inputs
+    from model.seasonal import run_series
+
+    cfg = model.config
+    ts = np.array([[e[2] for e in events[s][i - window + 1 : i + 1]] for s, i in picks])
+    vals = np.array([[e[3] for e in events[s][i - window + 1 : i + 1]] for s, i in picks])
+    spec = cfg.seasonal()
+    if spec is None:
+        return model.predictor.predict(build_inputs(ts, vals, None, cfg))
+    runs = {}
+    for s in {s for s, _ in picks}:
+        history = np.array([e[2:] for e in events[s]], np.float64)  # (n, 2): ts, value
+        runs[s] = run_series(spec, history[:, 0], history[:, 1], window, cfg.horizon)
+    offsets = np.zeros((len(picks), cfg.horizon))
+    for r, (s, i) in enumerate(picks):
+        ready, adjusted, ahead = runs[s]
+        if ready[i]:
+            vals[r], offsets[r] = adjusted[i], ahead[i]
+    return model.predictor.predict(build_inputs(ts, vals, None, cfg)).shifted(offsets)
+
+
 def replayed_intervals(
     model_dir: Path, events: Events, *, window: int = 48, kept: int = 96
 ) -> dict[tuple[int, int], Bounds]:
     """(partition, offset) -> the bounds of the forecast of every accepted event whose window is
     full (its ``window``-th point on); ``kept`` points of factor history per series."""
-    from model.features import build_inputs
     from model.registry import ModelRegistry
     from stream.calibration import OnlineCalibrator
 
@@ -35,9 +64,7 @@ def replayed_intervals(
         rows = [(o, sid, i) for o, sid, i, _ in points if i >= window - 1]
         if not rows:
             continue
-        ts = np.array([[e[2] for e in events[s][i - window + 1 : i + 1]] for _, s, i in rows])
-        vals = np.array([[e[3] for e in events[s][i - window + 1 : i + 1]] for _, s, i in rows])
-        fc = model.predictor.predict(build_inputs(ts, vals, None, model.config))
+        fc = offline_forecast(model, events, [(s, i) for _, s, i in rows], window=window)
         cal = OnlineCalibrator(model.config.horizon, kept)
         offsets = np.array([o for o, _, _ in rows], np.int64)
         want, _ = cal.calibrate_batch(points, [s for _, s, _ in rows], offsets, fc)

@@ -81,11 +81,45 @@ def test_state_round_trips_through_its_blob_in_both_phases() -> None:
         s.update(t, v)
         again.update(t, v)
     assert s.ready and again.encode() == s.encode()
-    assert len(s.encode()) == 19 + 8 * (DAY + WEEK)  # header, then the indices
+    assert len(s.encode()) == 37 + 8 * (DAY + WEEK)  # header, then the indices (keep=0)
     with pytest.raises(ValueError):
         SeasonalState.decode(sp, s.encode()[:-8])
     with pytest.raises(ValueError):
         SeasonalState.decode(SeasonalSpec((DAY,), SPACING, 0.1, (0.1,)), s.encode())
+    with pytest.raises(ValueError, match="another model"):  # same seasons, other coefficients
+        SeasonalState.decode(spec(0.3, (0.2, 0.1)), s.encode())
+
+
+def test_back_undoes_the_last_updates_exactly_and_survives_the_blob() -> None:
+    """A redelivered record's window is forecast again from the state as it was then: ``back(k)``
+    equals a state that stopped k points earlier, bit for bit, also after a round trip through
+    the blob Redis stores; before the warm-up ended it is the plain path (None)."""
+    ts, y = two_seasons(WEEK + 200, noise=2.0, seed=3)
+    sp, keep = spec(0.3, (0.2, 0.05)), 48
+    s = SeasonalState(sp, keep)
+    for t, v in zip(ts, y, strict=True):
+        s.update(t, v)
+    blob = s.encode()
+    assert len(blob) == 37 + 8 * (DAY + WEEK) + 8 * 4 * keep
+    loaded = SeasonalState.decode(sp, blob, keep)
+    for k in (0, 1, 17, keep):
+        ref = SeasonalState(sp)
+        for t, v in zip(ts[: len(ts) - k], y[: len(y) - k], strict=True):
+            ref.update(t, v)
+        for state in (s, loaded):
+            then = state.back(k)
+            assert then is not None and then.n == ref.n and then.level == ref.level
+            for a, b in zip(then.idx, ref.idx, strict=True):
+                np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError):
+        s.back(keep + 1)
+    young = SeasonalState(sp, keep)
+    for t, v in zip(ts[: WEEK + 3], y[: WEEK + 3], strict=True):
+        young.update(t, v)
+    assert young.back(3) is not None and young.back(4) is None  # ready at point WEEK
+    assert SeasonalState.decode(sp, blob, 10).back(10) is not None  # fewer kept: the newest
+    with pytest.raises(ValueError):
+        SeasonalState.decode(sp, blob, 10).back(11)
 
 
 @pytest.mark.parametrize(

@@ -207,13 +207,18 @@ def test_kill_9_three_times_and_restart(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("model", ["tiny_model_dir", "seasonal_model_dir"])
 def test_engines_swap_on_a_running_system(
-    stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path, proc_worker: Any
+    stack: Any, topics: Any, redis_url: str, model: str, proc_worker: Any, request: Any
 ) -> None:
     """native, then faust, then native again, each on its part of the stream, in the same group
-    and Redis: no window entry duplicated or missing, every forecast present, none twice."""
+    and Redis: no window entry duplicated or missing, every forecast present, none twice. With a
+    model with seasons, faust serves the first seasonal-path forecasts (points 60..89) from the
+    state native left in Redis, and hands it back: every forecast is the trainer's path
+    replayed, and the stored seasonal state an uninterrupted run's."""
+    model_dir: Path = request.getfixturevalue(model)
     truth = Truth()
-    base = worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics)
+    base = worker_argv(stack.bootstrap, redis_url, model_dir, topics)
     for engine, start, n in (("native", 0, 60), ("faust", 60, 30), ("native", 90, 30)):
         part = make_events(20, n, start=start)
         truth.add(part, produce(stack.bootstrap, topics.input, part))
@@ -223,9 +228,9 @@ def test_engines_swap_on_a_running_system(
     records = consume_all(stack.bootstrap, topics.output, idle=1.0)
     by_src = check_forecasts(records, truth)
     assert len(records) == len(by_src), "a clean swap repeats no forecast"
-    check_windows(redis_url, topics.input, truth)
+    check_windows(redis_url, topics.input, truth, model_dir=model_dir)
     # the engines hand the interval calibration state to each other through Redis, exactly
-    assert check_calibration(tiny_model_dir, truth, by_src) == len(records)
+    assert check_calibration(model_dir, truth, by_src) == len(records)
 
 
 @pytest.mark.integration

@@ -76,9 +76,22 @@ def wait_all_forecasts(
         ) from None
 
 
-def check_windows(redis_url: str, topic: str, truth: Truth, partitions: int = 6) -> None:
+def check_windows(
+    redis_url: str, topic: str, truth: Truth, partitions: int = 6, model_dir: Path | None = None
+) -> None:
+    """Each series' window in Redis holds its last accepted points; for a model with seasons
+    (``model_dir``'s), its seasonal state is byte for byte the state of an uninterrupted run over
+    every accepted point (undo entries included)."""
     import redis
 
+    from model.registry import ModelRegistry
+    from model.seasonal import SeasonalState
+    from stream.rings import series_size
+    from stream.store import partition_for, partition_keys
+
+    spec = None
+    if model_dir is not None:
+        spec = ModelRegistry(model_dir).load(backend="torch", device="cpu").config.seasonal()
     client = redis.Redis.from_url(redis_url)
     try:
         for sid, evs in truth.events.items():
@@ -89,6 +102,13 @@ def check_windows(redis_url: str, topic: str, truth: Truth, partitions: int = 6)
             assert win.offsets.tolist() == [e[1] for e in evs[-k:]], sid
             assert win.ts.tolist() == [e[2] for e in evs[-k:]], sid
             assert win.values.tolist() == [e[3] for e in evs[-k:]], sid
+            if spec is not None:
+                _, win_key, _ = partition_keys("eventcast", topic, partition_for(sid, partitions))
+                blob = client.hget(win_key, sid)
+                want = SeasonalState(spec, keep=48)
+                for _, _, ts, value in evs:
+                    want.update(ts, value)
+                assert want.ready and blob[series_size(blob) :] == want.encode(), sid
     finally:
         client.close()
 
@@ -169,7 +189,7 @@ def run_kill_test(
     assert w.terminate() == 0, w.log()
     records = consume_all(stack.bootstrap, topics.output, idle=1.0, timeout=30, isolation_level=iso)
     by_src = check_forecasts(records, truth, exactly_once="exactly_once" in extra)
-    check_windows(redis_url, topics.input, truth)
+    check_windows(redis_url, topics.input, truth, model_dir=model_dir)
     assert check_calibration(model_dir, truth, by_src) >= len(truth.expected_sources())
 
 
@@ -187,6 +207,17 @@ def test_kill_9_three_times_exactly_once_has_no_duplicates(
     run_kill_test(
         stack, topics, redis_url, tiny_model_dir, proc_worker, "--guarantee", "exactly_once"
     )
+
+
+@pytest.mark.slow
+def test_kill_9_three_times_seasonal_model(
+    stack: Any, topics: Any, redis_url: str, seasonal_model_dir: Path, proc_worker: Any
+) -> None:
+    """A model with seasons: its per-series seasonal state is in the same fenced write as the
+    windows. After three kill -9s every forecast (the repeats of an event equal to the first)
+    equals the trainer's path replayed over the true history, plain path and seasonal path, and
+    the stored state equals an uninterrupted run's."""
+    run_kill_test(stack, topics, redis_url, seasonal_model_dir, proc_worker)
 
 
 def run_two_workers_one_killed(
@@ -230,16 +261,22 @@ def test_two_workers_one_killed(
     run_two_workers_one_killed(stack, topics, redis_url, proc_worker, argv, argv)
 
 
+@pytest.mark.parametrize("model", ["tiny_model_dir", "seasonal_model_dir"])
 def test_redis_flushed_mid_run_rebuilds_windows(
-    stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path, thread_worker: Any
+    stack: Any, topics: Any, redis_url: str, model: str, thread_worker: Any, request: Any
 ) -> None:
+    """Redis flushed while the worker runs: the partitions are rebuilt from the input topic and
+    every later forecast equals the offline one; with a model with seasons, the seasonal state
+    after the rebuild equals the state before the loss (an uninterrupted run's)."""
     import redis
+
+    model_dir: Path = request.getfixturevalue(model)
 
     truth = Truth()
     first = make_events(10, 60)
     truth.add(first, produce(stack.bootstrap, topics.input, first))
     w = thread_worker(
-        worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics, "--metrics-port", "0")
+        worker_argv(stack.bootstrap, redis_url, model_dir, topics, "--metrics-port", "0")
     )
     n1 = len(truth.expected_sources())
     wait_for(lambda: output_count(stack.bootstrap, topics.output) >= n1, 60, "first forecasts")
@@ -253,13 +290,16 @@ def test_redis_flushed_mid_run_rebuilds_windows(
     m = w.worker.metrics
     assert m.state_conflicts._value.get() >= 1 and m.rebuilds._value.get() >= 1
     by_src = check_forecasts(consume_all(stack.bootstrap, topics.output, idle=1.0), truth)
-    check_windows(redis_url, topics.input, truth)
+    check_windows(redis_url, topics.input, truth, model_dir=model_dir)
+    if model == "seasonal_model_dir":  # points 48..59 warm up (plain), the others seasonal
+        paths = {p: m.forecast_paths.labels(p)._value.get() for p in ("plain", "seasonal")}
+        assert paths["plain"] >= 10 * 12 and paths["seasonal"] >= 10 * 30, paths
     # Forecasts after the flush equal offline predictions on the true windows.
     later = Truth({s: evs for s, evs in truth.events.items()})
-    check_against_offline(tiny_model_dir, later, by_src, 20, seed=1)
+    check_against_offline(model_dir, later, by_src, 20, seed=1)
     # The interval calibration state was rebuilt exactly (by re-forecasting the replayed log):
     # every forecast after the flush has the intervals an uninterrupted replay gives.
-    assert check_calibration(tiny_model_dir, truth, by_src) >= len(truth.expected_sources())
+    assert check_calibration(model_dir, truth, by_src) >= len(truth.expected_sources())
 
 
 def worker_on_private_redis(

@@ -9,9 +9,9 @@ import numpy as np
 import orjson
 import pytest
 
-from model.features import build_inputs
 from model.registry import ModelRegistry
 from stream.store import partition_for
+from tests.helpers.calibration import offline_forecast
 from tests.helpers.kafka import consume_all, produce
 from tests.helpers.store import read_window_sync
 from tests.helpers.tiny_model import make_tiny_model_dir
@@ -23,10 +23,7 @@ pytestmark = pytest.mark.integration
 def offline_means(model_dir: Path, truth: Truth, picks: list[tuple[str, int]]) -> np.ndarray:
     """Mean forecasts computed offline (torch backend) for (series, index of event) picks."""
     model = ModelRegistry(model_dir).load(backend="torch", device="cpu")
-    ts = np.array([[e[2] for e in truth.events[s][i - 47 : i + 1]] for s, i in picks])
-    vals = np.array([[e[3] for e in truth.events[s][i - 47 : i + 1]] for s, i in picks])
-    x = build_inputs(ts, vals, None, model.config)
-    return model.predictor.predict(x).mean[:, 0]
+    return offline_forecast(model, truth.events, picks).mean[:, 0]  # type: ignore[no-any-return]
 
 
 def check_against_offline(
