@@ -37,7 +37,8 @@ from model.registry import ModelRegistry, new_version_name
 from train.data import STORE_META, EventDataModule, SeriesArrays, SplitSettings, describe
 from train.evaluate import HeldOut, evaluate, held_out
 from train.peers import PeerSettings
-from train.settings import RetrainSettings
+from train.seasons import seasonal_config
+from train.settings import RetrainSettings, seasons_request
 from train.sources import DataReport, DataSettings, SeriesFrame, load_data
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,9 @@ def gate(
     The serving version is scored on the same held-out windows; the new one is promoted when
     its MAE is strictly lower. The first version is always promoted; a serving version that no
     longer loads does not block a new one; a serving version of another shape (horizon, window,
-    features) cannot be compared and is kept unless ``force``.
+    features) cannot be compared and is kept unless ``force``. A serving version with other
+    seasons (or none) is scored on the same windows with its own inputs: a hybrid replaces a
+    plain network, or the reverse, only when it forecasts better.
     """
     cur = registry.current()
     if cur is None:
@@ -144,6 +147,8 @@ def gate(
         )
         return force, reason + ("; promoted by --force" if force else "; use --force"), None
     net = serving.predictor.net  # type: ignore[attr-defined]
+    if serving.config.seasonal() != config.seasonal():  # the same windows, other network inputs
+        ho = held_out(arrays, serving.config, season)
     old, _, _ = evaluate(net, arrays, serving.config, season=season, version=cur, holdout=ho,
                          linear_ar=False)  # fmt: skip
     new_mae = new_report["metrics"]["model"]["mae"]
@@ -182,6 +187,7 @@ def retrain_once(settings: RetrainSettings) -> RetrainResult:
     config = settings.model.replace(features=list(data_report.features))
     if settings.calendar_year_auto:
         config = config.replace(calendar_year=year_channels(arrays))
+    config, seasons_info = seasonal_config(arrays, config, seasons_request(settings))
     dm = EventDataModule(
         arrays,
         config,
@@ -214,7 +220,7 @@ def retrain_once(settings: RetrainSettings) -> RetrainResult:
         return RetrainResult(None, False, "not the global-zero process", run_dir=run_dir)
     try:
         result = _finish(settings, fit, trainer, loggers, dm, arrays, data_report, version,
-                         run_dir, sweep_info, t0)  # fmt: skip
+                         run_dir, sweep_info, t0, seasons_info)  # fmt: skip
     finally:
         # The other ranks wait here whatever happened to rank 0 (its exit status is the command's).
         barrier(trainer, "eventcast-retrain-done")
@@ -235,6 +241,7 @@ def _finish(
     run_dir: Path,
     sweep_info: dict[str, Any] | None,
     t0: float,
+    seasons_info: dict[str, Any],
 ) -> RetrainResult:
     """Rank 0's part after training: calibration, evaluation, the gate, the registry, MLflow."""
     config = fit.config
@@ -268,6 +275,7 @@ def _finish(
         "gradients": fit.gradients,
     }
     report["calibration"] = calibration
+    report["seasons"] = seasons_info
     if sweep_info is not None:
         report["sweep"] = sweep_info
 
@@ -292,13 +300,15 @@ def _finish(
     (run_dir / "evaluation.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
 
     n = min(INT8_HOLDOUT_WINDOWS, ho.windows)
+    # The int8 check scores the network on its own targets: with seasons, what they leave.
+    targets = ho.y[:n] if ho.offsets is None else ho.y[:n] - ho.offsets[:n]
     registry.write_version(
         fit.module,
         config,
         report,
         ho.x[:CANARY_WINDOWS],
         version=version,
-        holdout=(ho.x[:n], ho.y[:n]),
+        holdout=(ho.x[:n], targets),
         extra_files={"forecast.png": png},
     )
     if promote:

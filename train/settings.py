@@ -43,7 +43,8 @@ PRECISIONS = choices(Precision)
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb", "none")
 # Flags that set ModelConfig fields (None = not given on the command line or in YAML).
 MODEL_FLAGS = ("horizon", "hidden_size", "num_layers", "learning_rate", "batch_size",
-               "distribution", "dropout", "sequence_length", "calendar_year")  # fmt: skip
+               "distribution", "dropout", "sequence_length", "calendar_year",
+               "seasons")  # fmt: skip
 SECTIONS = ("model", "training", "hardware", "logging", "data")
 
 
@@ -308,6 +309,14 @@ class RetrainSettings(LoggingSettings, HardwareSettings, TrainingSettings, DataO
         "52 weeks or more)",
     )
 
+    seasons: Text = Field(
+        None,
+        description="per-series seasonal memory, the hybrid (model/seasonal.py): auto (the "
+        "data's seasons from its spacing, e.g. a day and a week for half-hourly data), none, or "
+        "steps, e.g. 48,336; the smoothing coefficients are fitted on the training split "
+        "(default: none)",
+    )
+
     @model_validator(mode="after")
     def _check_retrain(self) -> RetrainSettings:
         check_sections(self.config_document, set(type(self).model_fields))
@@ -384,13 +393,41 @@ def calendar_year_is_auto(settings: RetrainSettings) -> bool:
     return _model_section(settings).get("calendar_year", "auto") == "auto"
 
 
+def seasons_request(settings: RetrainSettings) -> str | tuple[int, ...]:
+    """What ``--seasons`` (or the YAML ``model: seasons:``) asks: ``"auto"``, or the seasons in
+    steps (``()``: none, the default). :func:`train.seasons.seasonal_config` resolves it against
+    the data and fits the coefficients."""
+    raw = _model_section(settings).get("seasons")
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text in ("", "none"):
+            return ()
+        raw = text.replace(",", " ").split()
+    try:
+        steps = tuple(int(v) for v in raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--seasons: auto, none or steps like 48,336, got {raw!r}") from exc
+    if list(steps) != sorted(set(steps)) or not all(v >= 2 for v in steps):
+        raise ConfigError(f"--seasons: ascending distinct steps >= 2, got {list(steps)}")
+    return steps
+
+
 def model_config_from(settings: RetrainSettings, features: tuple[str, ...] | None) -> ModelConfig:
     """ModelConfig from the YAML ``model:`` section, then the model flags that were given, then
     ``features`` when not None. Invalid values raise ConfigError naming the field. An undecided
-    ``calendar_year`` (see :func:`calendar_year_is_auto`) is False here."""
+    ``calendar_year`` (see :func:`calendar_year_is_auto`) is False here; so are the seasons
+    (resolved against the data by :func:`train.seasons.seasonal_config`) unless the section
+    gives their coefficients too (a saved version's config)."""
     section = _model_section(settings)
     if section.get("calendar_year") == "auto":
         del section["calendar_year"]
+    if not section.get("season_gammas"):  # a request, resolved with the data
+        seasons_request(settings)  # a bad request fails here, naming the flag
+        section.pop("seasons", None)
     if features is not None:
         section["features"] = list(features)
     if isinstance(section.get("features"), str):

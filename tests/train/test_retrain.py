@@ -352,3 +352,36 @@ def test_evaluate_and_predict_without_a_model_exit_3(
         assert code == 3 and "worker retrain" in err
     code, _, err = run(["evaluate", "--model-dir", str(tmp_path)], capsys)
     assert code == 2 and "--data" in err
+
+
+def test_seasons_auto_fits_a_hybrid_that_the_gate_scores_against_the_plain_network(
+    tmp_path: Path, retrain_args: Callable[..., list[str]], synthetic_csv: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """``--seasons auto`` on 400 hourly points: the data's seasons are a day and a week; a week
+    cannot be learnt from 280 training points, so the hybrid keeps the day, with coefficients
+    fitted for the horizon, stored in the version's config (the worker's loader accepts it). The
+    gate scores the plain serving version with its own inputs on the same windows."""
+    models = tmp_path / "models"
+    code, _, err = run(retrain_args(), capsys)
+    assert code == 0, err
+    code, out, err = run(retrain_args("--seasons", "auto", "--force"), capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    stored = json.loads((models / result["version"] / "metrics.json").read_text())
+    info = stored["seasons"]
+    assert info["data_seasons"] == [24, 168] and info["seasons"] == [24]
+    assert info["spacing_s"] == 3600.0 and info["smoother_mae"] > 0
+    config = ModelRegistry(models).load(result["version"], backend="onnx").config
+    assert config.seasons == (24,) and config.season_spacing_s == 3600.0
+    assert (config.season_alpha, list(config.season_gammas)) == (info["alpha"], info["gammas"])
+    assert "held-out MAE" in result["reason"]  # compared with the plain version, not refused
+    code, out, err = run(
+        ["evaluate", "--data", str(synthetic_csv), "--model-dir", str(models), "--version",
+         result["version"]], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["metrics"]["model"]["mae"] == stored["metrics"]["model"]["mae"]
+    for bad in ("24,168", "0", "168,24", "daily"):
+        code, _, err = run(retrain_args("--seasons", bad), capsys)
+        assert code == 2 and "--seasons" in err, (bad, err)

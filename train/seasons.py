@@ -1,0 +1,84 @@
+"""The retrain's seasonal memory: which seasons a model keeps per series, and their coefficients.
+
+``--seasons auto`` takes the data's seasons from its median spacing — the ones the MSTL peer
+models (:func:`train.peers.mstl_seasons`: a day and a week for sub-daily data, a week and a year
+for daily data, a year for weekly and monthly data) — and keeps those the data can teach: at most
+:data:`model.seasonal.MAX_SEASON` steps, and a longest season whose warm-up (one whole cycle)
+leaves at least as many training windows as it takes. ``--seasons 48,336`` names them. Either
+way the smoothing coefficients are fitted on the training split, per model, for the model's
+horizon (:func:`model.seasonal.fit_coefficients`); the result is stored in the version's config,
+which the worker reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from model.config import ModelConfig
+from model.errors import ConfigError
+from model.seasonal import MAX_SEASON, fit_coefficients
+from train.data import TRAIN, SeriesArrays
+
+log = logging.getLogger(__name__)
+
+
+def training_series(arrays: SeriesArrays) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(ts, values)`` of each series' training part, in time order."""
+    split = np.asarray(arrays.split)
+    out = []
+    for s, n in zip(arrays.starts.tolist(), arrays.lengths.tolist(), strict=True):
+        train = np.flatnonzero(split[s : s + n] == TRAIN)
+        if len(train):
+            part = slice(s, s + int(train[-1]) + 1)
+            out.append((np.asarray(arrays.ts[part]), np.asarray(arrays.values[part])))
+    return out
+
+
+def learnable(seasons: list[int], series: list[tuple[np.ndarray, np.ndarray]]) -> list[int]:
+    """The seasons a model can learn from these training series: each at most MAX_SEASON, and
+    the longest series at least twice the longest season (one cycle to warm up, one to train)."""
+    longest = max((len(v) for _, v in series), default=0)
+    return [m for m in seasons if m <= MAX_SEASON and 2 * m <= longest]
+
+
+def seasonal_config(
+    arrays: SeriesArrays, config: ModelConfig, request: str | tuple[int, ...]
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """``config`` with the requested seasons resolved and their coefficients fitted (unchanged
+    for ``()``), and what ``metrics.json`` records of it."""
+    if request == ():
+        return config, {"seasons": [], "reason": "none requested (--seasons none, the default)"}
+    from train.peers import mstl_seasons
+
+    spacing = float(np.median(arrays.spacing))
+    series = training_series(arrays)
+    wanted = mstl_seasons(spacing) if request == "auto" else list(request)
+    seasons = learnable(wanted, series)
+    info: dict[str, Any] = {"requested": request, "data_seasons": wanted, "spacing_s": spacing}
+    if request != "auto" and seasons != wanted:
+        raise ConfigError(
+            f"--seasons: {wanted} cannot be learnt from this data (each season at most "
+            f"{MAX_SEASON} steps, and a training series twice the longest): use {seasons or 'none'}"
+        )
+    if not seasons:
+        info.update(seasons=[], reason="no season the data can teach: the plain network")
+        log.info("seasons: none (data seasons %s at spacing %gs)", wanted, spacing)
+        return config, info
+    start = time.monotonic()
+    spec, mae = fit_coefficients(series, seasons, spacing, config.horizon)
+    info.update(
+        seasons=seasons, alpha=spec.alpha, gammas=list(spec.gammas), smoother_mae=mae,
+        seconds=round(time.monotonic() - start, 1),
+    )  # fmt: skip
+    log.info(
+        "seasons %s at spacing %gs: alpha %g, gammas %s (the smoother's own %d-step MAE %.6g on "
+        "the training split)", seasons, spacing, spec.alpha, list(spec.gammas), config.horizon, mae,
+    )  # fmt: skip
+    return config.replace(
+        seasons=list(spec.seasons), season_spacing_s=spacing, season_alpha=spec.alpha,
+        season_gammas=list(spec.gammas),
+    ), info  # fmt: skip
