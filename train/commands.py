@@ -37,6 +37,12 @@ class EvaluateOptions(DataOptions):
         description="held-out windows (evenly spread) the statsforecast peers AutoETS and MSTL "
         "forecast; 0: no peers, a number over the held-out windows: all of them",
     )
+    versus: Text = Field(
+        None,
+        description="other versions of the model directory (comma-separated) scored on the "
+        "same windows, each with its own inputs (e.g. the plain network beside a hybrid): "
+        "methods model@VERSION",
+    )
 
 
 class PredictOptions(DataOptions):
@@ -135,6 +141,7 @@ def cmd_evaluate(args: EvaluateOptions) -> int:
     report = evaluate_version(
         model_dir, args.source(), args.split, version=args.version, season=args.season,
         peers=PeerSettings(origins=args.peer_origins),
+        versus=[v for v in (args.versus or "").split(",") if v.strip()],
     )  # fmt: skip
     text = json.dumps(report, indent=2, default=str)
     if args.out:

@@ -292,12 +292,15 @@ def evaluate(
     holdout: HeldOut | None = None,
     linear_ar: bool = True,
     peers: PeerSettings | None = None,
+    versus: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> tuple[dict[str, Any], HeldOut, dict[str, np.ndarray]]:
     """Score ``net`` and the baselines on the held-out windows.
 
     Returns ``(report, held_out, model_forecasts)``; the report is JSON-able (no NaN: undefined
     numbers are None). Pass ``holdout`` to reuse windows already built for the same config;
-    ``peers`` adds the statsforecast models (``report["peers"]``, see :mod:`train.peers`).
+    ``peers`` adds the statsforecast models (``report["peers"]``, see :mod:`train.peers`);
+    ``versus``, other forecasts of the same windows by name (other versions, e.g. the plain
+    network beside a hybrid), scored as methods.
 
     Every method's forecast is first a dict of (W, H) arrays (``forecasts[name]``, the model's
     under ``"model"``), then scored by :func:`score_methods` on the same rows.
@@ -305,7 +308,11 @@ def evaluate(
     ho = holdout if holdout is not None else held_out(arrays, config, season)
     t, h = config.sequence_length, config.horizon
     fc = add_offsets(net_forecast(net, ho.x), ho.offsets)
-    forecasts = {"model": fc, **baseline_forecasts(arrays, ho, linear_ar=linear_ar)}
+    forecasts = {
+        "model": fc,
+        **(versus or {}),
+        **baseline_forecasts(arrays, ho, linear_ar=linear_ar),
+    }
     metrics, steps = score_methods(ho.y, forecasts, ho.scale, ho.unavailable)
     report: dict[str, Any] = {
         "version": version,

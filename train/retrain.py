@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from model.config import ModelConfig
-from model.errors import EventcastError, ModelLoadError
+from model.errors import ConfigError, EventcastError, ModelLoadError
 from model.registry import ModelRegistry, new_version_name
 from train.data import STORE_META, EventDataModule, SeriesArrays, SplitSettings, describe
 from train.evaluate import HeldOut, evaluate, held_out
@@ -361,17 +361,31 @@ def evaluate_version(
     version: str | None = None,
     season: int | None = None,
     peers: PeerSettings | None = None,
+    versus: list[str] | None = None,
 ) -> dict[str, Any]:
     """``worker evaluate``: score a version (default the serving one) on ``data``'s held-out
     split beside the baselines (and, with ``peers``, the statsforecast models of
-    :mod:`train.peers`) and return the report. NoModelError without a serving version;
-    ModelLoadError when the version fails its checks; ConfigError when the data lack one of the
-    model's features."""
+    :mod:`train.peers`; with ``versus``, other versions as methods ``model@VERSION``) and return
+    the report. NoModelError without a serving version; ModelLoadError when a version fails its
+    checks; ConfigError when the data lack one of the model's features or a ``versus`` version
+    forecasts other windows."""
+    from train.evaluate import add_offsets, net_forecast
+
     registry = ModelRegistry(model_dir)
     loaded = registry.load(version, backend="torch", device="cpu")
     data = replace(data, features=loaded.config.features)
     arrays, data_report = prepare_arrays(data, split)
     ho = held_out(arrays, loaded.config, season)
+    others: dict[str, dict[str, np.ndarray]] = {}
+    for name in versus or ():
+        other = registry.load(name.strip(), backend="torch", device="cpu")
+        o, c = other.config, loaded.config
+        if (o.sequence_length, o.horizon, o.features) != (c.sequence_length, c.horizon, c.features):
+            raise ConfigError(f"--versus: version {other.version} forecasts other windows "
+                              "(window, horizon or features differ)")  # fmt: skip
+        ho_o = held_out(arrays, o, season)
+        net_o = other.predictor.net  # type: ignore[attr-defined]
+        others[f"model@{other.version}"] = add_offsets(net_forecast(net_o, ho_o.x), ho_o.offsets)
     report, _, _ = evaluate(
         loaded.predictor.net,  # type: ignore[attr-defined]
         arrays,
@@ -380,6 +394,7 @@ def evaluate_version(
         version=loaded.version,
         holdout=ho,
         peers=peers,
+        versus=others,
     )
     report["data"] = data_report.to_dict()
     return report

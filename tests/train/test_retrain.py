@@ -363,8 +363,9 @@ def test_seasons_auto_fits_a_hybrid_that_the_gate_scores_against_the_plain_netwo
     fitted for the horizon, stored in the version's config (the worker's loader accepts it). The
     gate scores the plain serving version with its own inputs on the same windows."""
     models = tmp_path / "models"
-    code, _, err = run(retrain_args(), capsys)
+    code, out, err = run(retrain_args(), capsys)
     assert code == 0, err
+    plain = json.loads(out)["version"]
     code, out, err = run(retrain_args("--seasons", "auto", "--force"), capsys)
     assert code == 0, err
     result = json.loads(out)
@@ -376,12 +377,18 @@ def test_seasons_auto_fits_a_hybrid_that_the_gate_scores_against_the_plain_netwo
     assert config.seasons == (24,) and config.season_spacing_s == 3600.0
     assert (config.season_alpha, list(config.season_gammas)) == (info["alpha"], info["gammas"])
     assert "held-out MAE" in result["reason"]  # compared with the plain version, not refused
+    # `worker evaluate --versus`: the plain network beside the hybrid, on the same windows.
     code, out, err = run(
         ["evaluate", "--data", str(synthetic_csv), "--model-dir", str(models), "--version",
-         result["version"]], capsys,
+         result["version"], "--versus", plain, "--peer-origins", "0"], capsys,
     )  # fmt: skip
     assert code == 0, err
-    assert json.loads(out)["metrics"]["model"]["mae"] == stored["metrics"]["model"]["mae"]
+    metrics = json.loads(out)["metrics"]
+    assert metrics["model"]["mae"] == stored["metrics"]["model"]["mae"]
+    plain_stored = json.loads((models / plain / "metrics.json").read_text())
+    assert metrics[f"model@{plain}"]["mae"] == pytest.approx(
+        plain_stored["metrics"]["model"]["mae"], rel=1e-9
+    )
     for bad in ("24,168", "0", "168,24", "daily"):
         code, _, err = run(retrain_args("--seasons", bad), capsys)
         assert code == 2 and "--seasons" in err, (bad, err)
