@@ -84,6 +84,7 @@ class ForecastPlotCallback(Callback):
         else:
             self._series = np.zeros(0, dtype=np.int64)
         self._x, self._y, self._ts = ds.arrays_for(idx) if len(idx) else (None, None, None)
+        self._offsets = ds.offsets_for(idx)  # a model with seasons: their part, added back
         self._ids = dm.arrays.ids
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -96,10 +97,10 @@ class ForecastPlotCallback(Callback):
         tbs = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not tbs:
             return
-        from train.evaluate import net_forecast
+        from train.evaluate import add_offsets, net_forecast
         from train.plots import _pyplot, forecast_figure
 
-        fc = net_forecast(pl_module, self._x)
+        fc = add_offsets(net_forecast(pl_module, self._x), self._offsets)
         fig = forecast_figure(
             self._ids, self._series, self._ts, self._y, fc,
             title=f"validation, epoch {trainer.current_epoch}",
