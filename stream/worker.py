@@ -89,6 +89,7 @@ class Worker:
         # not ready, still alive. Two watchdogs: the fetch stage winds one each time a fetch
         # returns (records or not); the later stages wind the other as batches move on.
         self.pauses = Pauses(m.paused, self._pause_fetching)
+        self._fetching = False  # start-up done: the liveness clocks run
         self.fetch_clock = Watchdog(s.liveness_timeout)
         self.pipeline_clock = Watchdog(s.liveness_timeout)
         self.slots = InflightSlots(on_busy=self.pipeline_clock.beat)
@@ -162,8 +163,11 @@ class Worker:
         """``/healthz`` (see :mod:`stream.health`): False when, for ``--liveness-timeout``, the
         fetch stage has not finished a fetch (it does at least every poll interval, records or
         not: an idle worker stays alive), or batches were in flight and none moved on through
-        inference or completion; True whenever the worker is paused on purpose."""
-        if self.pauses:
+        inference or completion; True whenever the worker is paused on purpose, and while it
+        starts (waiting for a model with ``--wait-for-model``, loading it, connecting: those steps
+        wait on purpose or fail with their own exit status; the clocks start when they are
+        done)."""
+        if self.pauses or not self._fetching:
             return True
         stuck = len(self.slots) > 0 and self.pipeline_clock.expired()
         return not stuck and not self.fetch_clock.expired()
@@ -235,6 +239,9 @@ class Worker:
                 f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {exc}"
             ) from exc
         self.consumer.subscribe([s.input_topic], listener=_Listener(self))
+        self._fetching = True  # /healthz's clocks start now
+        self.fetch_clock.beat()
+        self.pipeline_clock.beat()
         self.pipeline = Pipeline(
             self.processor, Batcher(self.consumer, s.batch), self.gate, self.slots,
             metrics=self.metrics, fetch_clock=self.fetch_clock, queue_size=s.batch.queue_size,

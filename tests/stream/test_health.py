@@ -109,6 +109,46 @@ def test_a_stuck_stage_fails_healthz(
     w.stop()
 
 
+def test_healthz_stays_up_while_the_worker_waits_for_its_first_model(
+    stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``--wait-for-model`` on an empty model directory: past the liveness timeout /healthz is
+    still 200 (waiting on purpose: an orchestrator must not restart it) and /readyz 503; once a
+    version appears the worker starts and both are 200."""
+    import shutil
+
+    from tests.helpers.worker import ThreadWorker
+
+    port, models = free_port(), tmp_path / "models"
+    models.mkdir()
+    argv = worker_argv(
+        stack.bootstrap, redis_url, models, topics, "--metrics-port", str(port),
+        "--liveness-timeout", "1s", "--wait-for-model",
+    )  # fmt: skip
+    w = ThreadWorker(argv)
+    w.thread.start()
+    try:
+
+        def serving() -> bool:
+            try:
+                return status(port, "/readyz") > 0
+            except OSError:
+                return False
+
+        wait_for(serving, 30, "the health endpoint")
+        time.sleep(2.5)  # over twice the liveness timeout
+        assert not w.started.is_set()
+        assert (status(port, "/healthz"), status(port, "/readyz")) == (200, 503)
+        for entry in tiny_model_dir.iterdir():
+            (shutil.copytree if entry.is_dir() else shutil.copy)(entry, models / entry.name)
+        assert w.started.wait(60)
+        w.check()
+        wait_for(lambda: status(port, "/readyz") == 200, 60, "ready")
+        assert status(port, "/healthz") == 200
+    finally:
+        w.stop()
+
+
 def test_watchdog_clock() -> None:
     now = [100.0]
     dog = Watchdog(5.0, clock=lambda: now[0])
