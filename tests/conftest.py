@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -95,6 +96,19 @@ def redis_url(stack: TestStack) -> str:
     finally:
         client.close()
     return url
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def store_redis(request: pytest.FixtureRequest) -> Any:
+    """The Redis of a worker test that runs on both: once a fresh database of the single Redis
+    (``redis_url``), once the session's Redis Cluster (``redis_cluster``) under a key prefix of
+    the test's own; a :class:`tests.helpers.store.StoreTarget`."""
+    from tests.helpers.store import StoreTarget
+
+    if request.param == "redis":
+        return StoreTarget(request.getfixturevalue("redis_url"))
+    cluster = request.getfixturevalue("redis_cluster")
+    return StoreTarget(cluster.url, unique("t"), cluster=True)
 
 
 @pytest.fixture

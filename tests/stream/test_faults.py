@@ -19,7 +19,7 @@ import pytest
 from deploy.stack import free_port
 from tests.helpers.calibration import replayed_intervals
 from tests.helpers.kafka import consume_all, end_offsets, produce
-from tests.helpers.store import read_window_sync
+from tests.helpers.store import StoreTarget, read_window_sync
 from tests.stream.conftest import (
     Truth,
     forecasts_by_source,
@@ -76,13 +76,14 @@ def wait_all_forecasts(
         ) from None
 
 
-def check_windows(redis_url: str, topic: str, truth: Truth, partitions: int = 6) -> None:
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
+def check_windows(redis: str | StoreTarget, topic: str, truth: Truth, partitions: int = 6) -> None:
+    """Each series' window in the Redis at that URL (or of that target) is its last accepted
+    events."""
+    target = StoreTarget(redis) if isinstance(redis, str) else redis
+    client = target.client()
     try:
         for sid, evs in truth.events.items():
-            win = read_window_sync(client, "eventcast", topic, sid, partitions)
+            win = read_window_sync(client, target.prefix, topic, sid, partitions)
             assert win is not None, sid
             k = len(win.offsets)
             assert k == min(len(evs), 96), (sid, k)
@@ -231,21 +232,21 @@ def test_two_workers_one_killed(
 
 
 def test_redis_flushed_mid_run_rebuilds_windows(
-    stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path, thread_worker: Any
+    stack: Any, topics: Any, store_redis: StoreTarget, tiny_model_dir: Path, thread_worker: Any
 ) -> None:
-    import redis
-
+    """Runs on the single Redis (FLUSHDB) and on a Redis Cluster (the test's keys deleted on
+    every primary)."""
     truth = Truth()
     first = make_events(10, 60)
     truth.add(first, produce(stack.bootstrap, topics.input, first))
-    w = thread_worker(
-        worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics, "--metrics-port", "0")
-    )
+    argv = worker_argv(stack.bootstrap, store_redis.url, tiny_model_dir, topics,
+                       "--metrics-port", "0", *store_redis.worker_flags())  # fmt: skip
+    w = thread_worker(argv)
     n1 = len(truth.expected_sources())
     wait_for(lambda: output_count(stack.bootstrap, topics.output) >= n1, 60, "first forecasts")
     wait_for(lambda: w.worker.metrics.commits._value.get() > 0, 30, "a commit")
     time.sleep(0.5)  # let the last batch commit
-    redis.Redis.from_url(redis_url).flushdb()
+    store_redis.lose_state()
     second = make_events(10, 30, start=60)
     truth.add(second, produce(stack.bootstrap, topics.input, second))
     wait_all_forecasts(stack.bootstrap, topics.output, truth, 90, worker=w)
@@ -253,7 +254,7 @@ def test_redis_flushed_mid_run_rebuilds_windows(
     m = w.worker.metrics
     assert m.state_conflicts._value.get() >= 1 and m.rebuilds._value.get() >= 1
     by_src = check_forecasts(consume_all(stack.bootstrap, topics.output, idle=1.0), truth)
-    check_windows(redis_url, topics.input, truth)
+    check_windows(store_redis, topics.input, truth)
     # Forecasts after the flush equal offline predictions on the true windows.
     later = Truth({s: evs for s, evs in truth.events.items()})
     check_against_offline(tiny_model_dir, later, by_src, 20, seed=1)
