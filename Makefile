@@ -14,6 +14,7 @@ help:
 	@echo "make chaos         randomized fault run, ~10 min (CHAOS_ARGS='--seed N --minutes M ...')"
 	@echo "make stack-up      start Kafka (127.0.0.1:9092) and Redis (127.0.0.1:6379) locally"
 	@echo "make stack-down    stop them        make stack-status    show them"
+	@echo "                   (REDIS_CLUSTER=1: Redis is a 3+3-node Redis Cluster on 127.0.0.1:7000-7005)"
 	@echo "make lint          ruff + mypy + import contracts   make bench   benchmark tables (bench/)"
 	@echo "make bench-gpu     GPU vs CPU check + GPU tables (~3 min, no setup; GPU_ARGS=--dry-run: CPU)"
 
@@ -36,14 +37,18 @@ CHAOS_ARGS ?= --minutes 10 --guarantee exactly_once
 chaos:
 	@venv=$(ENV) && OMP_NUM_THREADS=1 "$$venv/bin/python" -m tests.chaos $(CHAOS_ARGS)
 
+# REDIS_CLUSTER=1: the stack's Redis is a Redis Cluster of 3 primaries + 3 replicas on
+# 127.0.0.1:7000-7005 (deploy/stack.py; EVENTCAST_REDIS_CLUSTER=1 in the environment does the same).
+STACK_ARGS = $(if $(filter 1 yes true,$(REDIS_CLUSTER)),--redis-cluster)
+
 stack-up:
-	@venv=$(ENV) && "$$venv/bin/python" -m deploy.stack up
+	@venv=$(ENV) && "$$venv/bin/python" -m deploy.stack up $(STACK_ARGS)
 
 stack-down:
 	@venv=$(ENV) && "$$venv/bin/python" -m deploy.stack down
 
 stack-status:
-	@venv=$(ENV) && "$$venv/bin/python" -m deploy.stack status
+	@venv=$(ENV) && "$$venv/bin/python" -m deploy.stack status $(STACK_ARGS)
 
 lint:
 	@venv=$(ENV) && "$$venv/bin/ruff" check . && "$$venv/bin/ruff" format --check . && "$$venv/bin/mypy" \

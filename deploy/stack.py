@@ -11,7 +11,10 @@ to restart or kill them in fault tests).
   replication factor and min ISR 1 for the internal topics, no initial rebalance delay, no topic
   auto-creation.
 - Redis is the system's ``redis-server`` with AOF persistence (``appendfsync everysec``) in the
-  stack's data directory.
+  stack's data directory. With ``--redis-cluster`` (or ``EVENTCAST_REDIS_CLUSTER=1``) the stack's
+  Redis is instead a Redis Cluster of three primaries and three replicas
+  (:class:`RedisClusterServers`, ports ``EVENTCAST_REDIS_CLUSTER_PORT`` to +5, 7000-7005 by
+  default), created with ``redis-cli --cluster create``.
 
 Each service keeps ``<dir>/<name>.pid``; starting a service that is already running on its port
 reuses it, and ``stop()`` is safe to call twice. Logs go to ``<dir>/logs/``.
@@ -68,16 +71,22 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _ensure_port_free(port: int, what: str) -> None:
+def _port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise StackError(
-                f"port {port} is already taken on 127.0.0.1, so {what} cannot start there; "
-                f"stop whatever listens on {port} or choose another port"
-            ) from exc
+        except OSError:
+            return False
+    return True
+
+
+def _ensure_port_free(port: int, what: str) -> None:
+    if not _port_free(port):
+        raise StackError(
+            f"port {port} is already taken on 127.0.0.1, so {what} cannot start there; "
+            f"stop whatever listens on {port} or choose another port"
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -483,6 +492,185 @@ class RedisServer(_ManagedProcess):
         raise StackError(f"Redis did not answer PING within {timeout:.0f}s; see {self.log_file}")
 
 
+def _redis_cli(port: int, *args: str, timeout: float = 10.0) -> str:
+    """``redis-cli -p PORT ARGS...``'s output (an empty string when the node does not answer)."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise StackError("redis-cli not found (Debian: apt-get install redis-tools)")
+    try:
+        result = subprocess.run(
+            [cli, "-h", "127.0.0.1", "-p", str(port), *args],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return ""
+    return result.stdout if result.returncode == 0 else ""
+
+
+@dataclass
+class ClusterNode:
+    """One node as ``CLUSTER NODES`` lists it: its port, whether it is a primary, the node id of
+    its primary (replicas) and the hash slot ranges it serves (primaries)."""
+
+    id: str
+    port: int
+    primary: bool
+    primary_id: str | None
+    slots: tuple[tuple[int, int], ...]
+
+    def serves(self, slot: int) -> bool:
+        return any(lo <= slot <= hi for lo, hi in self.slots)
+
+
+@dataclass
+class RedisClusterServers:
+    """A Redis Cluster on 127.0.0.1: ``len(ports) // 2`` primaries with one replica each, every
+    node a :class:`RedisServer` (AOF, ``noeviction``) in its own folder ``dir/redis-cluster/PORT``.
+
+    ``cluster-node-timeout`` is short (``node_timeout_ms``, 2 s) so that a replica takes over a
+    dead primary within seconds (the failover tests rely on it). The cluster is created once
+    (``redis-cli --cluster create``); a later start finds each node's ``nodes.conf`` and the
+    cluster re-forms by itself.
+    """
+
+    dir: Path
+    ports: tuple[int, ...] = (7000, 7001, 7002, 7003, 7004, 7005)
+    node_timeout_ms: int = 2000
+    nodes: list[RedisServer] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dir = Path(self.dir)
+        if len(self.ports) < 6 or len(self.ports) % 2:
+            raise StackError("a Redis Cluster here needs an even number of ports, at least 6")
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms))  # fmt: skip
+        self.nodes = [
+            RedisServer(self.dir / "redis-cluster" / str(port), port=port, extra_args=args)
+            for port in self.ports
+        ]
+
+    @classmethod
+    def on_free_ports(cls, dir: Path, nodes: int = 6) -> RedisClusterServers:
+        """A cluster on ports that are free now, each with its cluster bus port (port + 10000,
+        which must stay below 65536) free too (the test suite's cluster)."""
+        ports: list[int] = []
+        while len(ports) < nodes:
+            port = free_port()
+            if port <= 55535 and port not in ports and _port_free(port + 10000):
+                ports.append(port)
+        return cls(dir, ports=tuple(ports))
+
+    @property
+    def url(self) -> str:
+        """A URL of one node: the cluster client discovers the others from it."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def node(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def running(self) -> bool:
+        return any(n.pid() is not None for n in self.nodes)
+
+    def info(self, port: int) -> dict[str, str]:
+        """``CLUSTER INFO`` of one node as a dict (empty when it does not answer)."""
+        text = _redis_cli(port, "cluster", "info")
+        return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+    def topology(self, port: int | None = None) -> list[ClusterNode]:
+        """The cluster as one node (``port``, else the first that answers) sees it."""
+        for p in [port] if port is not None else self.ports:
+            text = _redis_cli(p, "cluster", "nodes")
+            if text:
+                return [_cluster_node(line) for line in text.splitlines() if line.strip()]
+        return []
+
+    def primary_for(self, key: str) -> int:
+        """The port of the primary that serves ``key``'s slot now."""
+        slot = int(_redis_cli(self.ports[0], "cluster", "keyslot", key).strip())
+        for n in self.topology():
+            if n.primary and n.serves(slot) and self.node(n.port).pid() is not None:
+                return n.port
+        raise StackError(f"no live primary serves slot {slot} of {key!r}")
+
+    def healthy(self) -> bool:
+        """Every node is up and sees ``cluster_state:ok`` with all nodes known, and every
+        primary has a replica attached (so that a failover can happen)."""
+        if any(n.pid() is None for n in self.nodes):
+            return False
+        for port in self.ports:
+            info = self.info(port)
+            if info.get("cluster_state") != "ok":
+                return False
+            if info.get("cluster_known_nodes") != str(len(self.ports)):
+                return False
+        topo = self.topology()
+        primaries = {n.id for n in topo if n.primary and n.slots}
+        followed = {n.primary_id for n in topo if not n.primary}
+        return len(primaries) == len(self.ports) // 2 and primaries <= followed
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.healthy():
+                return
+            time.sleep(0.2)
+        raise StackError(
+            f"the Redis Cluster on ports {self.ports[0]}-{self.ports[-1]} did not reach "
+            f"cluster_state:ok within {timeout:.0f}s; see the logs under "
+            f"{self.dir / 'redis-cluster'}"
+        )
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start every node (reusing running ones), create the cluster if it was never created,
+        and return once it is healthy (:meth:`healthy`)."""
+        started: list[RedisServer] = []
+        try:
+            for n in self.nodes:
+                if not n.running():
+                    n.start()
+                    started.append(n)
+            if self.info(self.ports[0]).get("cluster_slots_assigned") == "0":
+                self._create()
+            self.wait_healthy(timeout)
+        except StackError:
+            for n in started:
+                n.stop()
+            raise
+
+    def _create(self) -> None:
+        cli = shutil.which("redis-cli")
+        assert cli is not None  # checked by _redis_cli already
+        result = subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise StackError(f"redis-cli --cluster create failed:\n{result.stdout}{result.stderr}")
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+
+def _cluster_node(line: str) -> ClusterNode:
+    """One line of ``CLUSTER NODES``: ``id ip:port@bus flags primary-id ping pong epoch link
+    slot-ranges...``."""
+    parts = line.split()
+    port = int(parts[1].split("@", 1)[0].rsplit(":", 1)[1])
+    flags = parts[2].split(",")
+    slots = []
+    for item in parts[8:]:
+        if item.startswith("["):  # a slot being migrated or imported
+            continue
+        lo, _, hi = item.partition("-")
+        slots.append((int(lo), int(hi or lo)))
+    return ClusterNode(
+        id=parts[0], port=port, primary="master" in flags,
+        primary_id=None if parts[3] == "-" else parts[3], slots=tuple(slots),
+    )  # fmt: skip
+
+
 # --- topics ------------------------------------------------------------------------------------
 
 
@@ -514,18 +702,26 @@ def create_topics(bootstrap: str, topics: Mapping[str, int], timeout: float = 30
 
 class StackSettings(Settings):
     """Where the local stack lives and listens (``EVENTCAST_STACK_DIR``, ``EVENTCAST_KAFKA_PORT``,
-    ``EVENTCAST_REDIS_PORT``; the test suite runs its own stack on free ports this way)."""
+    ``EVENTCAST_REDIS_PORT``; the test suite runs its own stack on free ports this way), and
+    whether its Redis is a Redis Cluster (``EVENTCAST_REDIS_CLUSTER=1``, six nodes from
+    ``EVENTCAST_REDIS_CLUSTER_PORT`` on)."""
 
     stack_dir: Path = REPO / ".stack"
     kafka_port: Annotated[int, Field(ge=1, le=65535)] = 9092
     redis_port: Annotated[int, Field(ge=1, le=65535)] = 6379
+    redis_cluster: bool = False
+    redis_cluster_port: Annotated[int, Field(ge=1, le=65530)] = 7000
 
 
 @dataclass
 class Stack:
+    """Kafka and either the single Redis or (``use_cluster``) the Redis Cluster."""
+
     dir: Path
     kafka: KafkaServer
     redis: RedisServer
+    cluster: RedisClusterServers
+    use_cluster: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Stack:
@@ -534,31 +730,51 @@ class Stack:
             dir=s.stack_dir,
             kafka=KafkaServer(s.stack_dir, port=s.kafka_port),
             redis=RedisServer(s.stack_dir, port=s.redis_port),
+            cluster=RedisClusterServers(
+                s.stack_dir, ports=tuple(range(s.redis_cluster_port, s.redis_cluster_port + 6))
+            ),
+            use_cluster=s.redis_cluster,
         )
 
     def up(self, topics: Mapping[str, int] | None = DEFAULT_TOPICS) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.redis.start()
+        redis = self.cluster if self.use_cluster else self.redis
+        redis.start()
         try:
             self.kafka.start()
         except StackError:
-            self.redis.stop()
+            redis.stop()
             raise
         if topics:
             create_topics(self.kafka.bootstrap, topics)
 
     def down(self) -> None:
+        """Stop everything this stack runs (the cluster too, whether or not it was asked for)."""
         self.kafka.stop()
         self.redis.stop()
+        self.cluster.stop()
 
     def status(self) -> list[str]:
-        rows = []
-        for name, svc, addr in (
+        services: list[tuple[str, _ManagedProcess, str]] = [
             (f"kafka (Apache Kafka {kafka_version()}, KRaft)", self.kafka, self.kafka.bootstrap),
             ("redis", self.redis, self.redis.url),
-        ):
+        ]
+        rows = []
+        for name, svc, addr in services:
             state = f"running, pid {svc.pid()}" if svc.running() else "stopped"
             rows.append(f"{name:<36} {addr:<28} {state}   logs: {svc.log_file}")
+        if self.use_cluster or self.cluster.running():
+            first = self.cluster.ports[0]
+            state = self.cluster.info(first).get("cluster_state", "down")
+            roles = {n.port: "primary" if n.primary else "replica" for n in self.cluster.topology()}
+            rows.append(f"{'redis cluster':<36} {self.cluster.url:<28} cluster_state:{state}")
+            for node in self.cluster.nodes:
+                up = f"running, pid {node.pid()}" if node.running() else "stopped"
+                role = roles.get(node.port, "?")
+                rows.append(
+                    f"{'  node (' + role + ')':<36} {'127.0.0.1:' + str(node.port):<28} {up}   "
+                    f"logs: {node.log_file}"
+                )
         return rows
 
 
@@ -570,12 +786,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-topics", action="store_true", help="up: do not create the default topics"
     )
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="up/status: Redis is a 3-primary + 3-replica Redis Cluster on ports 7000-7005 "
+        "(EVENTCAST_REDIS_CLUSTER=1 does the same; EVENTCAST_REDIS_CLUSTER_PORT moves it)",
+    )
     args = parser.parse_args(argv)
     try:
         stack = Stack.from_env()
     except ConfigError as exc:
         print(f"stack: {exc}", file=sys.stderr)
         return 2
+    stack.use_cluster = stack.use_cluster or args.redis_cluster
     try:
         if args.action == "up":
             stack.up(None if args.no_topics else DEFAULT_TOPICS)

@@ -20,8 +20,16 @@ def _transient_redis_errors() -> tuple[type[BaseException], ...]:
     # BusyLoadingError: Redis is loading its AOF after a restart; ReadOnlyError: a replica
     # being promoted; OutOfMemoryError: maxmemory reached (writes pass again once memory is
     # freed; the worker reports it as its own condition). All pass with time.
+    # A Redis Cluster during a failover (--redis-cluster; MOVED and ASK the client follows by
+    # itself): ClusterDownError (CLUSTERDOWN, MASTERDOWN: a slot's primary is gone and no
+    # replica took over yet), TryAgainError (TRYAGAIN: a slot being resharded), ClusterError
+    # (the client's redirections ran out) and RedisClusterException: no node answers while the
+    # client re-reads the slot map, or a slot is not covered yet (SlotNotCoveredError). That
+    # last class also holds the client's usage errors (keys in different slots...), which the
+    # worker cannot make: every key of one call shares its partition's hash tag.
     return (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex.ReadOnlyError,
-            rex.OutOfMemoryError, ConnectionError, TimeoutError, OSError)  # fmt: skip
+            rex.OutOfMemoryError, rex.ClusterError, rex.ClusterDownError, rex.TryAgainError,
+            rex.RedisClusterException, ConnectionError, TimeoutError, OSError)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -145,8 +145,14 @@ class KafkaSettings(Settings):
 
 
 class RedisSettings(Settings):
-    """How to reach Redis (``redis://`` or ``rediss://`` URL, ACL user, TLS files) and the key
-    prefix of everything the worker stores there."""
+    """How to reach Redis (``redis://`` or ``rediss://`` URL, ACL user, TLS files), whether it is
+    a Redis Cluster, and the key prefix of everything the worker stores there.
+
+    ``redis_cluster``: the URL names any one node of a Redis Cluster; the client discovers the
+    others and sends each command to the primary of its key's slot. Every key of a partition
+    shares one hash tag (:func:`stream.store.partition_keys`), so a batch's fenced write is still
+    one atomic script on one node. A cluster has only database 0.
+    """
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="redis://[user:pass@]host:port/db or rediss://"
@@ -157,6 +163,11 @@ class RedisSettings(Settings):
     redis_ssl_certfile: OptionalFile = None
     redis_ssl_keyfile: OptionalFile = None
     redis_prefix: str = Field("eventcast", description="prefix of every key")
+    redis_cluster: bool = Field(
+        False,
+        description="the Redis is a Redis Cluster; --redis-url names any one node (the others "
+        "are discovered)",
+    )
 
     @model_validator(mode="after")
     def _check_redis(self) -> RedisSettings:
@@ -172,6 +183,16 @@ class RedisSettings(Settings):
             )
         if bool(self.redis_ssl_certfile) != bool(self.redis_ssl_keyfile):
             raise ConfigError("--redis-ssl-certfile/--redis-ssl-keyfile: give both or none")
+        if self.redis_cluster and self.redis_url is not None:
+            url = str(self.redis_url)
+            if url.startswith("unix://"):
+                raise ConfigError("--redis-url: a Redis Cluster is reached over TCP, not unix://")
+            db = url.split("://", 1)[1].partition("/")[2].split("?", 1)[0]
+            if db not in ("", "0"):
+                raise ConfigError(
+                    f"--redis-url: a Redis Cluster has only database 0, got /{db} (isolate "
+                    "deployments with --redis-prefix)"
+                )
         return self
 
     @cached_property
@@ -202,11 +223,17 @@ class RedisSettings(Settings):
         return kwargs
 
     def client(self, **extra: Any) -> Any:
-        """A new ``redis.asyncio.Redis`` client (not connected until first used)."""
+        """A new ``redis.asyncio.Redis`` client, or with ``redis_cluster`` a
+        ``redis.asyncio.cluster.RedisCluster`` (not connected until first used). Both take the
+        same credentials, TLS files and timeouts; the cluster client follows MOVED/ASK
+        redirections and re-reads the slot map after a failover by itself."""
         import redis.asyncio as aioredis
+        from redis.asyncio.cluster import RedisCluster
 
         kwargs = {"socket_timeout": 5.0, "socket_connect_timeout": 3.0, **self.client_kwargs()}
         kwargs.update(extra)
+        if self.redis_cluster:
+            return RedisCluster.from_url(self.url, **kwargs)
         return aioredis.Redis.from_url(self.url, **kwargs)
 
 

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import orjson
 from aiokafka.partitioner import murmur2
+from redis.asyncio.cluster import RedisCluster
 
 from stream.errors import StateConflictError
 from stream.windows import Snapshot, decode_series
@@ -145,8 +146,10 @@ class SeriesWindow:
 class WindowStore:
     """Reads and fenced writes of partition windows in Redis (layout in the module docstring).
 
-    ``client`` is a ``redis.asyncio.Redis``; errors from it (connection lost...) propagate to the
-    caller, which owns the retry policy.
+    ``client`` is a ``redis.asyncio.Redis`` or a ``redis.asyncio.cluster.RedisCluster``: every
+    call names keys of one partition (one hash tag, so one slot), except :meth:`announce` (one
+    key) and :meth:`eviction_policy` (asks every primary). Errors from it (connection lost, a
+    cluster failing over...) propagate to the caller, which owns the retry policy.
     """
 
     def __init__(self, client: Any, prefix: str, topic: str) -> None:
@@ -259,13 +262,23 @@ class WindowStore:
         return _series_window(series_id, p, raw_features, blob)
 
     async def eviction_policy(self) -> str | None:
-        """Redis's ``maxmemory-policy`` (None when CONFIG is not allowed, as on managed Redis)."""
+        """Redis's ``maxmemory-policy`` (None when CONFIG is not allowed, as on managed Redis).
+        On a Redis Cluster each primary has its own: the first one that is not ``noeviction``
+        (a single node's answer would hide the others')."""
+        replies: list[Any]  # {name: value}, the name str or bytes as the client decodes
         try:
-            res = await self.client.config_get("maxmemory-policy")
+            if isinstance(self.client, RedisCluster):
+                await self.client.initialize()  # the node list, if no command ran yet
+                replies = [
+                    await self.client.config_get("maxmemory-policy", target_nodes=node)
+                    for node in self.client.get_primaries()
+                ]
+            else:
+                replies = [await self.client.config_get("maxmemory-policy")]
         except Exception:  # CONFIG is often disabled by ACLs or hosting providers
             return None
-        value = res.get("maxmemory-policy") or res.get(b"maxmemory-policy")
-        return value.decode() if isinstance(value, bytes) else value
+        policies = [_text(r.get("maxmemory-policy") or r.get(b"maxmemory-policy")) for r in replies]
+        return next((p for p in policies if p != "noeviction"), policies[0] if policies else None)
 
     async def announce(self, group: str, member: str, info: dict[str, Any], ttl: int = 60) -> None:
         """Record a running worker's status for ``worker status`` (expires unless refreshed)."""

@@ -6,7 +6,8 @@ fixture starts one on free ports in a temporary folder and stops it at the end o
 A stack the user runs on 9092/6379 is never touched.
 
 Fault tests that restart or kill a service use ``private_kafka`` / ``private_redis``: instances of
-their own on free ports, stopped when the test ends.
+their own on free ports, stopped when the test ends. ``redis_cluster`` is a Redis Cluster (3
+primaries + 3 replicas) of the session's own, started by the first test that asks for it.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from deploy.stack import KafkaServer, RedisServer, create_topics, free_port
+from deploy.stack import KafkaServer, RedisClusterServers, RedisServer, create_topics, free_port
 
 
 @dataclass
@@ -96,6 +98,19 @@ def redis_url(stack: TestStack) -> str:
     return url
 
 
+@pytest.fixture(params=["redis", "redis-cluster"])
+def store_redis(request: pytest.FixtureRequest) -> Any:
+    """The Redis of a worker test that runs on both: once a fresh database of the single Redis
+    (``redis_url``), once the session's Redis Cluster (``redis_cluster``) under a key prefix of
+    the test's own; a :class:`tests.helpers.store.StoreTarget`."""
+    from tests.helpers.store import StoreTarget
+
+    if request.param == "redis":
+        return StoreTarget(request.getfixturevalue("redis_url"))
+    cluster = request.getfixturevalue("redis_cluster")
+    return StoreTarget(cluster.url, unique("t"), cluster=True)
+
+
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis instance of this test's own (free port, AOF in tmp_path), for restart tests."""
@@ -103,6 +118,17 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of this session's own (deploy/stack.py: 3 primaries with one replica each,
+    free ports, AOF in a temporary folder), stopped at the end of the session. A cluster has only
+    database 0: tests sharing it keep apart by a unique ``--redis-prefix``."""
+    cluster = RedisClusterServers.on_free_ports(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

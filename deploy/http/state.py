@@ -33,7 +33,9 @@ class RedisWindows:
     With ``partitions`` (the input topic's partition count) a series is read from the partition
     its key hashes to; without it, the partitions present in Redis are discovered with ``SCAN``
     (cached for ``rescan_seconds``) and the series is looked up in each, so the server needs no
-    Kafka connection. ``client`` is a ``redis.asyncio.Redis``.
+    Kafka connection. ``client`` is a ``redis.asyncio.Redis`` or (``--redis-cluster``) a
+    ``redis.asyncio.cluster.RedisCluster``, whose ``scan_iter`` walks every primary's keys (redis-py
+    sends SCAN to all primaries and follows each one's cursor), so discovery sees every shard.
     """
 
     def __init__(

@@ -298,3 +298,21 @@ def test_images_build_from_the_projects_dockerfile():
         serve_port = int(serve["command"][serve["command"].index("--port") + 1])
         assert int(serve["environment"]["EVENTCAST_HEALTH_PORT"]) == serve_port
         assert serve_port in exposed, (serve_port, exposed)
+
+
+def test_redis_cluster_profile_is_three_primaries_and_three_replicas():
+    nodes = [name for name in SERVICES if name.startswith("redis-node-")]
+    assert len(nodes) == 6
+    for name in nodes:
+        node = SERVICES[name]
+        assert node["profiles"] == ["cluster"]
+        command = node["command"]
+        assert command[command.index("--cluster-enabled") + 1] == "yes"
+        assert int(command[command.index("--cluster-node-timeout") + 1]) <= 5000
+        assert command[command.index("--appendonly") + 1] == "yes"
+        assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+        assert f"{name}-data" in COMPOSE["volumes"]
+    create = SERVICES["redis-cluster-create"]
+    assert create["profiles"] == ["cluster"]
+    assert "--cluster-replicas 1" in create["command"][-1]
+    assert set(create["depends_on"]) == set(nodes)

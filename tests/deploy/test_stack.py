@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.stack import KafkaServer, RedisServer, StackError, free_port
+from deploy.stack import KafkaServer, RedisServer, Stack, StackError, free_port
 from tests.helpers.kafka import consume_all, kcat_consume, kcat_produce, produce
 
 pytestmark = pytest.mark.integration
@@ -117,3 +117,27 @@ def test_kafka_storage_formats_with_a_cluster_id_that_starts_with_a_dash(tmp_pat
     server._format(_java(), ensure_kafka_jars(), props, cluster_id="-AbCdEfGhIjKlMnOpQrStUw")
     meta = (tmp_path / "kafka" / "data" / "meta.properties").read_text()
     assert "cluster.id=-AbCdEfGhIjKlMnOpQrStUw" in meta
+
+
+def test_redis_cluster_has_three_primaries_each_with_a_replica(redis_cluster, tmp_path: Path):
+    import redis
+
+    topology = redis_cluster.topology()
+    primaries = [n for n in topology if n.primary]
+    assert len(primaries) == 3
+    assert sum(hi - lo + 1 for n in primaries for lo, hi in n.slots) == 16384  # all slots served
+    followed = sorted(n.primary_id for n in topology if not n.primary)
+    assert followed == sorted(n.id for n in primaries)
+    node = redis.Redis(port=primaries[0].port)
+    try:
+        config = node.config_get("*")
+    finally:
+        node.close()
+    assert config["cluster-enabled"] == "yes" and config["cluster-node-timeout"] == "2000"
+    assert config["appendonly"] == "yes" and config["maxmemory-policy"] == "noeviction"
+    # `make stack-status REDIS_CLUSTER=1` shows the cluster and each node's role.
+    kafka, redis_server = KafkaServer(tmp_path, port=free_port()), RedisServer(tmp_path)
+    stack = Stack(tmp_path, kafka, redis_server, redis_cluster, use_cluster=True)
+    rows = "\n".join(stack.status())
+    assert "cluster_state:ok" in rows
+    assert rows.count("node (primary)") == 3 and rows.count("node (replica)") == 3

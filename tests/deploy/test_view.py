@@ -34,7 +34,7 @@ from deploy.web.labels import number_label, percent_label, time_label
 from model.features import build_inputs
 from model.registry import ModelRegistry
 from stream.settings import KafkaSettings, LimitSettings, RedisSettings
-from stream.store import WindowStore, partition_for
+from stream.store import WindowStore, partition_for, partition_keys
 from stream.windows import PartitionWindows
 from tests.helpers.http import serve_in_thread
 from tests.helpers.kafka import produce
@@ -64,9 +64,12 @@ def series_points(n: int, phase: float = 0.0) -> tuple[list[float], list[float]]
     return ts, values
 
 
-async def write_windows(redis_url: str, series: dict[str, int], topic: str = "events") -> None:
-    """Store ``series`` (id -> number of points) as the worker does: per input partition."""
-    settings = RedisSettings(redis_url=redis_url)
+async def write_windows(
+    redis: str | RedisSettings, series: dict[str, int], topic: str = "events"
+) -> None:
+    """Store ``series`` (id -> number of points) as the worker does: per input partition, in the
+    Redis at that URL or of those settings."""
+    settings = RedisSettings(redis_url=redis) if isinstance(redis, str) else redis
     client = settings.client()
     try:
         store = WindowStore(client, settings.prefix, topic)
@@ -148,6 +151,32 @@ def test_series_delete_removes_only_that_series(redis_url: str) -> None:
     finally:
         client.close()
     assert meta is not None
+
+
+@pytest.mark.integration
+def test_series_state_is_found_on_every_primary_of_a_redis_cluster(redis_cluster: Any) -> None:
+    """`worker serve`/`plot`/`series delete` with --redis-cluster and no partition count:
+    discovery (SCAN) covers every primary, not only the node the URL names."""
+    from deploy.http.state import delete_series_sync, read_window_sync
+    from tests.conftest import unique
+
+    redis = RedisSettings(
+        redis_url=redis_cluster.url, redis_cluster=True, redis_prefix=unique("view")
+    )
+    series = {f"s{i}": 50 for i in range(30)}
+    asyncio.run(write_windows(redis, series))
+    assert {partition_for(sid, PARTITIONS) for sid in series} == set(range(PARTITIONS))
+    homes = {
+        redis_cluster.primary_for(partition_keys(redis.prefix, "events", p)[0])
+        for p in range(PARTITIONS)
+    }
+    assert len(homes) == 3  # the six partitions' slots lie on all three primaries
+    for sid in series:
+        window = read_window_sync(redis, sid)
+        assert window is not None and len(window.values) == 50, sid
+    assert delete_series_sync(redis, "s0") is True
+    assert read_window_sync(redis, "s0") is None
+    assert read_window_sync(redis, "s1", partitions=PARTITIONS) is not None
 
 
 @pytest.mark.integration

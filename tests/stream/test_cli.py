@@ -56,6 +56,38 @@ def test_settings_layering_and_validation(tmp_path: Path) -> None:
     assert s.redis.url.startswith("rediss://")
 
 
+def test_redis_cluster_setting_picks_the_cluster_client(tmp_path: Path) -> None:
+    """--redis-cluster (EVENTCAST_REDIS_CLUSTER, YAML redis-cluster) gives a RedisCluster client
+    with the same credentials; a cluster URL must be TCP and database 0."""
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+    from model.errors import ConfigError
+
+    def settings(argv: list[str], environ: dict[str, str]) -> WorkerSettings:
+        return cli_settings(["start", "--redis-url", "redis://h:7000/0", *argv], environ=environ)
+
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text("worker:\n  redis-cluster: true\n")
+    assert settings([], {}).redis.redis_cluster is False
+    assert isinstance(settings([], {}).redis.client(), Redis)
+    for s in (
+        settings(["--redis-cluster", "--redis-password", "pw"], {}),
+        settings(["--redis-password", "pw"], {"EVENTCAST_REDIS_CLUSTER": "true"}),
+        settings(["--config", str(cfg), "--redis-password", "pw"], {}),
+    ):
+        client = s.redis.client()
+        assert isinstance(client, RedisCluster)
+        (node,) = client.nodes_manager.startup_nodes.values()  # connects on first use
+        assert (node.host, node.port) == ("h", 7000)
+        assert node.connection_kwargs["password"] == "pw"
+        assert node.connection_kwargs["socket_timeout"] == 5.0
+    with pytest.raises(ConfigError, match="only database 0"):
+        settings(["--redis-cluster", "--redis-url", "redis://h:7000/3"], {})
+    with pytest.raises(ConfigError, match="unix://"):
+        settings(["--redis-cluster", "--redis-url", "unix:///run/redis.sock"], {})
+
+
 def test_gc_freeze_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
     def settings(argv: list[str], environ: dict[str, str]) -> WorkerSettings:
         return cli_settings(["start", *argv], environ=environ)

@@ -6,7 +6,8 @@ against a real broker and a real Redis under steady load from a producer thread:
 - the broker ``kill -9``ed and restarted (a broker of the test's own);
 - Redis ``kill -9``ed, the tail of its AOF cut (acknowledged writes really lost), restarted: the
   rebuild from Kafka must run and the windows come back exactly (a Redis of the test's own);
-- a third worker joining a two-worker group (a rebalance).
+- a third worker joining a two-worker group (a rebalance);
+- on a Redis Cluster, the primary of a partition's slot ``kill -9``ed: its replica takes over.
 
 Each test proves the fault hit work in flight (records fetched and not committed at the fault:
 the worker's ``eventcast_events_consumed`` read before the fault, less the group's committed
@@ -30,6 +31,7 @@ from typing import Any
 import pytest
 
 from deploy.stack import create_topics
+from stream.store import partition_keys
 from tests.conftest import unique
 from tests.helpers.faults import (
     InFlight,
@@ -45,6 +47,7 @@ from tests.helpers.faults import (
     truth_from_topic,
 )
 from tests.helpers.kafka import consume_all
+from tests.helpers.store import StoreTarget
 from tests.stream.conftest import forecasts_by_source, make_events, wait_for, worker_argv
 from tests.stream.test_faults import (
     check_forecasts,
@@ -131,13 +134,14 @@ def check_output(
     bootstrap: str,
     topics: Any,
     truth: Any,
-    redis_url: str,
+    redis: str | StoreTarget,
     partitions: int,
     guarantee: str,
     report: Any,
 ) -> None:
-    """The whole output against ``truth`` (and the windows in Redis); ``report(figures)`` is
-    called first (the summary line is printed whether the checks pass or not)."""
+    """The whole output against ``truth`` (and the windows in the Redis at that URL, or of that
+    target); ``report(figures)`` is called first (the summary line is printed whether the checks
+    pass or not)."""
     eo = guarantee == "exactly_once"
     iso = "read_committed" if eo else "read_uncommitted"
     records = consume_all(bootstrap, topics.output, idle=1.0, timeout=60, isolation_level=iso)
@@ -151,7 +155,7 @@ def check_output(
     check_forecasts(records, truth, exactly_once=eo)
     if eo:
         assert repeats == 0, f"{repeats} forecasts repeat a (series, ts) under exactly_once"
-    check_windows(redis_url, topics.input, truth, partitions)
+    check_windows(redis, topics.input, truth, partitions)
 
 
 def wait_owned(w: Any, n: int, timeout: float = 60) -> None:
@@ -468,3 +472,71 @@ def test_third_worker_joins_under_load(
 
     check_output(stack.bootstrap, topics, truth, redis_url, 6, "at_least_once", report)
     assert in_flight > 0
+
+
+# --- 5. Redis Cluster: a primary kill -9, its replica takes over ----------------------------------
+
+
+def test_redis_cluster_primary_kill_9_fails_over_under_load(
+    stack: Any, redis_cluster: Any, tiny_model_dir: Path, proc_worker: Any
+) -> None:
+    """A worker on the session's Redis Cluster (``--redis-cluster``) under steady load; the primary
+    that serves partition 0's slot is ``kill -9``ed while a batch is in flight. Its replica takes
+    over after the cluster node timeout (2 s); until then the worker's calls to that slot fail
+    (connection refused, CLUSTERDOWN while the slot map changes), so it must pause (not ready,
+    committing nothing), resume by itself once the replica serves the slot, and its whole output
+    must equal ground truth, with the cluster's windows equal to each series' last points. (A
+    write the dead primary acknowledged before it reached the replica is lost like an AOF tail:
+    the fenced write then finds an older offset and the partition is rebuilt from Kafka.) The
+    killed node is restarted at the end and rejoins as a replica: the cluster is whole again for
+    the tests after this one."""
+    bootstrap = stack.bootstrap
+    target = StoreTarget(redis_cluster.url, unique("failover"), cluster=True)
+    topics = new_topics(bootstrap, 6)
+    group = f"g-{topics.input}"
+    argv = worker_argv(
+        bootstrap, target.url, tiny_model_dir, topics, *target.worker_flags(),
+        "--max-batch", "200", "--max-delay-ms", "50",
+    )  # fmt: skip
+    meta_key = partition_keys(target.prefix, topics.input, 0)[0]
+    victim = redis_cluster.node(redis_cluster.primary_for(meta_key))
+    w = proc_worker(argv).wait_ready()
+    producer = load(bootstrap, topics.input)
+    try:
+        wait_owned(w, 6)
+        wait_for(lambda: output_count(bootstrap, topics.output) > 0, 60, "first forecasts")
+        inf, undone = catch_in_flight(
+            w, victim.kill, lambda: committed_offsets(bootstrap, group, topics.input)
+        )
+        t_kill = time.monotonic()
+        wait_for(lambda: not w.ready(), 15, "a pause while the slot has no primary", every=0.05)
+        t_paused = time.monotonic()
+        wait_for(w.ready, 60, "ready again after the failover", every=0.05)
+        pause_s, back_s = time.monotonic() - t_paused, time.monotonic() - t_kill
+        promoted = redis_cluster.primary_for(meta_key)
+        assert promoted != victim.port
+        time.sleep(3)  # more load, now on the promoted replica
+    finally:
+        producer.stop()
+        victim.start()  # rejoins as a replica of the promoted node
+        redis_cluster.wait_healthy()
+    truth = truth_from_topic(bootstrap, topics.input)
+    wait_all_forecasts(bootstrap, topics.output, truth, 120, worker=w)
+    w.check()
+    redis_errors = counter(w, "eventcast_redis_errors_total")
+    rebuilds = counter(w, "eventcast_partition_rebuilds_total")
+    assert w.terminate() == 0, w.log()
+
+    def report(figures: dict[str, Any]) -> None:
+        summary(
+            "redis_cluster_failover",
+            faults=1, killed_port=victim.port, promoted_port=promoted,
+            pause_s=round(pause_s, 2), kill_to_ready_s=round(back_s, 2), skipped_moments=undone,
+            in_flight_records=inf.records, in_flight_batches=inf.batches,
+            redis_errors=redis_errors, rebuilds=rebuilds, produced_acked=producer.acked,
+            input_records=input_record_count(bootstrap, topics.input),
+            **figures,
+        )  # fmt: skip
+
+    check_output(bootstrap, topics, truth, target, 6, "at_least_once", report)
+    assert inf.records > 0 and redis_errors > 0

@@ -19,7 +19,7 @@ import pytest
 from deploy.stack import free_port
 from tests.helpers.calibration import replayed_intervals
 from tests.helpers.kafka import consume_all, end_offsets, produce
-from tests.helpers.store import read_window_sync
+from tests.helpers.store import StoreTarget, read_window_sync
 from tests.stream.conftest import (
     Truth,
     forecasts_by_source,
@@ -77,13 +77,15 @@ def wait_all_forecasts(
 
 
 def check_windows(
-    redis_url: str, topic: str, truth: Truth, partitions: int = 6, model_dir: Path | None = None
+    redis: str | StoreTarget,
+    topic: str,
+    truth: Truth,
+    partitions: int = 6,
+    model_dir: Path | None = None,
 ) -> None:
-    """Each series' window in Redis holds its last accepted points; for a model with seasons
-    (``model_dir``'s), its seasonal state is byte for byte the state of an uninterrupted run over
-    every accepted point (undo entries included)."""
-    import redis
-
+    """Each series' window in the Redis at that URL (or of that target) is its last accepted
+    events; for a model with seasons (``model_dir``'s), its seasonal state is byte for byte the
+    state of an uninterrupted run over every accepted point (undo entries included)."""
     from model.registry import ModelRegistry
     from model.seasonal import SeasonalState
     from stream.rings import series_size
@@ -92,10 +94,11 @@ def check_windows(
     spec = None
     if model_dir is not None:
         spec = ModelRegistry(model_dir).load(backend="torch", device="cpu").config.seasonal()
-    client = redis.Redis.from_url(redis_url)
+    target = StoreTarget(redis) if isinstance(redis, str) else redis
+    client = target.client()
     try:
         for sid, evs in truth.events.items():
-            win = read_window_sync(client, "eventcast", topic, sid, partitions)
+            win = read_window_sync(client, target.prefix, topic, sid, partitions)
             assert win is not None, sid
             k = len(win.offsets)
             assert k == min(len(evs), 96), (sid, k)
@@ -103,7 +106,7 @@ def check_windows(
             assert win.ts.tolist() == [e[2] for e in evs[-k:]], sid
             assert win.values.tolist() == [e[3] for e in evs[-k:]], sid
             if spec is not None:
-                _, win_key, _ = partition_keys("eventcast", topic, partition_for(sid, partitions))
+                _, win_key, _ = partition_keys(target.prefix, topic, partition_for(sid, partitions))
                 blob = client.hget(win_key, sid)
                 want = SeasonalState(spec, keep=48)
                 for _, _, ts, value in evs:
@@ -263,26 +266,25 @@ def test_two_workers_one_killed(
 
 @pytest.mark.parametrize("model", ["tiny_model_dir", "seasonal_model_dir"])
 def test_redis_flushed_mid_run_rebuilds_windows(
-    stack: Any, topics: Any, redis_url: str, model: str, thread_worker: Any, request: Any
-) -> None:
-    """Redis flushed while the worker runs: the partitions are rebuilt from the input topic and
-    every later forecast equals the offline one; with a model with seasons, the seasonal state
-    after the rebuild equals the state before the loss (an uninterrupted run's)."""
-    import redis
-
+    stack: Any, topics: Any, store_redis: StoreTarget, model: str, thread_worker: Any,
+    request: Any,
+) -> None:  # fmt: skip
+    """Redis loses the worker's state while it runs (the single Redis: FLUSHDB; a Redis
+    Cluster: the test's keys deleted on every primary): the partitions are rebuilt from the
+    input topic and every later forecast equals the offline one; with a model with seasons, the
+    seasonal state after the rebuild equals the state before the loss (an uninterrupted run's)."""
     model_dir: Path = request.getfixturevalue(model)
-
     truth = Truth()
     first = make_events(10, 60)
     truth.add(first, produce(stack.bootstrap, topics.input, first))
-    w = thread_worker(
-        worker_argv(stack.bootstrap, redis_url, model_dir, topics, "--metrics-port", "0")
-    )
+    argv = worker_argv(stack.bootstrap, store_redis.url, model_dir, topics,
+                       "--metrics-port", "0", *store_redis.worker_flags())  # fmt: skip
+    w = thread_worker(argv)
     n1 = len(truth.expected_sources())
     wait_for(lambda: output_count(stack.bootstrap, topics.output) >= n1, 60, "first forecasts")
     wait_for(lambda: w.worker.metrics.commits._value.get() > 0, 30, "a commit")
     time.sleep(0.5)  # let the last batch commit
-    redis.Redis.from_url(redis_url).flushdb()
+    store_redis.lose_state()
     second = make_events(10, 30, start=60)
     truth.add(second, produce(stack.bootstrap, topics.input, second))
     wait_all_forecasts(stack.bootstrap, topics.output, truth, 90, worker=w)
@@ -290,7 +292,7 @@ def test_redis_flushed_mid_run_rebuilds_windows(
     m = w.worker.metrics
     assert m.state_conflicts._value.get() >= 1 and m.rebuilds._value.get() >= 1
     by_src = check_forecasts(consume_all(stack.bootstrap, topics.output, idle=1.0), truth)
-    check_windows(redis_url, topics.input, truth, model_dir=model_dir)
+    check_windows(store_redis, topics.input, truth, model_dir=model_dir)
     if model == "seasonal_model_dir":  # points 48..59 warm up (plain), the others seasonal
         paths = {p: m.forecast_paths.labels(p)._value.get() for p in ("plain", "seasonal")}
         assert paths["plain"] >= 10 * 12 and paths["seasonal"] >= 10 * 30, paths

@@ -119,3 +119,34 @@ def test_a_partition_of_20k_series_loads_in_pages(redis_url: str) -> None:
     assert stored.applied == 41 and stored.max_ts == 7.5 and stored.features == ("x",)
     assert stored.blobs == blobs
     assert pages >= n // 1000  # (Redis's COUNT is a hint: pages of about 1000 series)
+
+
+def test_the_store_works_on_a_redis_cluster(redis_cluster: Any) -> None:
+    """With --redis-cluster: the claim, the fenced write and the paged load of each partition run
+    on its slot's primary; the eviction check asks every primary; the status announcement too."""
+    from tests.conftest import unique
+
+    settings = RedisSettings(
+        redis_url=redis_cluster.url, redis_cluster=True, redis_prefix=unique("store")
+    )
+
+    async def body() -> Any:
+        client = settings.client()
+        try:
+            store = WindowStore(client, settings.prefix, "events")
+            assert await store.eviction_policy() == "noeviction"
+            for p in range(6):
+                fenced = {"features": (), "fence": (await store.load(p)).fence}
+                await store.persist(p, _snap(9, b"a"), expected=None, **fenced)
+                await store.persist(p, _snap(19, b"b"), expected=9, **fenced)
+                with pytest.raises(StateConflictError):
+                    await store.persist(p, _snap(29, b"stale"), expected=9, **fenced)
+            await store.announce("g", "member-1", {"version": "v1"})
+            announced = await client.hgetall(f"{settings.prefix}:workers:g")
+            return [await store.load(p, page=1) for p in range(6)], announced
+        finally:
+            await client.aclose()
+
+    loaded, announced = asyncio.run(body())
+    assert [(s.applied, s.blobs) for s in loaded] == [(19, {"s1": b"b"})] * 6
+    assert set(announced) == {b"member-1"}

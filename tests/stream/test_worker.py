@@ -13,7 +13,7 @@ from model.registry import ModelRegistry
 from stream.store import partition_for
 from tests.helpers.calibration import offline_forecast
 from tests.helpers.kafka import consume_all, produce
-from tests.helpers.store import read_window_sync
+from tests.helpers.store import StoreTarget, read_window_sync
 from tests.helpers.tiny_model import make_tiny_model_dir
 from tests.stream.conftest import T0, Truth, forecasts_by_source, make_events, wait_for, worker_argv
 
@@ -45,17 +45,18 @@ def check_against_offline(
 
 
 def test_end_to_end_forecasts_windows_and_offline_parity(
-    stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path, thread_worker: Any
+    stack: Any, topics: Any, store_redis: StoreTarget, tiny_model_dir: Path, thread_worker: Any
 ) -> None:
+    """Runs on the single Redis and on a Redis Cluster (``store_redis``)."""
     events = make_events(50, 200)
     truth = Truth()
     truth.add(events, produce(stack.bootstrap, topics.input, events))
     expected = truth.expected_sources()
     assert len(expected) == 50 * 153
 
-    w = thread_worker(
-        worker_argv(stack.bootstrap, redis_url, tiny_model_dir, topics, "--metrics-port", "0")
-    )
+    argv = worker_argv(stack.bootstrap, store_redis.url, tiny_model_dir, topics,
+                       "--metrics-port", "0", *store_redis.worker_flags())  # fmt: skip
+    w = thread_worker(argv)
     recs = consume_all(stack.bootstrap, topics.output, expected=len(expected), timeout=180, idle=30)
     w.stop()
 
@@ -85,12 +86,10 @@ def test_end_to_end_forecasts_windows_and_offline_parity(
     assert consume_all(stack.bootstrap, topics.dlq, idle=1.0) == []
 
     # Redis holds the last 48 accepted events of each series (plus history, oldest first).
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
+    client = store_redis.client()
     try:
         for sid, evs in truth.events.items():
-            win = read_window_sync(client, "eventcast", topics.input, sid, 6)
+            win = read_window_sync(client, store_redis.prefix, topics.input, sid, 6)
             assert win is not None and win.partition == evs[0][0]
             assert win.ts[-48:].tolist() == [e[2] for e in evs[-48:]]
             assert win.values[-48:].tolist() == [e[3] for e in evs[-48:]]
