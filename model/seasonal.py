@@ -95,7 +95,7 @@ class SeasonalState:
     can undo."""
 
     __slots__ = ("idx", "keep", "level", "n", "ready", "ready_at", "spec", "undo_idx",
-                 "undo_level", "undo_n", "undo_step", "warm", "warm_step")  # fmt: skip
+                 "undo_level", "undo_n", "undo_step", "warm", "warm_run", "warm_step")  # fmt: skip
 
     def __init__(self, spec: SeasonalSpec, keep: int = 0) -> None:
         self.spec = spec
@@ -108,6 +108,7 @@ class SeasonalState:
         m = spec.longest
         self.warm = np.full(m, np.nan)  # the warm-up buffer, by phase of the longest season
         self.warm_step = np.full(m, -1, np.int64)
+        self.warm_run = 0  # consecutive steps seen up to the newest (a repeated step counts once)
         # what update number c overwrote, at row (c - 1) % keep: level, each season's index, step
         self.undo_level = np.zeros(keep)
         self.undo_idx = np.zeros((keep, len(spec.seasons)))
@@ -119,12 +120,14 @@ class SeasonalState:
         self.n += 1
         step = round(ts / self.spec.spacing_s)  # as steps(): float64 division, half to even
         if not self.ready:
-            p = step % self.spec.longest
+            m = self.spec.longest
+            p = step % m
+            last = int(self.warm_step[(step - 1) % m])  # (the phase before this one)
+            if int(self.warm_step[p]) != step:  # a new step (not a second point in the same one)
+                self.warm_run = self.warm_run + 1 if last == step - 1 else 1
             self.warm[p] = value
             self.warm_step[p] = step
-            if self.warm_step.min() >= 0 and self.warm_step.max() - self.warm_step.min() < len(
-                self.warm
-            ):  # one whole cycle, every phase seen
+            if self.warm_run >= m:  # the last m steps all seen: one whole cycle, every phase
                 self._initialise()
             return
         spec = self.spec
@@ -255,6 +258,7 @@ class SeasonalState:
                 raise ValueError("seasonal state of a wrong size")
             s.warm = np.frombuffer(blob, np.float64, m, pos).copy()
             s.warm_step = np.frombuffer(blob, np.int64, m, pos + 8 * m).copy()
+            s.warm_run = _run_length(s.warm_step)
             return s
         if len(blob) != pos + 8 * (sum(spec.seasons) + undo * (2 + k)):
             raise ValueError("seasonal state of a wrong size")
@@ -273,6 +277,17 @@ class SeasonalState:
             s.undo_n = len(counts)
         s.warm, s.warm_step = np.empty(0), np.empty(0, np.int64)
         return s
+
+
+def _run_length(warm_step: np.ndarray) -> int:
+    """How many consecutive steps, up to the newest, a warm-up buffer holds."""
+    newest = int(warm_step.max())
+    if newest < 0:
+        return 0
+    m, run = len(warm_step), 0
+    while run < m and warm_step[(newest - run) % m] == newest - run:
+        run += 1
+    return run
 
 
 @dataclass

@@ -191,3 +191,30 @@ def test_the_trainer_and_the_worker_compute_the_same_window_inputs() -> None:
     assert level == pytest.approx(100.0 - 8.0 * 2 / 7)
     np.testing.assert_allclose(adj[i], np.full(48, level), atol=1e-9)
     np.testing.assert_allclose(level + off[i], clean[i + 1 : i + 4], atol=1e-9)
+
+
+def test_warm_up_ends_when_the_last_cycle_of_steps_is_complete_whatever_the_gaps() -> None:
+    """The O(1) warm-up rule (a run of consecutive steps as long as the longest season) ends the
+    warm-up at the same point as the definition: every phase's newest step within the last
+    cycle. Random step sequences with repeats (two points in one step) and gaps, and a round trip
+    through the blob mid-warm-up."""
+    rng = np.random.default_rng(7)
+    sp = SeasonalSpec((3, 12), 60.0, 0.2, (0.1, 0.1))
+    for trial in range(200):
+        jumps = rng.choice([0, 1, 1, 1, 1, 1, 2, 5], size=80)
+        steps = 1000 + np.cumsum(jumps)
+        ts = steps * 60.0 + rng.uniform(-20, 20, len(steps)) * (jumps > 0)
+        ts = np.maximum.accumulate(ts + np.arange(len(ts)) * 1e-6)  # strictly increasing
+        s = SeasonalState(sp)
+        newest = np.full(12, -1)
+        for i, t in enumerate(ts):
+            step = round(t / 60.0)
+            newest[step % 12] = step
+            want = newest.min() >= 0 and newest.max() - newest.min() < 12
+            if i == 40 and not s.ready:
+                s = SeasonalState.decode(sp, s.encode())
+            s.update(float(t), 1.0)
+            if s.ready:
+                assert want, (trial, i)
+                break
+            assert not want, (trial, i)
