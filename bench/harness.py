@@ -33,10 +33,16 @@ PARTITIONS = 6
 T0 = 1_700_000_000.0  # first event time of the backlog (epoch seconds)
 STEP = 60.0  # backlog series are minute data
 
-MODELS: dict[str, dict[str, int]] = {
+MODELS: dict[str, dict[str, Any]] = {
     "default": {"hidden_size": 256, "num_layers": 3, "attention_heads": 8},
     "small": {"hidden_size": 64, "num_layers": 2, "attention_heads": 4},
 }
+# The small model with seasonal memory (docs/training.md, "Seasonal memory") for this minute data:
+# an hour and a day (what `--seasons auto` keeps for minute data is the day alone). Its state is
+# the largest a bench series can have: 12 KB of day indices in every series blob written.
+SEASONAL = {"seasons": [60, 1440], "season_spacing_s": STEP, "season_alpha": 0.1,
+            "season_gammas": [0.1, 0.1]}  # fmt: skip
+MODELS["small-seasonal"] = {**MODELS["small"], **SEASONAL}
 
 
 # ---- the stack -----------------------------------------------------------------------------------
@@ -83,18 +89,15 @@ def write_model(root: Path, name: str) -> Path:
     return write_model_dir(root / f"model-{name}", **MODELS[name], int8=True)
 
 
-def write_model_dir(
-    root: Path, *, hidden_size: int, num_layers: int, attention_heads: int, int8: bool = False
-) -> Path:
-    """Model directory ``root`` holding one promoted, seeded, untrained version of this size."""
-    from model.config import ModelConfig
+def write_model_dir(root: Path, *, int8: bool = False, **config: Any) -> Path:
+    """Model directory ``root`` holding one promoted, seeded, untrained version of this
+    ``config`` (ModelConfig fields: its size, and seasons for a seasonal one)."""
+    from model.config import as_config
     from model.export import random_windows
     from model.network import ForecastNet
     from model.registry import ModelRegistry
 
-    cfg = ModelConfig(
-        hidden_size=hidden_size, num_layers=num_layers, attention_heads=attention_heads
-    )
+    cfg = as_config(config)  # the defaults of a new model for what it leaves out
     torch.manual_seed(0)
     net = ForecastNet(cfg).eval()
     canary = random_windows(np.random.default_rng(0), 16, cfg.sequence_length, cfg.input_size)

@@ -124,7 +124,7 @@ class Bench:
         a = self.args
         self.say(f"# stack in {self.root}")
         self.stack = BenchStack.start(self.root)
-        for name in ("default", "small"):
+        for name in ("default", "small", "small-seasonal"):
             self.models[name] = write_model(self.root, name)
         if not backlog:
             return
@@ -294,6 +294,11 @@ class Bench:
                 key = f"{model} {backend} emit=every"
                 if want(key):
                     rows[key] = self.drain(key, self.worker_for(model, backend, *flags))
+        # Seasonal memory (docs/training.md): the small model with an hour and a day of minute
+        # data kept per series; beside "small ... emit=every", the cost of the state.
+        key = f"small-seasonal {a.backend} emit=every"
+        if want(key):
+            rows[key] = self.drain(key, self.worker_for("small-seasonal", a.backend, *flags))
         # Online interval calibration (the default) against the model's static intervals.
         key = f"small {a.backend} emit=every, --interval-calibration static"
         if want(key):
