@@ -123,6 +123,35 @@ def test_torch_bf16_backend_end_to_end(
     check_against_offline(tiny_model_dir, truth, by_src, 20, rtol=5e-2, atol=0.5)
 
 
+@pytest.mark.parametrize(
+    ("backend", "rtol", "atol"),
+    [("onnx", 1e-4, 1e-5), ("torch", 1e-4, 1e-5), ("torch-bf16", 5e-2, 0.5)],
+)
+def test_a_model_with_seasons_on_every_backend(
+    stack: Any, topics: Any, redis_url: str, seasonal_model_dir: Path, thread_worker: Any,
+    backend: str, rtol: float, atol: float,
+) -> None:  # fmt: skip
+    """A model with seasons served with each backend: every forecast arrives once and equals
+    the trainer's path computed offline (float32 torch), on the plain path (the 48th to 59th
+    points, the state warming up) and the seasonal one (the 60th to 80th)."""
+    events = make_events(10, 80)
+    truth = Truth()
+    truth.add(events, produce(stack.bootstrap, topics.input, events))
+    expected = truth.expected_sources()
+    argv = worker_argv(stack.bootstrap, redis_url, seasonal_model_dir, topics, "--backend", backend)
+    w = thread_worker(argv)
+    recs = consume_all(stack.bootstrap, topics.output, expected=len(expected), timeout=120, idle=30)
+    w.stop()
+    by_src = forecasts_by_source(recs)
+    assert set(by_src) == expected and len(recs) == len(expected)
+    assert w.worker.model.predictor.backend == backend
+    paths = w.worker.metrics.forecast_paths
+    assert (paths.labels("plain")._value.get(), paths.labels("seasonal")._value.get()) == (
+        10 * 12, 10 * 21,
+    )  # fmt: skip
+    check_against_offline(seasonal_model_dir, truth, by_src, 40, rtol=rtol, atol=atol)
+
+
 def test_every_bad_input_class_reaches_the_dead_letter_topic(
     stack: Any, topics: Any, redis_url: str, tmp_path: Path, thread_worker: Any
 ) -> None:
