@@ -4,7 +4,8 @@
 models (:func:`train.peers.mstl_seasons`: a day and a week for sub-daily data, a week and a year
 for daily data, a year for weekly and monthly data) — and keeps those the data can teach: at most
 :data:`model.seasonal.MAX_SEASON` steps, and a longest season whose warm-up (one whole cycle)
-leaves at least as many training windows as it takes. ``--seasons 48,336`` names them. Either
+leaves at least as many training windows as it takes, and one without gaps in some series (a
+season no series can warm up is dropped, the longest first). ``--seasons 48,336`` names them. Either
 way the smoothing coefficients are fitted on the training split, per model, for the model's
 horizon (:func:`model.seasonal.fit_coefficients`); the result is stored in the version's config,
 which the worker reads.
@@ -69,7 +70,20 @@ def seasonal_config(
         log.info("seasons: none (data seasons %s at spacing %gs)", wanted, spacing)
         return config, info
     start = time.monotonic()
-    spec, mae = fit_coefficients(series, seasons, spacing, config.horizon)
+    while True:
+        try:
+            spec, mae = fit_coefficients(series, seasons, spacing, config.horizon)
+            break
+        except ValueError as exc:  # no series has a gap-free cycle of the longest season
+            if request != "auto":
+                raise ConfigError(f"--seasons: {seasons}: {exc}") from exc
+            log.info("seasons %s: %s; trying without %d", seasons, exc, seasons[-1])
+            info.setdefault("dropped", []).append({"season": seasons[-1], "why": str(exc)})
+            seasons = seasons[:-1]
+            if not seasons:
+                info.update(seasons=[], reason="no season has a gap-free cycle in the training "
+                            "split: the plain network")  # fmt: skip
+                return config, info
     info.update(
         seasons=seasons, alpha=spec.alpha, gammas=list(spec.gammas), smoother_mae=mae,
         seconds=round(time.monotonic() - start, 1),

@@ -392,3 +392,25 @@ def test_seasons_auto_fits_a_hybrid_that_the_gate_scores_against_the_plain_netwo
     for bad in ("24,168", "0", "168,24", "daily"):
         code, _, err = run(retrain_args("--seasons", bad), capsys)
         assert code == 2 and "--seasons" in err, (bad, err)
+
+
+def test_seasons_auto_drops_a_season_no_series_can_warm_up() -> None:
+    """Every 20th hour missing: no training series has 24 gap-free hours, so the day cannot warm
+    up and ``auto`` falls back to the plain network (saying why); asked for by name, it is an
+    error naming --seasons."""
+    from model.config import as_config
+    from model.errors import ConfigError
+    from train.data import SeriesArrays
+    from train.seasons import seasonal_config
+
+    frame = synthetic_frame(n_series=2, length=2000, spacing=3600.0, seed=3)
+    frame = frame[frame.groupby("series_id").cumcount() % 20 != 19]
+    arrays = SeriesArrays.from_frame(frame)
+    config, info = seasonal_config(arrays, as_config(), "auto")
+    assert config.seasons == () and info["seasons"] == []
+    assert [d["season"] for d in info["dropped"]] == [168, 24]
+    with pytest.raises(ConfigError, match="--seasons"):
+        seasonal_config(arrays, as_config(), (24,))
+    whole = SeriesArrays.from_frame(synthetic_frame(n_series=2, length=2000, seed=3))
+    config, info = seasonal_config(whole, as_config(), "auto")
+    assert config.seasons == (24, 168) and "dropped" not in info
