@@ -42,6 +42,7 @@ import itertools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -352,6 +353,15 @@ def run_series(
     return ready, adjusted, offsets
 
 
+class SeasonalFit(NamedTuple):
+    """What :func:`fit_coefficients` found: the spec, its smoother's MAE over the horizon, and
+    persistence's MAE on the same points."""
+
+    spec: SeasonalSpec
+    mae: float
+    persistence_mae: float
+
+
 ALPHAS = (0.01, 0.03, 0.1, 0.3, 0.6, 0.9)
 GAMMAS = (0.01, 0.05, 0.1, 0.2, 0.4)
 
@@ -363,16 +373,19 @@ def fit_coefficients(
     horizon: int,
     alphas: Sequence[float] = ALPHAS,
     gammas: Sequence[float] = GAMMAS,
-) -> tuple[SeasonalSpec, float]:
+) -> SeasonalFit:
     """The grid point (α, γ per season) whose smoother, run over each ``(ts, values)`` series in
     time order, has the least mean absolute error over the next ``horizon`` points from every
-    point after its warm-up (the points within ``horizon`` steps in time). Returns the spec and
-    that error. Every grid point runs at once: one pass over the data, vectorised over the grid."""
+    point after its warm-up (the points within ``horizon`` steps in time). Returns the spec, that
+    error and persistence's on the same points (the last value carried forward: what the
+    seasons must beat to be worth taking out of the network's inputs). Every grid point runs at
+    once: one pass over the data, vectorised over the grid."""
     grid = list(itertools.product(alphas, *([gammas] * len(seasons))))
     a = np.array([g[0] for g in grid])[:, None]  # (G, 1)
     gam = np.array([g[1:] for g in grid])  # (G, K)
     probe = SeasonalSpec(tuple(seasons), spacing_s, 0.5, tuple(0.5 for _ in seasons))
     total = np.zeros(len(grid))
+    persistence = 0.0
     count = 0
     for ts, values in series:
         steps = probe.steps(ts)
@@ -399,6 +412,7 @@ def fit_coefficients(
                     ix[:, ahead_steps % m] for ix, m in zip(idx, seasons, strict=True)
                 )
                 total += np.abs(pred - values[ahead]).sum(axis=1)
+                persistence += float(np.abs(values[ahead] - values[i - 1]).sum())
                 count += j - i
             phases = [int(steps[i] % m) for m in seasons]
             parts = [ix[:, p] for ix, p in zip(idx, phases, strict=True)]
@@ -414,4 +428,4 @@ def fit_coefficients(
     mae = total / count
     best = int(np.argmin(mae))
     spec = SeasonalSpec(tuple(seasons), spacing_s, float(a[best, 0]), tuple(map(float, gam[best])))
-    return spec, float(mae[best])
+    return SeasonalFit(spec, float(mae[best]), persistence / count)

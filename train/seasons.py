@@ -5,7 +5,9 @@ models (:func:`train.peers.mstl_seasons`: a day and a week for sub-daily data, a
 for daily data, a year for weekly and monthly data) — and keeps those the data can teach: at most
 :data:`model.seasonal.MAX_SEASON` steps, and a longest season whose warm-up (one whole cycle)
 leaves at least as many training windows as it takes, and one without gaps in some series (a
-season no series can warm up is dropped, the longest first). ``--seasons 48,336`` names them. Either
+season no series can warm up is dropped, the longest first); then only when the seasons' own
+forecast beats persistence by :data:`MIN_GAIN` on the training split. ``--seasons 48,336`` names
+them (kept whatever that comparison says). Either
 way the smoothing coefficients are fitted on the training split, per model, for the model's
 horizon (:func:`model.seasonal.fit_coefficients`); the result is stored in the version's config,
 which the worker reads.
@@ -25,6 +27,14 @@ from model.seasonal import MAX_SEASON, fit_coefficients
 from train.data import TRAIN, SeriesArrays
 
 log = logging.getLogger(__name__)
+
+# ``auto`` keeps the seasons only when their smoother's own forecast over the horizon is at least
+# 20 % better than persistence on the training split. Taking the seasons out of the network's
+# input adds their estimation noise to every window: where they explain little (sea-temp at h1,
+# glucose, co2 at h1: ratios 1.15, 1.43, 0.89) the hybrid lost to the plain network on the
+# held-out split; where they explain much (sf-temps, taylor, co2 at h24: 0.02–0.25) it won. The
+# bound was read off those measurements (docs/training.md, "Seasonal memory").
+MIN_GAIN = 0.8
 
 
 def training_series(arrays: SeriesArrays) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -72,7 +82,7 @@ def seasonal_config(
     start = time.monotonic()
     while True:
         try:
-            spec, mae = fit_coefficients(series, seasons, spacing, config.horizon)
+            spec, mae, persistence = fit_coefficients(series, seasons, spacing, config.horizon)
             break
         except ValueError as exc:  # no series has a gap-free cycle of the longest season
             if request != "auto":
@@ -86,8 +96,16 @@ def seasonal_config(
                 return config, info
     info.update(
         seasons=seasons, alpha=spec.alpha, gammas=list(spec.gammas), smoother_mae=mae,
-        seconds=round(time.monotonic() - start, 1),
+        persistence_mae=persistence, seconds=round(time.monotonic() - start, 1),
     )  # fmt: skip
+    if request == "auto" and mae > MIN_GAIN * persistence:
+        info.update(
+            seasons=[],
+            reason=f"the seasons' own forecast is not {1 - MIN_GAIN:.0%} better than persistence "
+            f"on the training split ({mae:.6g} vs {persistence:.6g}): the plain network",
+        )  # fmt: skip
+        log.info("seasons: none (%s)", info["reason"])
+        return config, info
     log.info(
         "seasons %s at spacing %gs: alpha %g, gammas %s (the smoother's own %d-step MAE %.6g on "
         "the training split)", seasons, spacing, spec.alpha, list(spec.gammas), config.horizon, mae,

@@ -141,7 +141,7 @@ def test_a_bad_spec_is_refused(kwargs: dict) -> None:
 def test_the_fit_runs_the_same_recursion_as_the_state() -> None:
     """A one-point grid: the fit's error equals the error of SeasonalState's own forecasts."""
     ts, y = two_seasons(3 * WEEK, noise=2.0, seed=4)
-    got, mae = fit_coefficients([(ts, y)], (DAY, WEEK), SPACING, 6, alphas=(0.3,), gammas=(0.2,))
+    got, mae, _ = fit_coefficients([(ts, y)], (DAY, WEEK), SPACING, 6, alphas=(0.3,), gammas=(0.2,))
     assert (got.alpha, got.gammas) == (0.3, (0.2, 0.2))
     s = SeasonalState(got)
     errs = []
@@ -160,8 +160,8 @@ def test_the_fit_chooses_coefficients_for_the_horizon_on_real_demand() -> None:
     d = load_dataset("taylor")
     n = int(len(d) * 0.7)
     data = [(d["ts"].to_numpy()[:n], d["value"].to_numpy(float)[:n])]
-    one, mae1 = fit_coefficients(data, (DAY, WEEK), SPACING, 1)
-    day, mae48 = fit_coefficients(data, (DAY, WEEK), SPACING, 24)
+    one, mae1, _ = fit_coefficients(data, (DAY, WEEK), SPACING, 1)
+    day, mae48, _ = fit_coefficients(data, (DAY, WEEK), SPACING, 24)
     assert one.alpha >= 0.3 and day.alpha <= 0.1, (one, day)
     assert mae1 < mae48
 
