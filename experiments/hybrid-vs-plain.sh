@@ -2,7 +2,7 @@
 # The seasonal hybrid (worker retrain --seasons auto) beside the plain network and the
 # statsforecast peers, on the bundled real data sets at h1 and h24 (issue 18's measurement).
 #
-# Usage: experiments/hybrid-vs-plain.sh OUT [h1|h24] [DATASET ...]
+# Usage: [SEASONS=auto|48,336] experiments/hybrid-vs-plain.sh OUT [h1|h24] [DATASET ...]
 #   For each data set: a model directory OUT/HZ/NAME; a plain version is trained there unless
 #   one is there already (copy an earlier one in to reuse it), then the hybrid, with the same
 #   settings (hidden 64, 2 layers, one thread; 2 min of training at h1, 3 at h24: small models
@@ -16,6 +16,7 @@ hz=${2:-h1}
 shift 2 2>/dev/null || shift $#
 names=${*:-seattle-temps sf-temps sea-temp glucose co2 taylor}
 py=${PY:-.venv/bin/python}
+seasons=${SEASONS:-auto}  # name them to measure the hybrid where auto keeps the plain network
 case $hz in
   h1) cfg=configs/retrain.yaml; budget=2m ;;
   h24) cfg=configs/retrain-h24.yaml; budget=3m ;;
@@ -36,7 +37,7 @@ for name in $names; do
     train plain --seasons none || { echo "plain retrain failed: $out/$hz-$name.plain.log"; continue; }
   fi
   plain=$(cat "$dir/CURRENT")
-  train hybrid --seasons auto || { echo "hybrid retrain failed: $out/$hz-$name.hybrid.log"; continue; }
+  train hybrid --seasons "$seasons" || { echo "hybrid retrain failed: $out/$hz-$name.hybrid.log"; continue; }
   hybrid=$($py -c "import json,sys; print(json.load(open(sys.argv[1]))['version'])" \
     "$out/$hz-$name.hybrid.json")
   $py -m deploy.cli evaluate --data dataset://$name --model-dir "$dir" --version "$hybrid" \
