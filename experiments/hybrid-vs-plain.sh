@@ -2,7 +2,7 @@
 # The seasonal hybrid (worker retrain --seasons auto) beside the plain network and the
 # statsforecast peers, on the bundled real data sets at h1 and h24 (issue 18's measurement).
 #
-# Usage: [SEASONS=auto|48,336] experiments/hybrid-vs-plain.sh OUT [h1|h24] [DATASET ...]
+# Usage: [SEASONS=auto|48,336] [EXTRA="--seed 1"] experiments/hybrid-vs-plain.sh OUT [h1|h24] [DATASET ...]
 #   For each data set: a model directory OUT/HZ/NAME; a plain version is trained there unless
 #   one is there already (copy an earlier one in to reuse it), then the hybrid, with the same
 #   settings (hidden 64, 2 layers, one thread; 2 min of training at h1, 3 at h24: small models
@@ -30,7 +30,7 @@ for name in $names; do
     local label=$1; shift
     $py -m deploy.cli retrain --config $cfg --data dataset://$name --model-dir "$dir" \
       --run-dir "$out/runs" --hidden-size 64 --num-layers 2 --time-budget $budget --threads 1 \
-      --logger none "$@" > "$out/$hz-$name.$label.json" 2> "$out/$hz-$name.$label.log"
+      --logger none ${EXTRA:-} "$@" > "$out/$hz-$name.$label.json" 2> "$out/$hz-$name.$label.log"
   }
   echo "== $hz $name $(date -u +%T)"
   if [ ! -s "$dir/CURRENT" ]; then
