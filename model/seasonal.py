@@ -211,7 +211,7 @@ class SeasonalState:
         ``(adjusted, offsets)`` — the window's values less their seasonal part (:meth:`parts`)
         (T,), and the seasonal part of the next ``horizon`` steps (H,), to add back onto the
         network's forecast. The trainer calls this through :func:`run_series`; the worker takes
-        the same :meth:`parts` through :func:`window_parts` and subtracts them the same way."""
+        the same :meth:`parts` (stream/windows.py) and subtracts them the same way."""
         past, ahead = self.parts(ts, horizon)
         return np.asarray(values, np.float64) - past, ahead
 
@@ -312,22 +312,6 @@ class SeasonalParts:
             np.concatenate([p.past for p in parts]),
             np.concatenate([p.ahead for p in parts]),
         )
-
-
-def window_parts(
-    states: Sequence[SeasonalState | None], backs: Sequence[int], ts: np.ndarray, horizon: int
-) -> SeasonalParts:
-    """The worker's side: :meth:`SeasonalState.parts` of R windows, row ``i`` ending ``backs[i]``
-    points before the newest point of ``states[i]`` (its state taken back that far, exactly);
-    the plain path for a series still warming up then (or without a state)."""
-    r, t = ts.shape
-    out = SeasonalParts(np.zeros(r, bool), np.zeros((r, t)), np.zeros((r, horizon)))
-    for i, (state, b) in enumerate(zip(states, backs, strict=True)):
-        then = state.back(b) if state is not None else None
-        if then is not None:
-            out.ready[i] = True
-            out.past[i], out.ahead[i] = then.parts(ts[i], horizon)
-    return out
 
 
 def run_series(

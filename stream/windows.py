@@ -34,7 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
-from model.seasonal import SeasonalParts, SeasonalSpec, window_parts
+from model.seasonal import SeasonalParts, SeasonalSpec
 from stream.decode import Event, Rejection, decode_event
 from stream.rings import SeriesRings, decode_series
 from stream.settings import LimitSettings
@@ -213,6 +213,7 @@ class PartitionWindows:
         res_ends: list[int] = []
         res_offs: list[int] = []
         res_tsms: list[int] = []
+        res_seasonal: list[tuple[np.ndarray, np.ndarray] | None] = []  # (past, ahead) per row
         latest_at: dict[int, int] = {}  # row -> position in res_* (coalescing)
         first_end: dict[int, int] = {}  # row -> smallest window end pending for it
         parts: list[WindowBatch] = []
@@ -220,16 +221,19 @@ class PartitionWindows:
 
         def flush() -> None:
             if res_rows:
-                parts.append(self._gather(res_rows, res_ends, res_offs, res_tsms))
-                for seq in (res_rows, res_ends, res_offs, res_tsms):
+                parts.append(self._gather(res_rows, res_ends, res_offs, res_tsms, res_seasonal))
+                for seq in (res_rows, res_ends, res_offs, res_tsms, res_seasonal):
                     seq.clear()
                 latest_at.clear()
                 first_end.clear()
 
         def request(row: int, end: int, offset: int, ts_ms: int) -> None:
+            # The seasonal parts now, while the state is at (or undoes cheaply back to) ``end``.
+            season = self._seasonal_parts(row, end) if rings.seasonal is not None else None
             if latest and row in latest_at:
                 i = latest_at[row]
                 res_ends[i], res_offs[i], res_tsms[i] = end, offset, ts_ms
+                res_seasonal[i] = season
                 first_end[row] = end
                 return
             latest_at[row] = len(res_rows)
@@ -237,6 +241,7 @@ class PartitionWindows:
             res_ends.append(end)
             res_offs.append(offset)
             res_tsms.append(ts_ms)
+            res_seasonal.append(season)
             first_end.setdefault(row, end)
 
         for rec in records:
@@ -344,16 +349,36 @@ class PartitionWindows:
             return
         request(row, end, rec.offset, rec.timestamp)
 
+    def _seasonal_parts(self, row: int, end: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The seasonal parts of the row's window ending at point ``end``, from its state as it
+        stood then (usually now: the window of the point just appended), or None on the plain
+        path (:meth:`model.seasonal.SeasonalState.parts`, the trainer's call)."""
+        rings = self.rings
+        state = rings.states[row]
+        then = state.back(rings.n[row] - end) if state is not None else None
+        if then is None:
+            return None
+        cols = (end - self.seq_len + np.arange(self.seq_len)) % rings.capacity
+        return then.parts(rings.ts[row, cols], self.horizon)
+
     def _gather(
-        self, rows: list[int], ends: list[int], offs: list[int], tsms: list[int]
+        self,
+        rows: list[int],
+        ends: list[int],
+        offs: list[int],
+        tsms: list[int],
+        season: list[tuple[np.ndarray, np.ndarray] | None],
     ) -> WindowBatch:
         rings = self.rings
         series, ts, values, feats = rings.gather(rows, ends, self.seq_len)
         seasonal = None
-        if rings.seasonal is not None:  # each window's state as it stood at its newest point
-            states = [rings.states[r] for r in rows]
-            backs = [rings.n[r] - e for r, e in zip(rows, ends, strict=True)]
-            seasonal = window_parts(states, backs, ts, self.horizon)
+        if rings.seasonal is not None:  # computed as each window was requested
+            r, t, h = len(rows), self.seq_len, self.horizon
+            seasonal = SeasonalParts(np.zeros(r, bool), np.zeros((r, t)), np.zeros((r, h)))
+            for i, parts in enumerate(season):
+                if parts is not None:
+                    seasonal.ready[i] = True
+                    seasonal.past[i], seasonal.ahead[i] = parts
         return WindowBatch(
             self.partition, series, np.asarray(offs, dtype=np.int64),
             np.asarray(tsms, dtype=np.int64), ts, values, feats, seasonal,
