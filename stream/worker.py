@@ -172,6 +172,12 @@ class Worker:
         stuck = len(self.slots) > 0 and self.pipeline_clock.expired()
         return not stuck and not self.fetch_clock.expired()
 
+    def start_clocks(self) -> None:
+        """Start-up is done: from now on ``/healthz``'s clocks run (see :meth:`alive`)."""
+        self._fetching = True
+        self.fetch_clock.beat()
+        self.pipeline_clock.beat()
+
     def giving_up(self) -> bool:
         """Retry loops end when the worker stops or a rebalance abandons the batch in flight."""
         return self.stopping.is_set() or self._abandoning
@@ -239,9 +245,7 @@ class Worker:
                 f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {exc}"
             ) from exc
         self.consumer.subscribe([s.input_topic], listener=_Listener(self))
-        self._fetching = True  # /healthz's clocks start now
-        self.fetch_clock.beat()
-        self.pipeline_clock.beat()
+        self.start_clocks()
         self.pipeline = Pipeline(
             self.processor, Batcher(self.consumer, s.batch), self.gate, self.slots,
             metrics=self.metrics, fetch_clock=self.fetch_clock, queue_size=s.batch.queue_size,

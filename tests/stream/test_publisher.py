@@ -127,6 +127,7 @@ def test_publish_retries_only_what_failed_while_paused(tmp_path: Path) -> None:
     from stream.worker import Worker
 
     w = Worker(WorkerSettings(model_dir=tmp_path, liveness_timeout=0.01))
+    w.start_clocks()  # as once start-up is done: a worker still starting is always alive
     flaky = FlakyPublisher(w)
     ctx = DeliveryContext(w.partitions, w.metrics, w.faults, w.pauses, "dlq", w.giving_up)
     delivery = AtLeastOnce(flaky, ctx)  # type: ignore[arg-type]
