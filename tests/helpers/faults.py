@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import threading
 import time
@@ -407,3 +408,165 @@ def cut_aof_tail(redis_dir: Path, topic: str, committed: dict[int, int], torn: i
         before,
         after,
     )
+
+
+# --- the group's assignment, as the broker holds it -------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """One reading of a consumer group through the admin API (DescribeGroups): its state
+    (``Stable``, ``PreparingRebalance``, ``CompletingRebalance``, ``Empty``, ``Dead``) and each
+    member's partitions of one topic (empty while a rebalance has not handed them out)."""
+
+    at: float  # time.monotonic() of the reading
+    state: str
+    members: dict[str, tuple[int, ...]]  # member id -> its partitions of the topic, sorted
+
+    def owners(self) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for member, parts in self.members.items():
+            for p in parts:
+                out.setdefault(p, []).append(member)
+        return out
+
+    def whole(self, partitions: int) -> bool:
+        """Every partition ``0..partitions-1`` owned by exactly one member, and no other."""
+        owners = self.owners()
+        return sorted(owners) == list(range(partitions)) and all(
+            len(m) == 1 for m in owners.values()
+        )
+
+    def split(self) -> list[int]:
+        """Partitions per member, largest first."""
+        return sorted((len(p) for p in self.members.values()), reverse=True)
+
+    def even(self) -> bool:
+        """Each member within one partition of the others (4/4/4 of 12 with three, 6/6 with two)."""
+        split = self.split()
+        return bool(split) and split[0] - split[-1] <= 1
+
+    def keyed(self, key: Callable[[str], str]) -> dict[str, tuple[int, ...]]:
+        """The assignment by ``key(member id)`` (e.g. :func:`static_instance`)."""
+        return {key(m): parts for m, parts in self.members.items()}
+
+
+_UUID_TAIL = re.compile(r"-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def static_instance(member_id: str) -> str:
+    """The group instance id a broker built a static member's id from
+    (``<group.instance.id>-<uuid>``: a restart gets a new member id, the same prefix); a dynamic
+    member's id (``<client.id>-<uuid>``) gives its client id."""
+    return _UUID_TAIL.sub("", member_id)
+
+
+async def _describe_group(admin: Any, group: str, topic: str) -> GroupView:
+    from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+
+    at = time.monotonic()
+    responses = await admin.describe_consumer_groups([group])
+    state, members = "unknown", {}
+    for resp in responses:
+        for g in resp.groups:
+            # (error_code, group, state, protocol_type, protocol, members[, ...]); each member
+            # (member_id, client_id, client_host, member_metadata, member_assignment) up to v3
+            if g[0] != 0:
+                state = f"error {g[0]}"
+                continue
+            state = g[2]
+            for mem in g[5]:
+                parts: list[int] = []
+                if mem[-1]:  # empty until the leader's SyncGroup handed the partitions out
+                    assignment = ConsumerProtocolMemberAssignment.decode(mem[-1])
+                    for t, ps in assignment.assignment:
+                        if t == topic:
+                            parts.extend(ps)
+                members[mem[0]] = tuple(sorted(parts))
+    return GroupView(at, state, members)
+
+
+def describe_group(bootstrap: str, group: str, topic: str) -> GroupView:
+    """The group's state and assignment now (an admin client: no membership, disturbs nothing)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def run() -> GroupView:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+        await admin.start()
+        try:
+            return await _describe_group(admin, group, topic)
+        finally:
+            await admin.close()
+
+    return asyncio.run(run())
+
+
+class GroupSampler:
+    """Reads the group's assignment (:class:`GroupView`) every ``every`` seconds from a thread of
+    its own, with one admin client, until :meth:`stop`. A failed reading is counted
+    (:attr:`errors`) and skipped."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, every: float = 1.0) -> None:
+        self.bootstrap, self.group, self.topic, self.every = bootstrap, group, topic, every
+        self.views: list[GroupView] = []
+        self.errors = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True, name="group-sampler")
+
+    def start(self) -> GroupSampler:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> list[GroupView]:
+        self._stop.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the group sampler did not stop"
+        if self.error is not None:
+            raise self.error
+        return self.views
+
+    def since(self, t: float) -> list[GroupView]:
+        return [v for v in list(self.views) if v.at >= t]
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    async def _run(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+        await admin.start()
+        try:
+            next_at = time.monotonic()
+            while not self._stop.is_set():
+                try:
+                    view = await asyncio.wait_for(_describe_group(admin, self.group, self.topic), 5)
+                    self.views.append(view)
+                except Exception:
+                    self.errors += 1
+                next_at += self.every
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(admin.close(), 10)
+
+
+def assignment_changes(views: Sequence[GroupView], key: Callable[[str], str] = lambda m: m) -> int:
+    """How many times the assignment (by ``key(member id)``: member -> partitions) differs from
+    the reading before."""
+    maps = [v.keyed(key) for v in views]
+    return sum(1 for a, b in itertools.pairwise(maps) if a != b)
+
+
+_JOINED = re.compile(r"Joined group '([^']*)' \(generation (\d+)\)")
+
+
+def joined_generations(log_text: str, group: str) -> list[int]:
+    """The generations a worker's log says it joined ``group`` in (aiokafka's INFO line, once
+    per JoinGroup answered: a new generation is a rebalance; a static member coming back
+    without one joins the current generation again)."""
+    return [int(g) for name, g in _JOINED.findall(log_text) if name == group]
