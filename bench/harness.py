@@ -95,10 +95,30 @@ class BenchStack:
     def redis_url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.redis.port}/{db}"
 
+    def redis_servers(self, cluster: bool = False) -> list[RedisServer]:
+        """The single Redis, or (``cluster``) every node of the cluster: primaries and replicas."""
+        return list(self.cluster.nodes) if cluster and self.cluster else [self.redis]
+
     def redis_pids(self, cluster: bool = False) -> list[int]:
-        """The single Redis's process, or (``cluster``) every node's: primaries and replicas."""
-        servers = self.cluster.nodes if cluster and self.cluster else [self.redis]
+        servers = self.redis_servers(cluster)
         return [pid for pid in (s.pid() for s in servers) if pid is not None]
+
+    def redis_net_bytes(self, cluster: bool = False) -> dict[str, int]:
+        """Network bytes so far summed over :meth:`redis_servers` (``INFO stats``): ``in`` from
+        clients, ``out`` to clients, ``repl`` from primaries to their replicas."""
+        import redis
+
+        got = {"in": 0, "out": 0, "repl": 0}
+        for server in self.redis_servers(cluster):
+            r = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=5)
+            try:
+                info = r.info("stats")
+            finally:
+                r.close()
+            got["in"] += int(info.get("total_net_input_bytes", 0))
+            got["out"] += int(info.get("total_net_output_bytes", 0))
+            got["repl"] += int(info.get("total_net_repl_output_bytes", 0))
+        return got
 
     def topics(self, names: dict[str, int]) -> None:
         create_topics(self.bootstrap, names)

@@ -305,7 +305,7 @@ class Bench:
             time.sleep(a.warmup)
             f0 = total(asyncio.run(end_offsets(st.bootstrap, out)))
             c0 = total(asyncio.run(committed(st.bootstrap, group, topic)))
-            m0, cpu0 = metrics(), cpu()
+            m0, cpu0, net0 = metrics(), cpu(), st.redis_net_bytes(cluster)
             t0 = time.monotonic()
             rss0 = sum(rss_bytes(p.pid) for p in procs)
             spy = None
@@ -323,7 +323,7 @@ class Bench:
                 spy.wait(30)
             f1 = total(asyncio.run(end_offsets(st.bootstrap, out)))
             c1 = total(asyncio.run(committed(st.bootstrap, group, topic)))
-            m1, cpu1 = metrics(), cpu()
+            m1, cpu1, net1 = metrics(), cpu(), st.redis_net_bytes(cluster)
             t1 = time.monotonic()
             row.update(
                 seconds=t1 - t0,
@@ -333,11 +333,12 @@ class Bench:
                 rss_mb=max(rss0, sum(rss_bytes(p.pid) for p in procs)) / 2**20,
                 load=loadavg(),
                 cpu_s={k: cpu1[k] - cpu0[k] for k in cpu0},
+                redis_bytes={k: net1[k] - net0[k] for k in net0},
             )
             if c1 - c0 > 0 and row["cpu_s"]["workers"] > 0:
                 row["events_per_cpu_s"] = (c1 - c0) / row["cpu_s"]["workers"]
             if m0 is not None and m1 is not None:
-                row["cost"] = _cost(m0, m1, row["cpu_s"])
+                row["cost"] = _cost(m0, m1, row["cpu_s"], row["redis_bytes"])
             if c1 >= self.backlog_events:
                 row["note"] = "backlog exhausted during the window: rate is a lower bound"
             # What a forecast weighs: its record's key and value (a sample read from the topic's
@@ -511,10 +512,10 @@ class Bench:
                 "\n| cost per consumed event, µs (over the window; stages: wall time in the "
                 "worker, waits included; CPU: /proc, every thread) | "
                 + " | ".join(STAGES)
-                + " | model call | worker CPU | Redis CPU | broker CPU | forecast B (key + value)"
-                " | forecast B in the log |"
+                + " | model call | worker CPU | Redis CPU | broker CPU | Redis B in / out / "
+                "replication | forecast B (key + value) | forecast B in the log |"
             )
-            self.say("|---" + "|---:" * (len(STAGES) + 6) + "|")
+            self.say("|---" + "|---:" * (len(STAGES) + 7) + "|")
             for k, c in costs.items():
                 fb = rows[k].get("forecast_bytes", {})
                 model = " + ".join(f"{v:.1f}" for v in c["inference_us"].values()) or "—"
@@ -523,7 +524,8 @@ class Bench:
                     + " | ".join(f"{c['stage_us'][s]:.1f}" for s in STAGES)
                     + f" | {model} | {c['cpu_us']['workers']:.1f} | {c['cpu_us']['redis']:.1f} | "
                     f"{c['cpu_us']['kafka']:.1f} | "
-                    f"{fb.get('key_bytes', 0) + fb.get('value_bytes', 0):.0f} | "
+                    + " / ".join(f"{c['redis_bytes'].get(k, 0):.0f}" for k in ("in", "out", "repl"))
+                    + f" | {fb.get('key_bytes', 0) + fb.get('value_bytes', 0):.0f} | "
                     f"{fb.get('log_bytes', 0):.0f} |"
                 )
 
@@ -1049,12 +1051,15 @@ class Bench:
 
 
 def _cost(
-    m0: list[dict[str, float]], m1: list[dict[str, float]], cpu_s: dict[str, float]
+    m0: list[dict[str, float]],
+    m1: list[dict[str, float]],
+    cpu_s: dict[str, float],
+    redis_bytes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Cost per consumed event over a drain's window, summed over its workers: each stage's
     seconds (wall time in the worker: it includes waiting for the broker, Redis, the CPU and
     the GIL), the model call's seconds per backend, and the CPU seconds of the workers, Redis
-    and the broker; all in µs per event."""
+    and the broker, all in µs per event; Redis's network bytes per event (``redis_bytes``)."""
     diff: dict[str, float] = {}
     for before, after in zip(m0, m1, strict=True):
         for k, v in after.items():
@@ -1071,6 +1076,7 @@ def _cost(
             k.split(":", 1)[1]: v * us for k, v in diff.items() if k.startswith("inference:")
         },
         "cpu_us": {k: v * us for k, v in cpu_s.items()},
+        "redis_bytes": {k: v / events for k, v in (redis_bytes or {}).items()},
     }
 
 

@@ -48,12 +48,15 @@ def test_cost_per_event_sums_the_workers() -> None:
         {"consumed": 1100.0, "stage:infer": 1.002, "inference:onnx": 0.001},
         {"consumed": 1000.0, "stage:infer": 0.003, "inference:onnx": 0.001},
     ]
-    c = _cost(m0, m1, {"workers": 0.02, "redis": 0.002, "kafka": 0.004})
+    c = _cost(
+        m0, m1, {"workers": 0.02, "redis": 0.002, "kafka": 0.004}, {"in": 400_000, "out": 20_000}
+    )
     assert c["events"] == 2000
     assert c["stage_us"]["infer"] == pytest.approx(2.5)  # 5 ms over 2000 events
     assert c["stage_us"]["apply"] == 0
     assert c["inference_us"] == {"onnx": pytest.approx(1.0)}
     assert c["cpu_us"] == pytest.approx({"workers": 10.0, "redis": 1.0, "kafka": 2.0})
+    assert c["redis_bytes"] == {"in": 200.0, "out": 10.0}
     assert _cost(m0, m0, {"workers": 1.0})["events"] == 0
 
 
