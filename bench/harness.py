@@ -99,8 +99,12 @@ class BenchStack:
         """The single Redis, or (``cluster``) every node of the cluster: primaries and replicas."""
         return list(self.cluster.nodes) if cluster and self.cluster else [self.redis]
 
-    def redis_pids(self, cluster: bool = False) -> list[int]:
+    def redis_pids(self, cluster: bool = False, primaries: bool = False) -> list[int]:
+        """Processes of :meth:`redis_servers`; ``primaries``: only the cluster's primaries now."""
         servers = self.redis_servers(cluster)
+        if cluster and primaries and self.cluster is not None:
+            ports = {n.port for n in self.cluster.topology() if n.primary}
+            servers = [s for s in servers if s.port in ports]
         return [pid for pid in (s.pid() for s in servers) if pid is not None]
 
     def redis_net_bytes(self, cluster: bool = False) -> dict[str, int]:

@@ -280,13 +280,18 @@ class Bench:
             except Exception:  # a worker without /metrics (naive, faust)
                 return None
 
+        primaries = st.redis_pids(cluster, primaries=True) if cluster else []
+
         def cpu() -> dict[str, float]:
             kafka = st.kafka.pid()
-            return {
+            got = {
                 "workers": sum(cpu_seconds(p.pid) for p in procs),
                 "redis": sum(cpu_seconds(pid) for pid in st.redis_pids(cluster)),
                 "kafka": cpu_seconds(kafka) if kafka is not None else 0.0,
             }
+            if primaries:  # of "redis", what the cluster's primaries spent
+                got["redis_primaries"] = sum(cpu_seconds(pid) for pid in primaries)
+            return got
 
         try:
             deadline = time.monotonic() + 180
@@ -493,17 +498,18 @@ class Bench:
             self.say(
                 f"\n| workers of one group, {WIDE_PARTITIONS} partitions ({os.cpu_count()} cores "
                 "shared with Kafka and Redis: more workers show their overhead, not a speed-up) | "
-                "events/s ingested | workers' CPU s | events per worker CPU-second | "
+                "events/s ingested | workers' CPU s (cores busy) | events per worker CPU-second | "
                 "Redis CPU s | broker CPU s | events per CPU-second (workers + Redis + broker) |"
             )
             self.say("|---|---:|---:|---:|---:|---:|---:|")
             for r in multi:
                 c = r["cpu_s"]
                 events = r["ingested_per_s"] * r["seconds"]
-                every = sum(c.values())
+                every = c["workers"] + c["redis"] + c["kafka"]
                 self.say(
-                    f"| {r['workers']} | {r['ingested_per_s']:,.0f} | {c['workers']:.1f} | "
-                    f"{_num(r.get('events_per_cpu_s'))} | {c['redis']:.1f} | {c['kafka']:.1f} | "
+                    f"| {r['workers']} | {r['ingested_per_s']:,.0f} | {c['workers']:.1f} "
+                    f"({c['workers'] / r['seconds']:.2f}) | {_num(r.get('events_per_cpu_s'))} | "
+                    f"{c['redis']:.1f} | {c['kafka']:.1f} | "
                     f"{_num(events / every if every else None)} |"
                 )
         costs = {k: r["cost"] for k, r in rows.items() if r.get("cost", {}).get("events")}
@@ -522,9 +528,15 @@ class Bench:
                 self.say(
                     f"| {k} | "
                     + " | ".join(f"{c['stage_us'][s]:.1f}" for s in STAGES)
-                    + f" | {model} | {c['cpu_us']['workers']:.1f} | {c['cpu_us']['redis']:.1f} | "
+                    + f" | {model} | {c['cpu_us']['workers']:.1f} | {c['cpu_us']['redis']:.1f}"
+                    + (
+                        f" ({c['cpu_us']['redis_primaries']:.1f} primaries)"
+                        if "redis_primaries" in c["cpu_us"]
+                        else ""
+                    )
+                    + " | "
                     f"{c['cpu_us']['kafka']:.1f} | "
-                    + " / ".join(f"{c['redis_bytes'].get(k, 0):.0f}" for k in ("in", "out", "repl"))
+                    + " / ".join(f"{c['redis_bytes'].get(d, 0):.0f}" for d in ("in", "out", "repl"))
                     + f" | {fb.get('key_bytes', 0) + fb.get('value_bytes', 0):.0f} | "
                     f"{fb.get('log_bytes', 0):.0f} |"
                 )
