@@ -26,10 +26,17 @@ import numpy as np
 import orjson
 import torch
 
-from deploy.stack import KafkaServer, RedisServer, create_topics, free_port
+from deploy.stack import (
+    KafkaServer,
+    RedisClusterServers,
+    RedisServer,
+    create_topics,
+    free_port,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PARTITIONS = 6
+WIDE_PARTITIONS = 12  # the backlog of the drains by several workers of one group
 T0 = 1_700_000_000.0  # first event time of the backlog (epoch seconds)
 STEP = 60.0  # backlog series are minute data
 
@@ -50,11 +57,16 @@ MODELS["small-seasonal"] = {**MODELS["small"], **SEASONAL}
 
 @dataclass
 class BenchStack:
-    """Kafka + Redis of our own on free ports, in a temporary folder; ``stop()`` ends only them."""
+    """Kafka + Redis of our own on free ports, in a temporary folder; ``stop()`` ends only them.
+
+    ``cluster``: a Redis Cluster of our own too (deploy/stack.py's :class:`RedisClusterServers`,
+    3 primaries + 3 replicas on free ports), started by :meth:`start_cluster` when a drain needs
+    it. It has only database 0: drains on it keep apart by a key prefix of their own."""
 
     dir: Path
     kafka: KafkaServer
     redis: RedisServer
+    cluster: RedisClusterServers | None = None
 
     @classmethod
     def start(cls, root: Path) -> BenchStack:
@@ -64,6 +76,18 @@ class BenchStack:
         redis.start()
         return cls(root, kafka, redis)
 
+    def start_cluster(self) -> RedisClusterServers:
+        """The Redis Cluster, started on first use (healthy: every primary has its replica)."""
+        if self.cluster is None:
+            cluster = RedisClusterServers.on_free_ports(self.dir)
+            try:
+                cluster.start()
+            except Exception:
+                cluster.stop()
+                raise
+            self.cluster = cluster
+        return self.cluster
+
     @property
     def bootstrap(self) -> str:
         return self.kafka.bootstrap
@@ -71,13 +95,54 @@ class BenchStack:
     def redis_url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.redis.port}/{db}"
 
+    def redis_servers(self, cluster: bool = False) -> list[RedisServer]:
+        """The single Redis, or (``cluster``) every node of the cluster: primaries and replicas."""
+        return list(self.cluster.nodes) if cluster and self.cluster else [self.redis]
+
+    def redis_pids(self, cluster: bool = False, primaries: bool = False) -> list[int]:
+        """Processes of :meth:`redis_servers`; ``primaries``: only the cluster's primaries now."""
+        servers = self.redis_servers(cluster)
+        if cluster and primaries and self.cluster is not None:
+            ports = {n.port for n in self.cluster.topology() if n.primary}
+            servers = [s for s in servers if s.port in ports]
+        return [pid for pid in (s.pid() for s in servers) if pid is not None]
+
+    def redis_net_bytes(self, cluster: bool = False) -> dict[str, int]:
+        """Network bytes so far summed over :meth:`redis_servers` (``INFO stats``): ``in`` from
+        clients, ``out`` to clients, ``repl`` from primaries to their replicas."""
+        import redis
+
+        got = {"in": 0, "out": 0, "repl": 0}
+        for server in self.redis_servers(cluster):
+            r = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=5)
+            try:
+                info = r.info("stats")
+            finally:
+                r.close()
+            got["in"] += int(info.get("total_net_input_bytes", 0))
+            got["out"] += int(info.get("total_net_output_bytes", 0))
+            got["repl"] += int(info.get("total_net_repl_output_bytes", 0))
+        return got
+
     def topics(self, names: dict[str, int]) -> None:
         create_topics(self.bootstrap, names)
 
+    def log_bytes(self, topic: str) -> int:
+        """Bytes of ``topic``'s log segments on the broker's disk (record batches as produced:
+        about what crossed the network to the broker, before replication)."""
+        data = self.kafka.dir / "kafka" / "data"
+        return sum(
+            f.stat().st_size
+            for d in data.glob(f"{topic}-*")
+            if d.name.rsplit("-", 1)[0] == topic
+            for f in d.glob("*.log")
+        )
+
     def stop(self) -> None:
-        for svc in (self.kafka, self.redis):
-            with contextlib.suppress(Exception):
-                svc.stop()
+        for svc in (self.kafka, self.redis, self.cluster):
+            if svc is not None:
+                with contextlib.suppress(Exception):
+                    svc.stop()
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -275,6 +340,35 @@ async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         await admin.close()
 
 
+async def record_sizes(bootstrap: str, topic: str, n: int = 2000) -> dict[str, float]:
+    """Mean key and value bytes of up to ``n`` records of ``topic`` read from its beginning
+    (``records``: how many were read)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await c.start()
+    keys = values = count = 0
+    try:
+        await c._client.force_metadata_update()
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or set())]
+        c.assign(tps)
+        await c.seek_to_beginning(*tps)
+        deadline = time.monotonic() + 10
+        while count < n and time.monotonic() < deadline:
+            for recs in (await c.getmany(timeout_ms=200, max_records=n - count)).values():
+                for r in recs:
+                    keys += len(r.key or b"")
+                    values += len(r.value or b"")
+                    count += 1
+    finally:
+        await c.stop()
+    return {
+        "records": count,
+        "key_bytes": keys / max(count, 1),
+        "value_bytes": values / max(count, 1),
+    }
+
+
 def total(offsets: dict[int, int]) -> int:
     return sum(offsets.values())
 
@@ -393,6 +487,16 @@ class ForecastReader:
 # ---- worker processes ----------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, every thread of it (0 when it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process (0 when it is gone)."""
     try:
@@ -458,11 +562,20 @@ def worker_argv(
     threads: int = 2,
     extra: tuple[str, ...] = (),
     metrics_port: int = 0,
+    cluster_prefix: str | None = None,
 ) -> list[str]:
+    """The worker's command line; with ``cluster_prefix`` on the stack's Redis Cluster (any node's
+    URL, ``--redis-cluster``) under that key prefix instead of database ``db`` of the single
+    Redis."""
+    if cluster_prefix is not None:
+        assert stack.cluster is not None, "BenchStack.start_cluster() first"
+        redis = [stack.cluster.url, "--redis-cluster", "--redis-prefix", cluster_prefix]
+    else:
+        redis = [stack.redis_url(db)]
     return [
         sys.executable, "-m", "deploy.cli", "--log-level", "WARNING", "start",
         "--bootstrap-servers", stack.bootstrap,
-        "--redis-url", stack.redis_url(db),
+        "--redis-url", *redis,
         "--model-dir", str(model_dir),
         "--input-topic", input_topic,
         "--output-topic", output_topic,
@@ -540,3 +653,31 @@ def stage_means(port: int) -> dict[str, float]:
             elif line.startswith("eventcast_batch_size" + name + " "):
                 store["batch size"] = float(line.rsplit(" ", 1)[1])
     return {k: sums[k] / counts[k] for k in sums if counts.get(k)}
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Counters of a worker's /metrics that the cost tables use: ``consumed`` (input records),
+    ``forecasts``, ``stage:NAME`` (sum of eventcast_stage_seconds) and ``inference:BACKEND``
+    (sum of eventcast_inference_seconds: the model call alone)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The counters :func:`scrape` returns, from the Prometheus text format."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name == "eventcast_events_consumed_total":
+            out["consumed"] = float(value)
+        elif name == "eventcast_forecasts_published_total":
+            out["forecasts"] = float(value)
+        elif name.startswith("eventcast_stage_seconds_sum{"):
+            out["stage:" + name.split('stage="', 1)[1].split('"', 1)[0]] = float(value)
+        elif name.startswith("eventcast_inference_seconds_sum{"):
+            out["inference:" + name.split('backend="', 1)[1].split('"', 1)[0]] = float(value)
+    return out

@@ -10,7 +10,12 @@ Starts a private Kafka + Redis on free ports, writes the default (hidden 256, 3 
    forecast rate read at the forecast topic's end offsets and the ingest rate read at the group's
    committed offsets, over ``--duration`` seconds after ``--warmup`` seconds past the first
    forecast; per model × backend (torch, torch-bf16, onnx, onnx-int8), ``--emit every`` vs
-   ``latest``, the naive per-event worker and the faust engine;
+   ``latest``, the naive per-event worker and the faust engine; for the capacity plan
+   (docs/operations.md), the small model's drain with its state on a Redis Cluster of the bench's
+   own (3 primaries + 3 replicas, a key prefix per drain) and by 1, 2 and 3 workers of one group
+   on a 12-partition copy of the backlog, then three tables: the cluster/single ratio, events per
+   CPU-second by worker count, and the cost per event of each stage (the workers' /metrics), of
+   the workers', Redis's and the broker's CPU (/proc) and the forecasts' bytes;
 3. latency: an open-loop producer at half of the measured capacity stamping each event with its
    send time as ``ts``, and a consumer of the forecast topic (latency = arrival − ``ts``);
 4. latency curve: bench/pacer.c (a compiled open-loop producer on librdkafka, built on demand by
@@ -49,6 +54,7 @@ from bench import ceilings
 from bench.harness import (
     PARTITIONS,
     REPO,
+    WIDE_PARTITIONS,
     BenchStack,
     ForecastReader,
     LagProbe,
@@ -58,6 +64,7 @@ from bench.harness import (
     build_pacer,
     can_pin,
     committed,
+    cpu_seconds,
     dumps,
     end_offsets,
     flush_db,
@@ -68,7 +75,9 @@ from bench.harness import (
     percentiles,
     pin,
     read_deliveries,
+    record_sizes,
     rss_bytes,
+    scrape,
     series_name,
     stage_means,
     thread_affinities,
@@ -82,6 +91,8 @@ from bench.harness import (
 BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8")
 GUARANTEES = ("at_least_once", "exactly_once")
 WARM_POINTS = 48  # the worker forecasts a series once it holds this many points
+WORKER_COUNTS = (1, 2, 3)  # workers of one group draining the WIDE_PARTITIONS backlog
+STAGES = ("apply", "infer", "encode", "publish", "persist", "commit")  # eventcast_stage_seconds
 
 
 @dataclass
@@ -108,6 +119,10 @@ class Bench:
         self.stack: BenchStack | None = None
         self.models: dict[str, Path] = {}
         self.backlog = "backlog"
+        # The same backlog on WIDE_PARTITIONS partitions, for the drains by 1-3 workers of one
+        # group (produced only when one of them runs).
+        self.wide_backlog = "backlog-wide"
+        self.partitions = {self.backlog: PARTITIONS, self.wide_backlog: WIDE_PARTITIONS}
         self.backlog_events = 0
 
     def say(self, text: str = "") -> None:
@@ -116,6 +131,20 @@ class Bench:
     def next_db(self) -> int:
         self._db += 1
         return self._db
+
+    def want_drain(self, key: str) -> bool:
+        """Whether ``--drains`` (comma-separated substrings; empty: every drain) selects ``key``."""
+        wanted = [w for w in self.args.drains.split(",") if w]
+        return not wanted or any(w in key for w in wanted)
+
+    def cluster_key(self) -> str:
+        return f"small {self.args.backend} emit=every, redis cluster"
+
+    def workers_key(self, n: int) -> str:
+        return (
+            f"small {self.args.backend} emit=every, {WIDE_PARTITIONS} partitions, "
+            f"{n} worker{'s' if n > 1 else ''}"
+        )
 
     # ---- setup ---------------------------------------------------------------------------------
 
@@ -128,15 +157,35 @@ class Bench:
             self.models[name] = write_model(self.root, name)
         if not backlog:
             return
-        self.stack.topics({self.backlog: PARTITIONS})
+        drains = "drain" in a.only.split(",")
+        wide = drains and any(self.want_drain(self.workers_key(n)) for n in WORKER_COUNTS)
+        topics = {
+            self.backlog: PARTITIONS,
+            **({self.wide_backlog: WIDE_PARTITIONS} if wide else {}),
+        }
+        self.stack.topics(topics)
         path = self.root / "backlog.tsv"
         self.backlog_events = backlog_file(path, a.series, a.backlog // a.series)
-        secs = kcat_produce(self.stack.bootstrap, self.backlog, path)
+        line_bytes = path.stat().st_size / self.backlog_events
+        for topic, parts in topics.items():
+            secs = kcat_produce(self.stack.bootstrap, topic, path)
+            on_disk = self.stack.log_bytes(topic) / self.backlog_events
+            self.say(
+                f"# backlog {topic} ({parts} partitions): {self.backlog_events:,} events of "
+                f"{a.series} series produced beforehand with kcat in {secs:.1f} s "
+                f"({self.backlog_events / secs:,.0f} events/s); {line_bytes - 2:.1f} B key + value "
+                f"per event, {on_disk:.1f} B per event in the broker's log (record batches)"
+            )
+            self.results.setdefault("input_bytes", {"key_value": line_bytes - 2})[topic] = on_disk
         path.unlink()
-        self.say(
-            f"# backlog: {self.backlog_events:,} events of {a.series} series produced beforehand "
-            f"with kcat in {secs:.1f} s ({self.backlog_events / secs:,.0f} events/s)"
-        )
+        if drains and self.want_drain(self.cluster_key()):
+            t0 = time.monotonic()
+            cluster = self.stack.start_cluster()
+            self.say(
+                f"# redis cluster: {len(cluster.ports)} nodes ({len(cluster.ports) // 2} primaries "
+                f"+ 1 replica each) on ports {','.join(map(str, cluster.ports))}, up in "
+                f"{time.monotonic() - t0:.1f} s"
+            )
 
     # ---- ceilings ------------------------------------------------------------------------------
 
@@ -184,31 +233,86 @@ class Bench:
 
     # ---- drains --------------------------------------------------------------------------------
 
-    def drain(self, label: str, argv_for: Any, cwd: Path = REPO) -> dict[str, Any]:
-        """Run one worker-like process over the backlog; rates over the measured window."""
+    def drain(
+        self,
+        label: str,
+        argv_for: Any,
+        cwd: Path = REPO,
+        *,
+        workers: int = 1,
+        topic: str | None = None,
+        cluster: bool = False,
+    ) -> dict[str, Any]:
+        """Run ``workers`` worker-like processes of one group over a backlog topic (``topic``,
+        default the 6-partition one); rates over the measured window. With ``cluster`` their
+        state is on the Redis Cluster under a key prefix of this drain's own.
+
+        Besides the rates: CPU seconds of the workers, of Redis (every cluster node) and of the
+        broker over the window (/proc/PID/stat), and, from the workers' /metrics, the events
+        consumed and each stage's seconds over the window; the forecasts' sizes at the end."""
         a = self.args
         st = self.stack
         assert st is not None
+        topic = topic or self.backlog
+        parts = self.partitions[topic]
         out, group, db = unique("fc"), unique("g"), self.next_db()
-        st.topics({out: PARTITIONS, f"{out}.dlq": 1})
+        prefix = unique("bench") if cluster else None
+        st.topics({out: parts, f"{out}.dlq": 1})
         flush_db(st, db)
-        argv = argv_for(out=out, group=group, db=db)
         name = label.replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "")
-        proc = Proc(argv, self.root / f"{name}.log", cwd=cwd)
-        row: dict[str, Any] = {"label": label}
+        name = name.replace(",", "").replace("=", "-")
+        ports = [free_port() for _ in range(workers)]
+        procs = [
+            Proc(
+                argv_for(out=out, group=group, db=db, port=port, prefix=prefix),
+                self.root / (f"{name}.log" if workers == 1 else f"{name}-{i}.log"),
+                cwd=cwd,
+            )
+            for i, port in enumerate(ports)
+        ]
+        proc = procs[0]
+        row: dict[str, Any] = {"label": label, "workers": workers, "partitions": parts,
+                               "redis": "cluster" if cluster else "single"}  # fmt: skip
+
+        def metrics() -> list[dict[str, float]] | None:
+            try:
+                return [scrape(port) for port in ports]
+            except Exception:  # a worker without /metrics (naive, faust)
+                return None
+
+        primaries = st.redis_pids(cluster, primaries=True) if cluster else []
+
+        def cpu() -> dict[str, float]:
+            kafka = st.kafka.pid()
+            got = {
+                "workers": sum(cpu_seconds(p.pid) for p in procs),
+                "redis": sum(cpu_seconds(pid) for pid in st.redis_pids(cluster)),
+                "kafka": cpu_seconds(kafka) if kafka is not None else 0.0,
+            }
+            if primaries:  # of "redis", what the cluster's primaries spent
+                got["redis_primaries"] = sum(cpu_seconds(pid) for pid in primaries)
+            return got
+
         try:
             deadline = time.monotonic() + 180
-            while total(asyncio.run(end_offsets(st.bootstrap, out))) == 0:
-                if not proc.alive():
-                    raise RuntimeError(f"{label}: exited early:\n{proc.tail()}")
+            while True:
+                if total(asyncio.run(end_offsets(st.bootstrap, out))) > 0:
+                    # Several workers: every one consuming (the group's rebalances are over).
+                    got = metrics() if workers > 1 else None
+                    if workers == 1 or (got and all(m.get("consumed", 0) > 0 for m in got)):
+                        break
+                for p in procs:
+                    if not p.alive():
+                        raise RuntimeError(f"{label}: exited early:\n{p.tail()}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{label}: no forecast within 180 s:\n{proc.tail()}")
                 time.sleep(0.5)
             time.sleep(a.warmup)
             f0 = total(asyncio.run(end_offsets(st.bootstrap, out)))
-            c0 = total(asyncio.run(committed(st.bootstrap, group, self.backlog)))
+            c0 = total(asyncio.run(committed(st.bootstrap, group, topic)))
+            m0, cpu0, net0 = metrics(), cpu(), st.redis_net_bytes(cluster)
             t0 = time.monotonic()
-            rss0 = rss_bytes(proc.pid)
+            rss0 = sum(rss_bytes(p.pid) for p in procs)
             spy = None
             if a.profile and "native" not in label and "faust" not in label:
                 out_path = self.root / f"profile-{label.replace(' ', '_')}.txt"
@@ -223,21 +327,33 @@ class Bench:
             if spy is not None:
                 spy.wait(30)
             f1 = total(asyncio.run(end_offsets(st.bootstrap, out)))
-            c1 = total(asyncio.run(committed(st.bootstrap, group, self.backlog)))
+            c1 = total(asyncio.run(committed(st.bootstrap, group, topic)))
+            m1, cpu1, net1 = metrics(), cpu(), st.redis_net_bytes(cluster)
             t1 = time.monotonic()
             row.update(
                 seconds=t1 - t0,
                 forecasts_per_s=(f1 - f0) / (t1 - t0),
                 ingested_per_s=(c1 - c0) / (t1 - t0),
                 backlog_left=self.backlog_events - c1,
-                rss_mb=max(rss0, rss_bytes(proc.pid)) / 2**20,
+                rss_mb=max(rss0, sum(rss_bytes(p.pid) for p in procs)) / 2**20,
                 load=loadavg(),
+                cpu_s={k: cpu1[k] - cpu0[k] for k in cpu0},
+                redis_bytes={k: net1[k] - net0[k] for k in net0},
             )
+            if c1 - c0 > 0 and row["cpu_s"]["workers"] > 0:
+                row["events_per_cpu_s"] = (c1 - c0) / row["cpu_s"]["workers"]
+            if m0 is not None and m1 is not None:
+                row["cost"] = _cost(m0, m1, row["cpu_s"], row["redis_bytes"])
             if c1 >= self.backlog_events:
                 row["note"] = "backlog exhausted during the window: rate is a lower bound"
+            # What a forecast weighs: its record's key and value (a sample read from the topic's
+            # beginning) and the topic's log bytes per forecast (record batches, headers).
+            forecasts = total(asyncio.run(end_offsets(st.bootstrap, out)))
+            sizes = asyncio.run(record_sizes(st.bootstrap, out, 1000))
+            sizes["log_bytes"] = st.log_bytes(out) / max(forecasts, 1)
+            row["forecast_bytes"] = sizes
         finally:
-            rc = proc.stop()
-            row["exit"] = rc
+            row["exit"] = [p.stop() for p in procs] if workers > 1 else proc.stop()
         self.say(
             f"| {label} | {row['forecasts_per_s']:,.0f} | {row['ingested_per_s']:,.0f} | "
             f"{row['seconds']:.0f} | {row['rss_mb']:.0f} | {row['load']} |"
@@ -245,14 +361,17 @@ class Bench:
         )
         return row
 
-    def worker_for(self, model: str, backend: str, *extra: str) -> Any:
+    def worker_for(self, model: str, backend: str, *extra: str, topic: str | None = None) -> Any:
         assert self.stack is not None
         a = self.args
 
-        def argv(out: str, group: str, db: int) -> list[str]:
+        def argv(
+            out: str, group: str, db: int, port: int = 0, prefix: str | None = None
+        ) -> list[str]:
             return worker_argv(
-                self.stack, self.models[model], input_topic=self.backlog, output_topic=out,  # type: ignore[arg-type]
-                group=group, db=db, backend=backend, threads=a.threads, extra=extra,
+                self.stack, self.models[model], input_topic=topic or self.backlog,  # type: ignore[arg-type]
+                output_topic=out, group=group, db=db, backend=backend, threads=a.threads,
+                extra=extra, metrics_port=port, cluster_prefix=prefix,
             )  # fmt: skip
 
         return argv
@@ -262,7 +381,10 @@ class Bench:
         st = self.stack
         a = self.args
 
-        def argv(out: str, group: str, db: int) -> list[str]:
+        def argv(
+            out: str, group: str, db: int, port: int = 0, prefix: str | None = None
+        ) -> list[str]:
+            assert prefix is None, "the naive worker has no Redis Cluster"
             return [
                 sys.executable, "-m", "bench.naive_worker",
                 "--bootstrap-servers", st.bootstrap, "--redis-url", st.redis_url(db),
@@ -283,17 +405,25 @@ class Bench:
         self.say("|---|---:|---:|---:|---:|---|")
         rows: dict[str, Any] = {}
         self.results["load"]["drain_start"] = loadavg()
-        wanted = [w for w in a.drains.split(",") if w]
-
-        def want(key: str) -> bool:
-            return not wanted or any(w in key for w in wanted)
-
+        want = self.want_drain
         flags = tuple(a.worker_flags.split())
         for model in ("default", "small"):
             for backend in BACKENDS:
                 key = f"{model} {backend} emit=every"
                 if want(key):
                     rows[key] = self.drain(key, self.worker_for(model, backend, *flags))
+        # Capacity inputs (docs/operations.md "Capacity plan"): the same drain with the state on
+        # a Redis Cluster (3 primaries + 3 replicas) instead of the single Redis, right after it,
+        # and 1-3 workers of one group on the WIDE_PARTITIONS backlog.
+        key = self.cluster_key()
+        if want(key):
+            argv = self.worker_for("small", a.backend, *flags)
+            rows[key] = self.drain(key, argv, cluster=True)
+        for n in WORKER_COUNTS:
+            key = self.workers_key(n)
+            if want(key):
+                argv = self.worker_for("small", a.backend, *flags, topic=self.wide_backlog)
+                rows[key] = self.drain(key, argv, workers=n, topic=self.wide_backlog)
         # Seasonal memory (docs/training.md): the small model with an hour and a day of minute
         # data kept per series; beside "small ... emit=every", the cost of the state.
         key = f"small-seasonal {a.backend} emit=every"
@@ -346,6 +476,70 @@ class Bench:
                 self.say(f"| {key} | failed: {str(exc).splitlines()[0]} |")
                 rows[key] = {"error": str(exc)[-2000:]}
         self.results["drain"] = rows
+        self.capacity_tables(rows)
+
+    def capacity_tables(self, rows: dict[str, Any]) -> None:
+        """The capacity plan's inputs from the drains that ran: Redis Cluster / single Redis,
+        events per CPU-second by worker count, and the cost per event of each stage."""
+        a = self.args
+        base = rows.get(f"small {a.backend} emit=every", {})
+        clu = rows.get(self.cluster_key(), {})
+        if base.get("ingested_per_s") and clu.get("ingested_per_s"):
+            ratio = {k: clu[k] / base[k] for k in ("forecasts_per_s", "ingested_per_s")}
+            self.results["cluster_ratio"] = ratio
+            self.say(
+                f"\nredis cluster / single Redis (small {a.backend} emit=every): forecasts/s "
+                f"{ratio['forecasts_per_s']:.2f}, events/s ingested {ratio['ingested_per_s']:.2f}"
+            )
+        multi = [
+            rows[k] for k in map(self.workers_key, WORKER_COUNTS) if "cpu_s" in rows.get(k, {})
+        ]
+        if multi:
+            self.say(
+                f"\n| workers of one group, {WIDE_PARTITIONS} partitions ({os.cpu_count()} cores "
+                "shared with Kafka and Redis: more workers show their overhead, not a speed-up) | "
+                "events/s ingested | workers' CPU s (cores busy) | events per worker CPU-second | "
+                "Redis CPU s | broker CPU s | events per CPU-second (workers + Redis + broker) |"
+            )
+            self.say("|---|---:|---:|---:|---:|---:|---:|")
+            for r in multi:
+                c = r["cpu_s"]
+                events = r["ingested_per_s"] * r["seconds"]
+                every = c["workers"] + c["redis"] + c["kafka"]
+                self.say(
+                    f"| {r['workers']} | {r['ingested_per_s']:,.0f} | {c['workers']:.1f} "
+                    f"({c['workers'] / r['seconds']:.2f}) | {_num(r.get('events_per_cpu_s'))} | "
+                    f"{c['redis']:.1f} | {c['kafka']:.1f} | "
+                    f"{_num(events / every if every else None)} |"
+                )
+        costs = {k: r["cost"] for k, r in rows.items() if r.get("cost", {}).get("events")}
+        if costs:
+            self.say(
+                "\n| cost per consumed event, µs (over the window; stages: wall time in the "
+                "worker, waits included; CPU: /proc, every thread) | "
+                + " | ".join(STAGES)
+                + " | model call | worker CPU | Redis CPU | broker CPU | Redis B in / out / "
+                "replication | forecast B (key + value) | forecast B in the log |"
+            )
+            self.say("|---" + "|---:" * (len(STAGES) + 7) + "|")
+            for k, c in costs.items():
+                fb = rows[k].get("forecast_bytes", {})
+                model = " + ".join(f"{v:.1f}" for v in c["inference_us"].values()) or "—"
+                self.say(
+                    f"| {k} | "
+                    + " | ".join(f"{c['stage_us'][s]:.1f}" for s in STAGES)
+                    + f" | {model} | {c['cpu_us']['workers']:.1f} | {c['cpu_us']['redis']:.1f}"
+                    + (
+                        f" ({c['cpu_us']['redis_primaries']:.1f} primaries)"
+                        if "redis_primaries" in c["cpu_us"]
+                        else ""
+                    )
+                    + " | "
+                    f"{c['cpu_us']['kafka']:.1f} | "
+                    + " / ".join(f"{c['redis_bytes'].get(d, 0):.0f}" for d in ("in", "out", "repl"))
+                    + f" | {fb.get('key_bytes', 0) + fb.get('value_bytes', 0):.0f} | "
+                    f"{fb.get('log_bytes', 0):.0f} |"
+                )
 
     # ---- latency and soak ----------------------------------------------------------------------
 
@@ -866,6 +1060,36 @@ class Bench:
             drain = r.get("drain_forecasts_per_s")
             self.say(f"| {label} | {cap} | {f'{drain:,.0f}' if drain else 'not run'} |")
         self.results["curve"] = rows
+
+
+def _cost(
+    m0: list[dict[str, float]],
+    m1: list[dict[str, float]],
+    cpu_s: dict[str, float],
+    redis_bytes: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Cost per consumed event over a drain's window, summed over its workers: each stage's
+    seconds (wall time in the worker: it includes waiting for the broker, Redis, the CPU and
+    the GIL), the model call's seconds per backend, and the CPU seconds of the workers, Redis
+    and the broker, all in µs per event; Redis's network bytes per event (``redis_bytes``)."""
+    diff: dict[str, float] = {}
+    for before, after in zip(m0, m1, strict=True):
+        for k, v in after.items():
+            diff[k] = diff.get(k, 0.0) + v - before.get(k, 0.0)
+    events = diff.get("consumed", 0.0)
+    if events <= 0:
+        return {"events": 0}
+    us = 1e6 / events
+    return {
+        "events": events,
+        "forecasts": diff.get("forecasts", 0.0),
+        "stage_us": {s: diff.get(f"stage:{s}", 0.0) * us for s in STAGES},
+        "inference_us": {
+            k.split(":", 1)[1]: v * us for k, v in diff.items() if k.startswith("inference:")
+        },
+        "cpu_us": {k: v * us for k, v in cpu_s.items()},
+        "redis_bytes": {k: v / events for k, v in (redis_bytes or {}).items()},
+    }
 
 
 def _round_rate(x: float) -> float:

@@ -2,9 +2,10 @@
 # Every benchmark table of docs/benchmarks.md in one run (make bench). Starts and stops its own
 # Kafka + Redis on free ports on 127.0.0.1; takes about 90 minutes, 55 of them the six latency
 # curves (--quick: about 20, 15 of them curves; --only ceilings,drain,latency,soak: the earlier
-# 35 and 6). The curves' paced producer (bench/pacer.c) is compiled on first use by
-# bench/build_pacer.sh into ~/.cache/eventcast; it needs a C compiler and librdkafka-dev
-# (installed with apt-get when run as root).
+# 35 and 6; the capacity drains of docs/operations.md "Capacity plan" add about 3 minutes with
+# --quick and a Redis Cluster of 6 redis-server processes). The curves' paced producer
+# (bench/pacer.c) is compiled on first use by bench/build_pacer.sh into ~/.cache/eventcast; it
+# needs a C compiler and librdkafka-dev (installed with apt-get when run as root).
 # Usage: bash bench/run_all.sh [VENV] [bench.run args...]   e.g. bash bench/run_all.sh .venv --quick
 # BEFORE=<git ref> also drains the worker of that commit (before/after rows; its worker must accept
 # the --backend of this run: onnx for commits before torch-bf16 existed).
