@@ -57,8 +57,9 @@ lint:
 format:
 	@venv=$(ENV) && "$$venv/bin/ruff" format . && "$$venv/bin/ruff" check --fix .
 
+# BENCH_ARGS go to bench.run, e.g. BENCH_ARGS=--quick (about 25 minutes instead of 90).
 bench:
-	@venv=$(ENV) && bash bench/run_all.sh "$$venv"
+	@venv=$(ENV) && bash bench/run_all.sh "$$venv" $(BENCH_ARGS)
 
 # GPU check + benchmark (bench/gpu_check.py, docs/benchmarks.md "GPU"): no setup_env (no Java,
 # no apt), installs nothing; $PYTHON, else .venv/bin/python, else python3. Exits 0 without a GPU.

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
@@ -492,14 +492,15 @@ class RedisServer(_ManagedProcess):
         raise StackError(f"Redis did not answer PING within {timeout:.0f}s; see {self.log_file}")
 
 
-def _redis_cli(port: int, *args: str, timeout: float = 10.0) -> str:
-    """``redis-cli -p PORT ARGS...``'s output (an empty string when the node does not answer)."""
+def _redis_cli(port: int, *args: str, options: tuple[str, ...] = (), timeout: float = 10.0) -> str:
+    """``redis-cli -p PORT OPTIONS... ARGS...``'s output (an empty string when the node does not
+    answer); ``options`` are connection options (``--tls --cacert F``, ``--user U --pass P``)."""
     cli = shutil.which("redis-cli")
     if cli is None:
         raise StackError("redis-cli not found (Debian: apt-get install redis-tools)")
     try:
         result = subprocess.run(
-            [cli, "-h", "127.0.0.1", "-p", str(port), *args],
+            [cli, "-h", "127.0.0.1", "-p", str(port), *options, *args],
             capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
@@ -531,11 +532,17 @@ class RedisClusterServers:
     dead primary within seconds (the failover tests rely on it). The cluster is created once
     (``redis-cli --cluster create``); a later start finds each node's ``nodes.conf`` and the
     cluster re-forms by itself.
+
+    ``extra_args`` go to every node (an ACL file, TLS: ``--port 0 --tls-port {port}
+    --tls-cluster yes ...``, where ``{port}`` is the node's port), ``cli_options`` to every
+    ``redis-cli`` call that creates or inspects the cluster (``--tls --cacert F -a PASSWORD``).
     """
 
     dir: Path
     ports: tuple[int, ...] = (7000, 7001, 7002, 7003, 7004, 7005)
     node_timeout_ms: int = 2000
+    extra_args: tuple[str, ...] = ()
+    cli_options: tuple[str, ...] = ()
     nodes: list[RedisServer] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -545,20 +552,30 @@ class RedisClusterServers:
         args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(self.node_timeout_ms))  # fmt: skip
         self.nodes = [
-            RedisServer(self.dir / "redis-cluster" / str(port), port=port, extra_args=args)
+            RedisServer(
+                self.dir / "redis-cluster" / str(port),
+                port=port,
+                extra_args=(*args, *(a.format(port=port) for a in self.extra_args)),
+            )
             for port in self.ports
         ]
 
     @classmethod
-    def on_free_ports(cls, dir: Path, nodes: int = 6) -> RedisClusterServers:
+    def on_free_ports(cls, dir: Path, nodes: int = 6, **options: Any) -> RedisClusterServers:
         """A cluster on ports that are free now, each with its cluster bus port (port + 10000,
-        which must stay below 65536) free too (the test suite's cluster)."""
+        which must stay below 65536) free too (the test suite's cluster); ``options`` as the
+        class takes them."""
         ports: list[int] = []
         while len(ports) < nodes:
             port = free_port()
             if port <= 55535 and port not in ports and _port_free(port + 10000):
                 ports.append(port)
-        return cls(dir, ports=tuple(ports))
+        return cls(dir, ports=tuple(ports), **options)
+
+    def cli(self, port: int, *args: str) -> str:
+        """``redis-cli`` against one node with :attr:`cli_options` (empty when it does not
+        answer)."""
+        return _redis_cli(port, *args, options=self.cli_options)
 
     @property
     def url(self) -> str:
@@ -573,20 +590,22 @@ class RedisClusterServers:
 
     def info(self, port: int) -> dict[str, str]:
         """``CLUSTER INFO`` of one node as a dict (empty when it does not answer)."""
-        text = _redis_cli(port, "cluster", "info")
+        text = self.cli(port, "cluster", "info")
         return dict(line.split(":", 1) for line in text.split() if ":" in line)
 
     def topology(self, port: int | None = None) -> list[ClusterNode]:
         """The cluster as one node (``port``, else the first that answers) sees it."""
         for p in [port] if port is not None else self.ports:
-            text = _redis_cli(p, "cluster", "nodes")
+            text = self.cli(p, "cluster", "nodes")
             if text:
                 return [_cluster_node(line) for line in text.splitlines() if line.strip()]
         return []
 
     def primary_for(self, key: str) -> int:
         """The port of the primary that serves ``key``'s slot now."""
-        slot = int(_redis_cli(self.ports[0], "cluster", "keyslot", key).strip())
+        from redis.crc import key_slot
+
+        slot = key_slot(key.encode())  # CLUSTER KEYSLOT's hash, here: any node may be down
         for n in self.topology():
             if n.primary and n.serves(slot) and self.node(n.port).pid() is not None:
                 return n.port
@@ -641,8 +660,8 @@ class RedisClusterServers:
         cli = shutil.which("redis-cli")
         assert cli is not None  # checked by _redis_cli already
         result = subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-             "--cluster-replicas", "1", "--cluster-yes"],
+            [cli, *self.cli_options, "--cluster", "create",
+             *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "1", "--cluster-yes"],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         if result.returncode != 0:

@@ -340,6 +340,96 @@ def test_worker_runs_over_tls_with_the_acl_user(
         server.stop()
 
 
+# The cluster client also reads the slot map (CLUSTER SLOTS, and CLUSTER SHARDS/NODES in newer
+# redis-py) and the command table (COMMAND, in @connection): a Redis Cluster's ACL user needs those
+# CLUSTER subcommands on top of the single-Redis rules (docs/operations.md, section 6).
+CLUSTER_ACL = ACL.replace(
+    "-@dangerous", "-@dangerous +cluster|slots +cluster|shards +cluster|nodes +cluster|info"
+)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl CLI is not installed")
+@pytest.mark.skipif(not redis_has_tls(), reason="the system's redis-server is built without TLS")
+def test_worker_runs_on_a_tls_redis_cluster_with_the_acl_user(
+    stack: Any, make_topic: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A 3+3 Redis Cluster that speaks only TLS (clients, cluster bus and replication) with the
+    ACL file on every node: the worker (``--redis-cluster``, ``rediss://`` naming one node, the
+    ACL user, the CA) forecasts and stores its windows; a client that does not trust the CA or
+    speaks plain TCP is refused, and the ACL user cannot touch keys outside the prefix on any
+    primary."""
+    import redis
+    from redis.cluster import RedisCluster
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoPermissionError, RedisClusterException
+
+    from deploy.stack import RedisClusterServers
+
+    certs = make_certs(tmp_path / "certs")
+    root = tmp_path / "cluster"
+    root.mkdir()
+    (root / "users.acl").write_text(CLUSTER_ACL)
+    ca = str(certs["ca"])
+    cluster = RedisClusterServers.on_free_ports(
+        root,
+        extra_args=(
+            "--aclfile", str(root / "users.acl"), "--masterauth", ADMIN_PASSWORD,
+            "--port", "0", "--tls-port", "{port}", "--tls-cluster", "yes",
+            "--tls-replication", "yes", "--tls-cert-file", str(certs["cert"]),
+            "--tls-key-file", str(certs["key"]), "--tls-ca-cert-file", ca,
+            "--tls-auth-clients", "no",
+        ),
+        cli_options=("--tls", "--cacert", ca, "--user", "default", "--pass", ADMIN_PASSWORD,
+                     "--no-auth-warning"),
+    )  # fmt: skip
+    cluster.start()
+    try:
+        url = f"rediss://127.0.0.1:{cluster.ports[0]}/0"
+        user = {"username": REDIS_USER, "password": REDIS_PASSWORD}
+        with pytest.raises((RedisConnectionError, RedisClusterException)):
+            RedisCluster.from_url(url, **user, ssl_ca_certs=str(certs["other_ca"])).ping()
+        with pytest.raises(RedisConnectionError):
+            redis.Redis(port=cluster.ports[0], **user, socket_timeout=2).ping()
+
+        topic = make_topic("events-tls-cluster", 2)
+        create_topics(stack.bootstrap, {f"{topic}.out": 2, f"{topic}.dlq": 1})
+        kafka = KafkaSettings(bootstrap_servers=stack.bootstrap)
+        asyncio.run(produce_with(kafka, topic, events(2, 49)))  # 2 forecasts per series
+        w = ThreadWorker(worker_argv(
+            stack.bootstrap, url, tiny_model_dir, topic, "--redis-cluster",
+            "--redis-username", REDIS_USER, "--redis-password", REDIS_PASSWORD,
+            "--redis-ssl-ca-certs", ca,
+        )).start()  # fmt: skip
+        try:
+            out = asyncio.run(consume_with(kafka, f"{topic}.out", expected=4))
+        finally:
+            w.stop()
+        assert len(out) == 4
+        settings = RedisSettings(
+            redis_url=url, redis_username=REDIS_USER, redis_password=REDIS_PASSWORD,
+            redis_ssl_ca_certs=ca, redis_cluster=True,
+        )  # fmt: skip
+        from deploy.http.state import read_window_sync
+
+        for sid in ("s0", "s1"):
+            win = read_window_sync(settings, sid, topic=topic, partitions=2)
+            assert win is not None and len(win.values) == 49, sid
+
+        c = RedisCluster.from_url(url, **user, ssl_ca_certs=ca)
+        try:
+            for key in ("other:a", "other:b", "other:c", "session:1", "session:2"):
+                with pytest.raises(NoPermissionError):  # on whichever primary serves the key
+                    c.set(key, b"1")
+            primaries = {c.get_node_from_key(k).port for k in ("other:a", "other:b", "other:c")}
+            assert len(primaries) > 1  # the refusals came from more than one primary
+        finally:
+            c.close()
+    finally:
+        cluster.stop()
+
+
 # --- model loading -------------------------------------------------------------------------------
 
 

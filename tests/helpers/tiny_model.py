@@ -59,6 +59,7 @@ def make_tiny_model_dir(
     seed: int = 0,
     promote: bool = True,
     tweak: Callable[[ForecastNet], None] | None = None,
+    int8: bool = False,
     **overrides: Any,
 ) -> str:
     """Write a tiny seeded model version into model directory ``root`` and return its name;
@@ -67,7 +68,7 @@ def make_tiny_model_dir(
 
     Untrained, but its forecasts are sane (the head starts from persistence: mean close to the
     last value, finite positive std). Promoted to CURRENT unless ``promote=False``.
-    No int8 file is written. Takes well under 5 s.
+    No int8 file is written unless ``int8``. Takes well under 5 s.
     """
     cfg = tiny_config(
         hidden_size=hidden_size, num_layers=num_layers, attention_heads=attention_heads,
@@ -81,7 +82,7 @@ def make_tiny_model_dir(
             tweak(net)
     canary = random_windows(np.random.default_rng(seed), 8, cfg.sequence_length, cfg.input_size)
     reg = ModelRegistry(root)
-    version = reg.write_version(net, cfg, {"note": "tiny untrained test model"}, canary, int8=False)
+    version = reg.write_version(net, cfg, {"note": "tiny untrained test model"}, canary, int8=int8)
     if promote:
         reg.promote(version)
     return version

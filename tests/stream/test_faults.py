@@ -156,15 +156,18 @@ def check_calibration(
 
 
 def run_kill_test(
-    stack: Any, topics: Any, redis_url: str, model_dir: Path, proc_worker: Any, *extra: str
-) -> None:
+    stack: Any, topics: Any, redis: str | StoreTarget, model_dir: Path, proc_worker: Any,
+    *extra: str,
+) -> None:  # fmt: skip
+    target = StoreTarget(redis) if isinstance(redis, str) else redis
     n_series, half = 20, 50
     truth = Truth()
     first = make_events(n_series, half)
     truth.add(first, produce(stack.bootstrap, topics.input, first))
     argv = worker_argv(
-        stack.bootstrap, redis_url, model_dir, topics,
-        "--max-batch", "60", "--max-delay-ms", "5", "--group-instance-id", "w1", *extra,
+        stack.bootstrap, target.url, model_dir, topics,
+        "--max-batch", "60", "--max-delay-ms", "5", "--group-instance-id", "w1",
+        *target.worker_flags(), *extra,
     )  # fmt: skip
 
     # 1 and 2: the worker kills itself at each named point, on its 3rd batch.
@@ -192,15 +195,16 @@ def run_kill_test(
     assert w.terminate() == 0, w.log()
     records = consume_all(stack.bootstrap, topics.output, idle=1.0, timeout=30, isolation_level=iso)
     by_src = check_forecasts(records, truth, exactly_once="exactly_once" in extra)
-    check_windows(redis_url, topics.input, truth, model_dir=model_dir)
+    check_windows(target, topics.input, truth, model_dir=model_dir)
     assert check_calibration(model_dir, truth, by_src) >= len(truth.expected_sources())
 
 
 @pytest.mark.slow
 def test_kill_9_three_times_at_least_once(
-    stack: Any, topics: Any, redis_url: str, tiny_model_dir: Path, proc_worker: Any
+    stack: Any, topics: Any, store_redis: StoreTarget, tiny_model_dir: Path, proc_worker: Any
 ) -> None:
-    run_kill_test(stack, topics, redis_url, tiny_model_dir, proc_worker)
+    """Runs on the single Redis and on a Redis Cluster (``store_redis``)."""
+    run_kill_test(stack, topics, store_redis, tiny_model_dir, proc_worker)
 
 
 @pytest.mark.slow

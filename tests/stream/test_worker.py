@@ -125,15 +125,26 @@ def test_torch_bf16_backend_end_to_end(
 
 @pytest.mark.parametrize(
     ("backend", "rtol", "atol"),
-    [("onnx", 1e-4, 1e-5), ("torch", 1e-4, 1e-5), ("torch-bf16", 5e-2, 0.5)],
-)
+    [
+        ("onnx", 1e-4, 1e-5), ("torch", 1e-4, 1e-5), ("torch-bf16", 5e-2, 0.5),
+        ("onnx-int8", 5e-2, 0.5),
+    ],
+)  # fmt: skip
 def test_a_model_with_seasons_on_every_backend(
     stack: Any, topics: Any, redis_url: str, seasonal_model_dir: Path, thread_worker: Any,
-    backend: str, rtol: float, atol: float,
+    backend: str, rtol: float, atol: float, tmp_path: Path,
 ) -> None:  # fmt: skip
     """A model with seasons served with each backend: every forecast arrives once and equals
     the trainer's path computed offline (float32 torch), on the plain path (the 48th to 59th
-    points, the state warming up) and the seasonal one (the 60th to 80th)."""
+    points, the state warming up) and the seasonal one (the 60th to 80th). ``onnx-int8``: the
+    same tiny model written with its int8 ONNX file (the quantized network on the
+    deseasonalised window, the offsets added back in float)."""
+    if backend == "onnx-int8":
+        from tests.conftest import SEASONAL_TINY
+        from tests.helpers.tiny_model import make_tiny_model_dir
+
+        seasonal_model_dir = tmp_path / "models"
+        make_tiny_model_dir(seasonal_model_dir, int8=True, **SEASONAL_TINY)
     events = make_events(10, 80)
     truth = Truth()
     truth.add(events, produce(stack.bootstrap, topics.input, events))
