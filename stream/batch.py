@@ -1,16 +1,19 @@
-"""One micro-batch through the worker: prepare → infer → complete.
+"""One micro-batch through the worker: prepare → infer → publish → settle.
 
 1. **prepare** (event loop): per input partition, load its windows if needed, decode and apply
    the records (:class:`~stream.windows.PartitionWindows`: records at or below the partition's
    applied offset are redeliveries and change nothing) and take the snapshot to persist;
 2. **infer** (a thread, :class:`~stream.inference.InferenceRunner`): the model on every window to
    forecast; rows whose forecast is not finite are taken out (dead letters ``model_output``);
-3. **complete**: encode forecasts and dead letters, then hand them to the delivery guarantee
-   (:mod:`stream.delivery`: publish, persist the snapshots, commit), then online accuracy, the
-   shadow version and the latency metric.
+3. **publish**: encode forecasts and dead letters and hand them to the delivery guarantee
+   (:mod:`stream.delivery`: acknowledged, or one transaction per partition), then the latency
+   metric, online accuracy and the shadow version;
+4. **settle**: persist the published partitions' snapshots, then **commit** their offsets (under
+   ``at_least_once``; the native pipeline commits once for every batch settled while the next
+   were published).
 
-A partition reset between prepare and complete (a failed write, a rebalance) is left out of
-complete: its records are read again from the committed offset.
+A partition reset between prepare and publish or settle (a failed write, a rebalance) is left
+out: its records are read again from the committed offset.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class Prepared:
     version: str = ""
     # Rows whose forecast was not finite (model_output): the records, dead-lettered instead.
     bad_output: dict[TopicPartition, list[RecordLike]] = field(default_factory=dict)
+    # The input partitions whose messages were published (acknowledged, or their transaction
+    # committed): the ones to persist.
+    published: list[TopicPartition] = field(default_factory=list)
     slot: Any = None  # its place in the native pipeline (stream.pipeline.Slot)
 
 
@@ -73,7 +79,7 @@ def take_windows(w: WindowBatch, rows: np.ndarray) -> WindowBatch:
 
 
 class BatchProcessor:
-    """The three steps of a batch (see the module docstring). ``runner()`` and ``delivery()``
+    """The steps of a batch (see the module docstring). ``runner()`` and ``delivery()``
     give the objects made at start-up; ``shadow()`` the shadow version's runner, if any."""
 
     def __init__(
@@ -101,7 +107,7 @@ class BatchProcessor:
         self.accuracy = accuracy
         self._shadow = shadow
         self._dlq_limit: int | None = None  # bytes of an original value a dead letter may carry
-        self.completed = 0  # batches completed
+        self.completed = 0  # batches settled (published, persisted, committed)
 
     async def process(self, batch: Batch) -> None:
         """One batch through every step in sequence (the faust engine's path; the native engine
@@ -131,9 +137,11 @@ class BatchProcessor:
         parts: dict[TopicPartition, PartitionState] = {}
         snaps: dict[TopicPartition, Snapshot] = {}
         latest = self.settings.emit == "latest"
-        for tp, recs in batch.items():
+        for tp, recs in list(batch.items()):
             part = self.partitions.state(tp)
-            assert part is not None
+            if part is None:  # reset by a later batch's publish or persist while others loaded:
+                del batch[tp]  # its records are read again from the committed offset
+                continue
             res = part.windows.apply(recs, latest=latest)
             parts[tp], results[tp], snaps[tp] = part, res, part.windows.snapshot()
             self._count(res)
@@ -142,6 +150,8 @@ class BatchProcessor:
             -1, [res.windows for res in results.values()], cfg.sequence_length, cfg.features
         )
         m.stage.labels("apply").observe(time.perf_counter() - t0)
+        if not batch:
+            return None
         next_offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
         return Prepared(parts, results, snaps, combined, next_offsets, batch)
 
@@ -226,19 +236,26 @@ class BatchProcessor:
         self.metrics.rejected.labels("model_output").inc(n)
         log.warning("%d forecast(s) not finite (model_output): dead-lettered, not published", n)
 
-    # ---- complete ------------------------------------------------------------------------------
+    # ---- publish, settle, commit ---------------------------------------------------------------
 
     async def complete(self, prep: Prepared) -> None:
-        """Encode, then deliver (publish, persist, commit: :mod:`stream.delivery`). A partition
-        reset or reloaded since the batch was prepared is left out: its records are read again
-        from the committed offset."""
+        """:meth:`publish`, :meth:`settle` and :meth:`commit` in sequence (the faust engine's
+        path; the native pipeline runs them as two stages, settling and committing behind the
+        next batch's publish)."""
+        await self.publish(prep)
+        await self.commit(await self.settle(prep))
+        self.settled()
+
+    async def publish(self, prep: Prepared) -> None:
+        """Encode, then publish (:meth:`stream.delivery.Delivery.publish`: acknowledged, or one
+        transaction per partition with its offset); then the latency metric, online accuracy and
+        the shadow version. A partition reset or reloaded since the batch was prepared is left
+        out: its records are read again from the committed offset."""
         assert prep.fc is not None
         t0 = time.perf_counter()
         messages = await self._encode(prep)
         self.metrics.stage.labels("encode").observe(time.perf_counter() - t0)
-        persist = {tp: (prep.parts[tp], prep.snaps[tp]) for tp in messages}
-        await self._delivery().finish(messages, persist, prep.next_offsets)
-        self.completed += 1
+        prep.published = await self._delivery().publish(messages, prep.next_offsets)
         self.pipeline_clock.beat()
         self._observe_latency(prep.combined)
         self._after_batch(prep)
@@ -248,6 +265,24 @@ class BatchProcessor:
                 hw = consumer.highwater(tp)
                 if hw is not None:
                     self.metrics.lag.labels(str(tp.partition)).set(max(0, hw - nxt))
+
+    async def settle(self, prep: Prepared) -> dict[TopicPartition, int]:
+        """Persist the published partitions' snapshots (fenced); returns the offsets that may
+        be committed now (published and persisted), none under ``exactly_once`` (committed in
+        the transaction)."""
+        persisted = await self._delivery().persist(
+            {tp: (prep.parts[tp], prep.snaps[tp]) for tp in prep.published}
+        )
+        return {tp: prep.next_offsets[tp] for tp in persisted}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit the input offsets of one or more settled batches (the newest per partition)."""
+        await self._delivery().commit(offsets)
+
+    def settled(self, batches: int = 1) -> None:
+        """``batches`` went all the way through (published, persisted, committed)."""
+        self.completed += batches
+        self.pipeline_clock.beat()
 
     async def _encode(self, prep: Prepared) -> dict[TopicPartition, list[OutMessage]]:
         assert prep.fc is not None

@@ -53,11 +53,21 @@ ToPersist = dict[TopicPartition, tuple[PartitionState, Snapshot]]
 
 
 class Delivery(Protocol):
-    async def finish(
-        self, messages: Messages, persist: ToPersist, next_offsets: dict[TopicPartition, int]
-    ) -> None:
-        """Deliver ``messages`` (per live input partition), persist those partitions' windows
-        and commit their ``next_offsets``, in the order of the guarantee."""
+    """A batch is delivered in three calls, in this order per batch (:mod:`stream.batch`)."""
+
+    async def publish(
+        self, messages: Messages, next_offsets: dict[TopicPartition, int]
+    ) -> list[TopicPartition]:
+        """Deliver ``messages`` (per live input partition; exactly once: with the partitions'
+        ``next_offsets`` in their transactions); returns the partitions delivered
+        (acknowledged, or their transaction committed); the others were reset."""
+
+    async def persist(self, persist: ToPersist) -> list[TopicPartition]:
+        """Write those partitions' windows (fenced); returns the partitions persisted."""
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit input offsets of published and persisted batches (nothing under exactly
+        once: the transaction committed them)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,13 @@ class _Base:
         self.metrics.dlq_truncated.inc(sum(1 for m in out if m.topic == self.dlq_topic))
         return out
 
+    async def persist(self, persist: ToPersist) -> list[TopicPartition]:
+        t0 = time.perf_counter()
+        done = await self.partitions.persist(persist)
+        self.metrics.stage.labels("persist").observe(time.perf_counter() - t0)
+        self.faults.hit("after_window_write")
+        return done
+
     def _count(self, messages: Messages) -> None:
         n_dlq = sum(1 for msgs in messages.values() for m in msgs if m.topic == self.dlq_topic)
         n_all = sum(len(msgs) for msgs in messages.values())
@@ -102,37 +119,34 @@ class AtLeastOnce(_Base):
         super().__init__(ctx)
         self.publisher = publisher
 
-    async def finish(
-        self, messages: Messages, persist: ToPersist, next_offsets: dict[TopicPartition, int]
-    ) -> None:
-        m = self.metrics
+    async def publish(
+        self, messages: Messages, next_offsets: dict[TopicPartition, int]
+    ) -> list[TopicPartition]:
         t0 = time.perf_counter()
-        if not await self.publish([msg for msgs in messages.values() for msg in msgs]):
+        if not await self.publish_all([msg for msgs in messages.values() for msg in msgs]):
             for tp in messages:  # stopping, or the partitions were revoked: not committed
                 await self.partitions.reset(tp)
-            return
+            return []
         self._count(messages)
-        t1 = time.perf_counter()
-        m.stage.labels("publish").observe(t1 - t0)
+        self.metrics.stage.labels("publish").observe(time.perf_counter() - t0)
         self.faults.hit("after_publish")
+        return list(messages)
 
-        persisted = await self.partitions.persist({tp: persist[tp] for tp in messages})
-        t2 = time.perf_counter()
-        m.stage.labels("persist").observe(t2 - t1)
-        self.faults.hit("after_window_write")
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.faults.hit("before_commit")
-        offsets = {tp: next_offsets[tp] for tp in persisted}
         consumer = self.partitions.consumer
-        if offsets and consumer is not None:
-            try:
-                await consumer.commit(offsets)
-                m.commits.inc()
-            except KafkaError as exc:
-                # A rebalance took the partitions: the next owner re-reads from the last commit.
-                log.warning("commit of %s failed: %s", _fmt(offsets), exc)
-        m.stage.labels("commit").observe(time.perf_counter() - t2)
+        if not offsets or consumer is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            await consumer.commit(offsets)
+            self.metrics.commits.inc()
+        except KafkaError as exc:
+            # A rebalance took the partitions: the next owner re-reads from the last commit.
+            log.warning("commit of %s failed: %s", _fmt(offsets), exc)
+        self.metrics.stage.labels("commit").observe(time.perf_counter() - t0)
 
-    async def publish(self, messages: list[OutMessage]) -> bool:
+    async def publish_all(self, messages: list[OutMessage]) -> bool:
         """Publish ``messages`` until the broker acknowledged all of them; False when the worker
         stops or must abandon the batch first (nothing may be committed then). Only the records
         not acknowledged are sent again, with backoff, while fetching is paused."""
@@ -171,13 +185,12 @@ class ExactlyOnce(_Base):
         self.txn = txn
         self._failures = 0  # consecutive batches with a failed transaction (backoff)
 
-    async def finish(
-        self, messages: Messages, persist: ToPersist, next_offsets: dict[TopicPartition, int]
-    ) -> None:
-        m = self.metrics
+    async def publish(
+        self, messages: Messages, next_offsets: dict[TopicPartition, int]
+    ) -> list[TopicPartition]:
         t0 = time.perf_counter()
         results = await asyncio.gather(
-            *(self._transact(tp, messages[tp], next_offsets[tp]) for tp in messages)
+            *(self._transact(tp, msgs, next_offsets[tp]) for tp, msgs in messages.items())
         )
         done = [tp for tp, ok in zip(messages, results, strict=True) if ok]
         if len(done) < len(messages) and not self.give_up():
@@ -192,12 +205,12 @@ class ExactlyOnce(_Base):
         elif len(done) == len(messages):
             self._failures = 0
         self._count({tp: messages[tp] for tp in done})
-        m.commits.inc(len(done))
-        t1 = time.perf_counter()
-        m.stage.labels("publish").observe(t1 - t0)
-        await self.partitions.persist({tp: persist[tp] for tp in done})
-        self.faults.hit("after_window_write")
-        m.stage.labels("persist").observe(time.perf_counter() - t1)
+        self.metrics.commits.inc(len(done))
+        self.metrics.stage.labels("publish").observe(time.perf_counter() - t0)
+        return done
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Nothing: each partition's offset was committed in its transaction."""
 
     async def _transact(self, tp: TopicPartition, msgs: list[OutMessage], next_offset: int) -> bool:
         def hook() -> None:

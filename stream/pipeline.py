@@ -1,30 +1,37 @@
-"""The native engine's three-stage pipeline, and the two things that coordinate it with
-rebalances: in-flight slots and the rebalance gate.
+"""The native engine's pipeline, and the two things that coordinate it with rebalances:
+in-flight slots and the rebalance gate.
 
-Three stages run concurrently, joined by bounded FIFO queues (docs/design.md, "Worker loop"):
+Four stages run concurrently, joined by bounded FIFO queues (docs/design.md, "Worker loop"):
 
-    fetch + decode + window update  ──►  inference (a thread)  ──►  publish, persist, commit
-    (BatchSteps.prepare)                  (BatchSteps.infer)         (BatchSteps.complete)
+    fetch + decode + window update ──► inference (a thread) ──► publish ──► persist, commit
+    (BatchSteps.prepare)               (BatchSteps.infer)       (publish)    (settle, commit)
 
 While the model works on one batch, the next is fetched and applied and the previous one is
-published and committed. Every stage takes batches in fetch order, so per-partition order and
-commit-last hold. When the inference queue is full, fetching stops (aiokafka keeps at most one
-prefetched response per partition), so memory stays bounded.
+published; a batch's forecasts go out as soon as its inference is done, and its windows are
+persisted and its offsets committed behind that, off the path to the output topic. Every stage
+takes batches in fetch order, so per-partition order holds, and a commit always follows the
+publish and the persist of every batch it covers (commit last). The settle stage commits once
+for every batch it persisted while later ones queued up behind it (up to :data:`SETTLE_GROUP`),
+so the worker commits less often when it is busy. When the inference queue is full, fetching
+stops (aiokafka keeps at most one prefetched response per partition), so memory stays bounded.
 
 Each batch carries a :class:`~stream.budget.Ticket` of the batcher's latency budget through the
-stages: the pipeline times the batch's own work in each stage (prepare, infer, complete; not the
-waits in the queues between them, which depend on the batches ahead, not on this one's size) and
-hands the sum to the budget when the batch is completed, as a measurement of what a batch of its
-size costs (:mod:`stream.budget`). The budget also sees which batches are still in flight, to
-estimate how long a new batch will wait behind them.
+stages: the pipeline times the batch's own work in each stage up to its publish (prepare, infer,
+publish; not the waits in the queues between them, which depend on the batches ahead, not on
+this one's size) and hands the sum to the budget when the batch is published, as a measurement
+of what a batch of its size costs (:mod:`stream.budget`). The budget also sees which batches are
+still in flight, to estimate how long a new batch will wait behind them.
 
-- :class:`InflightSlots` counts the batches between fetch and completion. A batch takes a
-  :class:`Slot` when it is fetched and gives it back when it is completed, or when it is dropped
-  on the way, in one ``with`` each.
-- :class:`RebalanceGate` makes batches and rebalances take turns: a batch is prepared and
-  completed under its lock, and a rebalance (``async with gate.closed():``) stops new batches,
-  waits for those in flight (abandoning them after a while if Redis keeps them from finishing)
-  and holds the lock while partitions change hands.
+- :class:`InflightSlots` counts the batches between fetch and commit. A batch takes a
+  :class:`Slot` when it is fetched and gives it back once its offsets are committed, or when it
+  is dropped on the way.
+- :class:`RebalanceGate` makes batches and rebalances take turns: a batch is prepared under its
+  lock, and a rebalance (``async with gate.closed():``) stops new batches, waits for those in
+  flight to be committed (abandoning them after a while if Redis keeps them from finishing) and
+  holds the lock while partitions change hands. A batch's publish or persist that fails resets
+  its partitions (:meth:`stream.partitions.Partitions.reset`: synchronous in this engine, the
+  rewind deferred to the fetch stage); a batch being prepared meanwhile leaves such a partition
+  out (:meth:`stream.batch.BatchProcessor.prepare`).
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ from stream.health import Watchdog
 from stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# The most batches the settle stage persists before it commits (when they queued up behind each
+# other: otherwise it commits after each).
+SETTLE_GROUP = 8
 
 
 class Slot:
@@ -111,7 +122,7 @@ class RebalanceGate:
     def __init__(
         self, slots: InflightSlots, abandon: Callable[[bool], None], timeout: float = 10.0
     ) -> None:
-        self.batch_lock = asyncio.Lock()  # held while a batch is prepared or completed
+        self.batch_lock = asyncio.Lock()  # held while a batch is prepared
         self._slots = slots
         self._abandon = abandon
         self._timeout = timeout
@@ -155,7 +166,13 @@ class BatchSteps(Protocol):
 
     async def infer(self, prep: Any) -> None: ...
 
-    async def complete(self, prep: Any) -> None: ...
+    async def publish(self, prep: Any) -> None: ...
+
+    async def settle(self, prep: Any) -> dict[Any, int]: ...
+
+    async def commit(self, offsets: dict[Any, int]) -> None: ...
+
+    def settled(self, batches: int) -> None: ...
 
 
 class Pipeline:
@@ -191,17 +208,20 @@ class Pipeline:
         self.between_batches = between_batches
         self.stopping = stopping
         self.budget = batcher.budget
+        self.unpublished = 0  # batches fetched and not yet published (the model is busy)
         metrics.batch_limit.set(batcher.limit)
 
     async def run(self) -> None:
         """Run the stages until ``stopping`` is set; the batches in flight are finished first.
         Raises the first exception of a stage."""
         to_infer: asyncio.Queue[Any] = asyncio.Queue(self.queue_size)
-        to_finish: asyncio.Queue[Any] = asyncio.Queue(self.queue_size)
+        to_publish: asyncio.Queue[Any] = asyncio.Queue(self.queue_size)
+        to_settle: asyncio.Queue[Any] = asyncio.Queue(self.queue_size)
         stages = [
             asyncio.create_task(self._fetch(to_infer), name="fetch"),
-            asyncio.create_task(self._infer(to_infer, to_finish), name="infer"),
-            asyncio.create_task(self._finish(to_finish), name="finish"),
+            asyncio.create_task(self._infer(to_infer, to_publish), name="infer"),
+            asyncio.create_task(self._publish(to_publish, to_settle), name="publish"),
+            asyncio.create_task(self._settle(to_settle), name="settle"),
         ]
         try:
             done, _ = await asyncio.wait(stages, return_when=asyncio.FIRST_EXCEPTION)
@@ -215,14 +235,14 @@ class Pipeline:
 
     async def _fetch(self, out: asyncio.Queue[Any]) -> None:
         while not self.stopping.is_set():
-            if not len(self.slots):
+            if not self.unpublished:
                 self.swap_model()  # idle: no inference in flight (else the infer stage)
             await self.rewind({})
             # Dynamic batching: while the model is busy, records pile up into the next batch
             # (up to the batcher's limit and fill wait: max_batch / max_delay, or less under the
             # latency budget); when it is idle, waiting would only add latency.
             try:
-                batch = await self.batcher.next(None if len(self.slots) else 0.0)
+                batch = await self.batcher.next(None if self.unpublished else 0.0)
             except KafkaError as exc:
                 # e.g. a record batch that cannot be decompressed or fails its CRC: nothing is
                 # skipped; fetching is tried again, and /healthz fails if it never passes.
@@ -249,6 +269,7 @@ class Pipeline:
                         self.budget.forget(ticket)
                     else:
                         prep.slot = slot.hand_over()
+                        self.unpublished += 1
                         await out.put((prep, ticket))
             await self.between_batches()
         await out.put(None)
@@ -263,12 +284,43 @@ class Pipeline:
             await out.put(item)
         await out.put(None)
 
-    async def _finish(self, inp: asyncio.Queue[Any]) -> None:
+    async def _publish(self, inp: asyncio.Queue[Any], out: asyncio.Queue[Any]) -> None:
+        """Publish each batch as soon as its inference is done; its slot goes on to the settle
+        stage. The latency budget's measurement of the batch ends here."""
         while (item := await inp.get()) is not None:
             prep, ticket = item
-            with prep.slot:
-                async with self.gate.batch_lock:
+            try:
+                with prep.slot:
                     t0 = time.perf_counter()
-                    await self.steps.complete(prep)
+                    await self.steps.publish(prep)
                     ticket.service += time.perf_counter() - t0
-                self.budget.finish(ticket, time.monotonic())
+                    prep.slot.hand_over()
+            finally:
+                self.unpublished -= 1
+            self.budget.finish(ticket, time.monotonic())
+            await out.put(prep)
+        await out.put(None)
+
+    async def _settle(self, inp: asyncio.Queue[Any]) -> None:
+        """Persist each published batch, in publish order, then commit: once for every batch
+        settled while the next ones queued up behind it (at most :data:`SETTLE_GROUP`), so a
+        commit always follows the persists of every batch it covers. The batches' slots are
+        given back after the commit (a rebalance waits for it)."""
+        more = True
+        while more and (prep := await inp.get()) is not None:
+            group = [prep]
+            try:
+                offsets: dict[Any, int] = {}
+                while True:
+                    offsets.update(await self.steps.settle(group[-1]))
+                    if inp.empty() or len(group) >= SETTLE_GROUP:
+                        break
+                    if (nxt := inp.get_nowait()) is None:
+                        more = False
+                        break
+                    group.append(nxt)
+                await self.steps.commit(offsets)
+                self.steps.settled(len(group))
+            finally:
+                for p in group:
+                    p.slot.release()

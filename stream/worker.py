@@ -3,9 +3,9 @@ forecasts, with commits last. A façade over the pieces, in the order a batch me
 
 - :mod:`stream.runtime`: start-up and the resources both engines share (health endpoint, model
   and inference runner, Redis and the window store, topic check, publisher, hot reload);
-- :mod:`stream.pipeline`: the three concurrent stages (fetch → infer → complete), in-flight slots
-  and the rebalance gate;
-- :mod:`stream.batch`: one batch's steps (prepare → infer → complete);
+- :mod:`stream.pipeline`: the four concurrent stages (fetch → infer → publish → settle), in-flight
+  slots and the rebalance gate;
+- :mod:`stream.batch`: one batch's steps (prepare → infer → publish → settle and commit);
 - :mod:`stream.partitions`: the assigned partitions' windows (load, rebuild, reset, persist);
 - :mod:`stream.delivery`: at-least-once or exactly-once (publish, persist, commit);
 - :mod:`stream.redis_guard` and :mod:`stream.health`: Redis calls under the retry policy, the

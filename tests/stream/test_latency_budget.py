@@ -399,10 +399,19 @@ class Steps:
     async def infer(self, prep: Any) -> None:
         await asyncio.sleep(0)
 
-    async def complete(self, prep: Any) -> None:
+    async def publish(self, prep: Any) -> None:
         self.completed += 1
         if self.completed >= self.n:
             self.stopping.set()
+
+    async def settle(self, prep: Any) -> dict[Any, int]:
+        return {}
+
+    async def commit(self, offsets: dict[Any, int]) -> None:
+        return None
+
+    def settled(self, batches: int) -> None:
+        return None
 
 
 async def test_the_pipeline_feeds_every_completed_batch_to_the_budget() -> None:

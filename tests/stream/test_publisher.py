@@ -132,7 +132,7 @@ def test_publish_retries_only_what_failed_while_paused(tmp_path: Path) -> None:
     ctx = DeliveryContext(w.partitions, w.metrics, w.faults, w.pauses, "dlq", w.giving_up)
     delivery = AtLeastOnce(flaky, ctx)  # type: ignore[arg-type]
     msgs = [OutMessage("forecasts", b"s", b"%d" % i, None, []) for i in range(5)]
-    assert asyncio.run(delivery.publish(msgs))
+    assert asyncio.run(delivery.publish_all(msgs))
     assert [len(c) for c in flaky.calls] == [5, 2, 2] and flaky.calls[1] == msgs[-2:]
     # Retrying: paused on purpose for "kafka", so not ready but alive past the timeout.
     assert flaky.seen[1:] == [(["kafka"], False, True), (["kafka"], False, True)]
