@@ -658,7 +658,9 @@ def stage_means(port: int) -> dict[str, float]:
 def scrape(port: int) -> dict[str, float]:
     """Counters of a worker's /metrics that the cost tables use: ``consumed`` (input records),
     ``forecasts``, ``stage:NAME`` (sum of eventcast_stage_seconds) and ``inference:BACKEND``
-    (sum of eventcast_inference_seconds: the model call alone)."""
+    (sum of eventcast_inference_seconds: the model call alone); for the latency curve's batch
+    columns also ``batches:STAGE`` (the stage's count), ``batches``/``batch_rows`` (the batch
+    size histogram's count and sum), ``batch_limit`` (the gauge) and ``commits``."""
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -680,4 +682,14 @@ def parse_metrics(text: str) -> dict[str, float]:
             out["stage:" + name.split('stage="', 1)[1].split('"', 1)[0]] = float(value)
         elif name.startswith("eventcast_inference_seconds_sum{"):
             out["inference:" + name.split('backend="', 1)[1].split('"', 1)[0]] = float(value)
+        elif name.startswith("eventcast_stage_seconds_count{"):
+            out["batches:" + name.split('stage="', 1)[1].split('"', 1)[0]] = float(value)
+        elif name == "eventcast_batch_size_sum":
+            out["batch_rows"] = float(value)
+        elif name == "eventcast_batch_size_count":
+            out["batches"] = float(value)
+        elif name == "eventcast_batch_limit":
+            out["batch_limit"] = float(value)  # a gauge: its value at the scrape
+        elif name == "eventcast_commits_total":
+            out["commits"] = float(value)
     return out

@@ -108,6 +108,7 @@ class CurveRun:
     reader: ForecastReader
     probe: LagProbe
     pacer_cpus: str | None
+    metrics_port: int  # the worker's /metrics: each point's batch columns
 
 
 class Bench:
@@ -883,6 +884,7 @@ class Bench:
             run.pacer, self.stack.bootstrap, run.topic, series=a.latency_series,  # type: ignore[union-attr]
             rate=rate, duration=a.curve_duration, deliveries=deliveries, cpus=run.pacer_cpus,
         )  # fmt: skip
+        before = await asyncio.to_thread(scrape, run.metrics_port)
         try:
             summary = await self._run_pacer(argv, a.curve_duration + 120, tick)
             d = read_deliveries(deliveries)
@@ -900,6 +902,7 @@ class Bench:
             await asyncio.sleep(0.2)
         await asyncio.sleep(0.5)
         run.reader.recording = False
+        batches = _batch_columns(before, await asyncio.to_thread(scrape, run.metrics_port))
         counted = d[d["create_ms"] >= d["create_ms"].min() + a.curve_skip * 1000] if len(d) else d
         keys = ForecastReader.key(counted["partition"], counted["offset"]).tolist()
         arrivals = run.reader.arrivals
@@ -914,7 +917,7 @@ class Bench:
             "pct": pct, "rate": rate, "sent": summary["sent"], "counted": len(counted),
             "joined": len(lat), "p50_ms": qs[0], "p95_ms": qs[1], "p99_ms": qs[2],
             "p99_9_ms": qs[3], "max_ms": max(lat) * 1000 if lat else float("nan"),
-            "pacer": summary, "load": loadavg(),
+            "pacer": summary, "load": loadavg(), "batches": batches,
         }  # fmt: skip
 
     async def _curve(
@@ -926,10 +929,11 @@ class Bench:
         st = self.stack
         assert st is not None
         topic, out, group, db = await self._fresh_worker_place("cin")
+        port = free_port()
         argv = worker_argv(
             st, self.models[model], input_topic=topic, output_topic=out, group=group, db=db,
             backend=a.backend, threads=1 if pinned else a.threads,
-            extra=("--guarantee", guarantee),
+            extra=("--guarantee", guarantee), metrics_port=port,
         )  # fmt: skip
         restore: dict[int, str] = {}
         if pinned:
@@ -944,7 +948,9 @@ class Bench:
         proc = Proc(argv, self.root / f"curve-{name}.log")
         reader = ForecastReader(st.bootstrap, out, read_committed=guarantee == "exactly_once")
         probe = LagProbe(st.bootstrap, topic, group)
-        run = CurveRun(label, pacer, topic, proc, reader, probe, a.pin_rest if pinned else None)
+        run = CurveRun(
+            label, pacer, topic, proc, reader, probe, a.pin_rest if pinned else None, port
+        )
         row: dict[str, Any] = {"label": label, "model": model, "guarantee": guarantee,
                                "pinned": pinned, "search_from": guess}  # fmt: skip
         try:
@@ -982,17 +988,23 @@ class Bench:
             )  # fmt: skip
             self.say(
                 f"| {label}: % of capacity | events/s | p50 ms | p95 ms | p99 ms | p99.9 ms | "
-                "forecasts joined / counted | late sends | load avg |"
+                "forecasts joined / counted | late sends | batches: rows each (limit at end) | "
+                "ms per batch: apply / infer / publish / persist / commit (batches per commit) | "
+                "load avg |"
             )
-            self.say("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            self.say("|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
             points = []
             for pct in a.curve_points:
                 pt = await self._point(run, pct, _round_rate(cap * pct / 100))
                 points.append(pt)
+                b = pt["batches"]
                 self.say(
                     f"| {pct:g} | {pt['rate']:,.0f} | {pt['p50_ms']:.1f} | {pt['p95_ms']:.1f} | "
                     f"{pt['p99_ms']:.1f} | {pt['p99_9_ms']:.1f} | {pt['joined']:,} / "
-                    f"{pt['counted']:,} | {pt['pacer']['late']:,} | {pt['load']} |"
+                    f"{pt['counted']:,} | {pt['pacer']['late']:,} | {b['batches']:,.0f}: "
+                    f"{b['rows']:.0f} ({b['limit']:,.0f}) | "
+                    + " / ".join(f"{b['ms'][s]:.1f}" for s in BATCH_STAGES)
+                    + f" ({b['per_commit']:.1f}) | {pt['load']} |"
                 )
             row["points"] = points
         finally:
@@ -1090,6 +1102,26 @@ def _cost(
         "cpu_us": {k: v * us for k, v in cpu_s.items()},
         "redis_bytes": {k: v / events for k, v in (redis_bytes or {}).items()},
     }
+
+
+BATCH_STAGES = ("apply", "infer", "publish", "persist", "commit")
+
+
+def _batch_columns(m0: dict[str, float], m1: dict[str, float]) -> dict[str, Any]:
+    """What the worker did during one curve point, from two scrapes of its /metrics: batches,
+    their mean records, the batcher's limit at the end, each stage's mean ms per batch (its own
+    count: persist and commit run once per settled group) and batches per commit."""
+
+    def d(key: str) -> float:
+        return m1.get(key, 0.0) - m0.get(key, 0.0)
+
+    n = d("batches")
+    ms = {s: 1000 * d(f"stage:{s}") / max(1.0, d(f"batches:{s}")) for s in BATCH_STAGES}
+    return {
+        "batches": n, "rows": d("batch_rows") / n if n else 0.0,
+        "limit": m1.get("batch_limit", 0.0), "ms": ms,
+        "per_commit": n / d("commits") if d("commits") else 0.0,
+    }  # fmt: skip
 
 
 def _round_rate(x: float) -> float:

@@ -37,6 +37,7 @@ Redis stores (:meth:`SeasonalState.encode`) is the same size.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import struct
@@ -131,9 +132,11 @@ class SeasonalState:
             if self.warm_run >= m:  # the last m steps all seen: one whole cycle, every phase
                 self._initialise()
             return
+        # Python floats and ints throughout (``.item``, no numpy scalars): this runs once per
+        # accepted point in the worker, and the arithmetic is the same IEEE doubles either way.
         spec = self.spec
         phases = [step % m for m in spec.seasons]
-        parts = [float(ix[p]) for ix, p in zip(self.idx, phases, strict=True)]
+        parts = [ix.item(p) for ix, p in zip(self.idx, phases, strict=True)]
         if self.keep:
             e = (self.n - 1) % self.keep
             self.undo_level[e] = self.level
@@ -200,9 +203,15 @@ class SeasonalState:
 
     def parts(self, ts: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         """The seasonal part of a window whose newest point the state has seen, as the indices
-        are *now*: at the window's times ``ts`` (T,) and at the next ``horizon`` steps (H,)."""
-        ahead = float(ts[-1]) + self.spec.spacing_s * np.arange(1, horizon + 1)
-        return self.seasonal(ts), self.seasonal(ahead)
+        are *now*: at the window's times ``ts`` (T,) and at the next ``horizon`` steps (H,).
+        The same numbers as :meth:`seasonal` of each, in one pass over the seasons (the worker
+        calls this once per forecast)."""
+        t = len(ts)
+        both = np.empty(t + horizon)
+        both[:t] = ts
+        both[t:] = float(ts[-1]) + self.spec.spacing_s * _ahead(horizon)
+        out = self.seasonal(both)
+        return out[:t], out[t:]
 
     def window_inputs(
         self, ts: np.ndarray, values: np.ndarray, horizon: int
@@ -278,6 +287,14 @@ class SeasonalState:
             s.undo_n = len(counts)
         s.warm, s.warm_step = np.empty(0), np.empty(0, np.int64)
         return s
+
+
+@functools.cache
+def _ahead(horizon: int) -> np.ndarray:
+    """1, 2, …, horizon (read only: shared between calls)."""
+    steps = np.arange(1.0, horizon + 1.0)
+    steps.flags.writeable = False
+    return steps
 
 
 def _run_length(warm_step: np.ndarray) -> int:

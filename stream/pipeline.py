@@ -14,6 +14,10 @@ publish and the persist of every batch it covers (commit last). The settle stage
 for every batch it persisted while later ones queued up behind it (up to :data:`SETTLE_GROUP`),
 so the worker commits less often when it is busy. When the inference queue is full, fetching
 stops (aiokafka keeps at most one prefetched response per partition), so memory stays bounded.
+Under a latency budget (the default) the fetch stage goes further: it fetches the next batch
+only once the model has taken the previous one, so at most one batch waits for the model and
+records that arrive meanwhile join the next batch, which grows, instead of queueing as more
+small batches (``--queue-size`` then bounds only the queues after inference).
 
 Each batch carries a :class:`~stream.budget.Ticket` of the batcher's latency budget through the
 stages: the pipeline times the batch's own work in each stage up to its publish (prepare, infer,
@@ -271,11 +275,20 @@ class Pipeline:
                         prep.slot = slot.hand_over()
                         self.unpublished += 1
                         await out.put((prep, ticket))
+                        if self.budget.budget is not None:
+                            # Under a latency budget, the next fetch waits until the model has
+                            # taken this batch: records that arrive meanwhile wait in the
+                            # consumer and join one larger batch instead of queueing as several
+                            # small ones, each paying a batch's fixed cost and waiting for all
+                            # those ahead of it (measured: a deep queue of small batches was
+                            # most of the latency at half capacity).
+                            await out.join()
             await self.between_batches()
         await out.put(None)
 
     async def _infer(self, inp: asyncio.Queue[Any], out: asyncio.Queue[Any]) -> None:
         while (item := await inp.get()) is not None:
+            inp.task_done()  # taken: the fetch stage may fetch the next batch (see _fetch)
             prep, ticket = item
             self.swap_model()  # between batches: a batch never mixes versions
             t0 = time.perf_counter()

@@ -35,15 +35,19 @@ class Steps:
         self.on_publish: Any = None
         self.slots_at_commit: list[int] = []
         self.settled_batches = 0
+        self.infer_hold: dict[int, asyncio.Event] = {}
 
     def done(self, what: str) -> list[int]:
         return [o for w, o in self.log if w == what]
 
     async def prepare(self, batch: Any) -> Any:
         recs = batch[TP]
+        self.log.append(("prepare", recs[-1].offset))
         return SimpleNamespace(last=recs[-1].offset, rows=len(recs))
 
     async def infer(self, prep: Any) -> None:
+        if prep.last in self.infer_hold:
+            await self.infer_hold[prep.last].wait()
         await asyncio.sleep(0)
 
     async def publish(self, prep: Any) -> None:
@@ -68,8 +72,10 @@ class Steps:
         self.settled_batches += batches
 
 
-def pipeline(steps_n: int, n_records: int) -> tuple[Pipeline, Steps, RebalanceGate]:
-    settings = BatchSettings(max_batch=10, max_delay_ms=0.0, latency_budget_ms=100.0)
+def pipeline(
+    steps_n: int, n_records: int, budget_ms: float = 100.0
+) -> tuple[Pipeline, Steps, RebalanceGate]:
+    settings = BatchSettings(max_batch=10, max_delay_ms=0.0, latency_budget_ms=budget_ms)
     stopping = asyncio.Event()
     slots = InflightSlots()
     gate = RebalanceGate(slots, lambda _: None)
@@ -167,3 +173,23 @@ async def test_a_rebalance_waits_for_the_commit_of_every_published_batch() -> No
     await seen["task"]
     assert seen["committed"] == seen["published"] + 1, (seen, steps.log)
     check_commit_last(steps)
+
+
+async def test_under_a_latency_budget_at_most_one_batch_waits_for_the_model() -> None:
+    """While the model holds the first batch, records keep arriving (all 100 are there from the
+    start). Under the budget the fetch stage prepares one more batch and then waits for the
+    model to take it: the other records stay in the consumer for later, larger batches instead
+    of queueing as more small ones. With the budget off, ``--queue-size`` (4 here) batches queue
+    up behind the model, as before."""
+    for budget_ms, ahead in ((100.0, 1), (0.0, 1 + 4)):
+        p, steps, _ = pipeline(steps_n=10, n_records=100, budget_ms=budget_ms)
+        model_free = asyncio.Event()
+        steps.infer_hold[9] = model_free
+        run = asyncio.get_running_loop().create_task(p.run())
+        await asyncio.sleep(0.3)  # the fetch stage has long done all it may do meanwhile
+        prepared = steps.done("prepare")
+        model_free.set()
+        await asyncio.wait_for(run, 10)
+        assert prepared == [10 * i + 9 for i in range(1 + ahead)], (budget_ms, prepared)
+        check_commit_last(steps)
+        assert steps.done("publish") == [10 * i + 9 for i in range(10)]
