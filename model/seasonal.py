@@ -37,7 +37,6 @@ Redis stores (:meth:`SeasonalState.encode`) is the same size.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import struct
@@ -132,11 +131,9 @@ class SeasonalState:
             if self.warm_run >= m:  # the last m steps all seen: one whole cycle, every phase
                 self._initialise()
             return
-        # Python floats and ints throughout (``.item``, no numpy scalars): this runs once per
-        # accepted point in the worker, and the arithmetic is the same IEEE doubles either way.
         spec = self.spec
         phases = [step % m for m in spec.seasons]
-        parts = [ix.item(p) for ix, p in zip(self.idx, phases, strict=True)]
+        parts = [float(ix[p]) for ix, p in zip(self.idx, phases, strict=True)]
         if self.keep:
             e = (self.n - 1) % self.keep
             self.undo_level[e] = self.level
@@ -209,7 +206,7 @@ class SeasonalState:
         t = len(ts)
         both = np.empty(t + horizon)
         both[:t] = ts
-        both[t:] = float(ts[-1]) + self.spec.spacing_s * _ahead(horizon)
+        both[t:] = float(ts[-1]) + self.spec.spacing_s * np.arange(1, horizon + 1)
         out = self.seasonal(both)
         return out[:t], out[t:]
 
@@ -287,14 +284,6 @@ class SeasonalState:
             s.undo_n = len(counts)
         s.warm, s.warm_step = np.empty(0), np.empty(0, np.int64)
         return s
-
-
-@functools.cache
-def _ahead(horizon: int) -> np.ndarray:
-    """1, 2, …, horizon (read only: shared between calls)."""
-    steps = np.arange(1.0, horizon + 1.0)
-    steps.flags.writeable = False
-    return steps
 
 
 def _run_length(warm_step: np.ndarray) -> int:

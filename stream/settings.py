@@ -243,9 +243,9 @@ class RedisSettings(Settings):
 class BatchSettings(Settings):
     """Micro-batching: a batch closes at ``max_batch`` events or ``max_delay_ms`` after its
     first event; at most ``queue_size`` fetched batches wait for inference before fetching
-    pauses (one under a latency budget: :mod:`stream.pipeline`). On the CPU the model runs on chunks of at most ``infer_batch`` windows (small batches
-    keep the recurrent state in the cache: faster per window than one large call); on a GPU the
-    whole batch goes in one call.
+    pauses (one under a latency budget: :mod:`stream.pipeline`). On the CPU the model runs on
+    chunks of at most ``infer_batch`` windows (small batches keep the recurrent state in the
+    cache: faster per window than one large call); on a GPU the whole batch goes in one call.
 
     ``latency_budget_ms`` (native engine; :mod:`stream.budget`): the batcher sizes each batch
     from the measured fixed and per-record costs of a batch so that an event's expected time

@@ -285,12 +285,14 @@ class Worker:
         """Process batches until :meth:`request_stop` (see :mod:`stream.pipeline`); the batches
         in flight are finished first."""
         assert self.pipeline is not None, "start() first"
-        sys.setswitchinterval(SWITCH_INTERVAL)
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)  # process-wide: given back when the loop ends
         self.metrics.ready.set(1)
         self.partitions.defer_rewinds = True  # the fetch stage rewinds, between two fetches
         try:
             await self.pipeline.run()
         finally:
+            sys.setswitchinterval(switch)
             self.partitions.defer_rewinds = False
             self.metrics.ready.set(0)
 
