@@ -139,8 +139,13 @@ class BatchProcessor:
         latest = self.settings.emit == "latest"
         for tp, recs in list(batch.items()):
             part = self.partitions.state(tp)
-            if part is None:  # reset by a later batch's publish or persist while others loaded:
-                del batch[tp]  # its records are read again from the committed offset
+            if part is None or self.partitions.rewinding(tp):
+                # Reset by a later batch's publish or persist while others loaded: its records
+                # are read again from the committed offset. Reset and then loaded again here
+                # (it was reset before ensure_loaded reached it): the reloaded state stops at
+                # the committed offset, and these records, fetched before the rewind, start
+                # further on; applied, they would leave a gap in its windows.
+                del batch[tp]
                 continue
             res = part.windows.apply(recs, latest=latest)
             parts[tp], results[tp], snaps[tp] = part, res, part.windows.snapshot()
@@ -176,6 +181,7 @@ class BatchProcessor:
         prep.fc = await runner.forecast(prep.combined)
         prep.version = model.version
         await self.faults.stall("infer", until=self._stopping)
+        await self.faults.slow("infer")
         self.metrics.stage.labels("infer").observe(time.perf_counter() - t0)
         self.pipeline_clock.beat()
         self._drop_bad_outputs(prep)

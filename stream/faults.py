@@ -6,7 +6,10 @@
 - ``after_window_write``: windows and applied offset written to Redis, offsets not committed;
 - ``before_commit``: immediately before the offset commit (or the transaction commit);
 - ``stall_infer``: not a kill: the inference stage hangs for good after the model answered on
-  the ``N``-th batch (a stuck stage, for the liveness watchdog's test).
+  the ``N``-th batch (a stuck stage, for the liveness watchdog's test);
+- ``slow_infer``: not a kill either: every batch's inference stage takes ``N`` ms longer (a slow
+  model), so that under steady load a batch is always in flight (the rebalance tests: a
+  rebalance must find work in flight, not a pipeline that happens to be idle).
 
 Never set it in production: it exists so the fault tests can kill the worker at exact points.
 """
@@ -47,3 +50,8 @@ class FaultInjector:
         if self._reached(f"stall_{stage}"):
             log.warning("fault injection: %s stage stalled (batch %d)", stage, self._visits)
             await until.wait()
+
+    async def slow(self, stage: str) -> None:
+        """Take ``n`` ms longer when ``slow_<stage>`` is the configured point (every batch)."""
+        if self.fault is not None and self.fault.point == f"slow_{stage}":
+            await asyncio.sleep(self.fault.n / 1000)

@@ -139,6 +139,11 @@ class Metrics:
         self.rebuild_records = Counter(
             "eventcast_rebuild_records", "Input records re-read to rebuild windows", registry=r
         )
+        self.revoked_in_flight = Counter(
+            "eventcast_rebalance_batches_in_flight",
+            "Batches in flight when a rebalance took partitions away (finished, or abandoned "
+            "after the wait, before the partitions were given up)", registry=r,
+        )  # fmt: skip
         self.commits = Counter("eventcast_commits", "Offset commits (or transactions)", registry=r)
         self.ready = Gauge(
             "eventcast_ready", "1 when the worker is ready (model, Redis, Kafka)", registry=r

@@ -133,6 +133,12 @@ class Partitions:
     def states(self) -> Iterable[PartitionState]:
         return self._states.values()
 
+    def rewinding(self, tp: TopicPartition) -> bool:
+        """Whether ``tp`` was reset (or assigned again) and not yet sought back to its committed
+        offset: records of it fetched before that seek continue from where the dropped state
+        stood, so they must not be applied, not even to a state loaded meanwhile."""
+        return tp in self._rewind
+
     def series_count(self) -> int:
         return sum(len(p.windows) for p in self._states.values())
 

@@ -39,7 +39,9 @@ EmitMode = Literal["every", "latest"]
 IntervalCalibration = Literal["online", "static"]
 Engine = Literal["native", "faust"]
 OffsetReset = Literal["earliest", "latest"]
-FaultPoint = Literal["after_window_write", "after_publish", "before_commit", "stall_infer"]
+FaultPoint = Literal[
+    "after_window_write", "after_publish", "before_commit", "stall_infer", "slow_infer"
+]
 SECURITY_PROTOCOLS = choices(SecurityProtocol)
 SASL_MECHANISMS = choices(SaslMechanism)
 GUARANTEES = choices(Guarantee)
@@ -334,7 +336,8 @@ def _parse_fault(text: Any) -> Any:
 
 class Fault(Settings):
     """Test-only fault injection (``EVENTCAST_FAULT=point:N``): the worker SIGKILLs itself at
-    ``point`` on the ``n``-th batch that reaches it."""
+    ``point`` on the ``n``-th batch that reaches it (``slow_infer``: every batch's inference
+    takes ``n`` ms longer; see stream/faults.py)."""
 
     point: FaultPoint
     n: PositiveInt

@@ -354,6 +354,12 @@ class Worker:
         """The batches in flight finish (or are abandoned), then the partitions are forgotten."""
         if not revoked:
             return
+        if in_flight := len(self.slots):
+            self.metrics.revoked_in_flight.inc(in_flight)
+            log.info(
+                "rebalance: %d batches in flight; finishing them before giving up partitions %s",
+                in_flight, sorted(tp.partition for tp in revoked),
+            )  # fmt: skip
         async with self.gate.closed():
             await self.partitions.revoke(revoked)
 

@@ -387,7 +387,14 @@ def test_third_worker_joins_under_load(
     stack: Any, private_redis: Any, tiny_model_dir: Path, proc_worker: Any
 ) -> None:
     """Workers A and B share a 6-partition topic under steady load; C joins (a rebalance moves
-    partitions while batches are in flight). Output and windows against ground truth."""
+    partitions while batches are in flight). Output and windows against ground truth.
+
+    A and B run a slow model (each batch's inference takes 150 ms longer, test fault
+    ``slow_infer``: longer than the 100 ms between two steps of the load), so their pipelines
+    always hold a batch and the rebalance cannot fall into an idle moment: with the real tiny
+    model a batch took a few ms, and CI saw rebalances that found nothing in flight (three
+    times). The workers count the batches the rebalance found in flight themselves
+    (``eventcast_rebalance_batches_in_flight_total``), which is what the test asserts."""
     topics = new_topics(stack.bootstrap, 6)
     group = f"g-{topics.input}"
     redis_url = private_redis.url
@@ -395,8 +402,9 @@ def test_third_worker_joins_under_load(
         stack.bootstrap, redis_url, tiny_model_dir, topics,
         "--max-batch", "200", "--max-delay-ms", "50",
     )  # fmt: skip
-    a = proc_worker(argv).wait_ready()
-    b = proc_worker(argv).wait_ready()
+    slow = {"EVENTCAST_FAULT": "slow_infer:150"}
+    a = proc_worker(argv, env=slow).wait_ready()
+    b = proc_worker(argv, env=slow).wait_ready()
     wait_for(lambda: assigned(a) == 3 and assigned(b) == 3, 60, "3 partitions each")
     producer = load(stack.bootstrap, topics.input)
     try:
@@ -458,6 +466,7 @@ def test_third_worker_joins_under_load(
     wait_all_forecasts(stack.bootstrap, topics.output, truth, 120, worker=c)
     for w in (a, b, c):
         w.check()
+    waited = sum(counter(w, "eventcast_rebalance_batches_in_flight_total") for w in (a, b))
     for w in (a, b, c):
         assert w.terminate() == 0, w.log()
     in_flight = sum(max(0, x.records) for x in last)
@@ -465,13 +474,13 @@ def test_third_worker_joins_under_load(
     def report(figures: dict[str, Any]) -> None:
         summary(
             "third_worker_joins",
-            faults=1, in_flight_records=in_flight,
+            faults=1, batches_in_flight_at_revoke=waited, in_flight_records=in_flight,
             in_flight_batches=sum(x.batches for x in last), bursts=bursts, produced=producer.acked,
             **figures,
         )  # fmt: skip
 
     check_output(stack.bootstrap, topics, truth, redis_url, 6, "at_least_once", report)
-    assert in_flight > 0
+    assert waited > 0  # the rebalance reached A or B with batches in flight
 
 
 # --- 5. Redis Cluster: a primary kill -9, its replica takes over ----------------------------------
