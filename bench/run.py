@@ -108,7 +108,7 @@ class CurveRun:
     reader: ForecastReader
     probe: LagProbe
     pacer_cpus: str | None
-    metrics_port: int  # the worker's /metrics: each point's batch columns
+    metrics_port: int  # the worker's /metrics: each point's batch columns (0: none)
 
 
 class Bench:
@@ -884,7 +884,7 @@ class Bench:
             run.pacer, self.stack.bootstrap, run.topic, series=a.latency_series,  # type: ignore[union-attr]
             rate=rate, duration=a.curve_duration, deliveries=deliveries, cpus=run.pacer_cpus,
         )  # fmt: skip
-        before = await asyncio.to_thread(scrape, run.metrics_port)
+        before = await asyncio.to_thread(scrape, run.metrics_port) if run.metrics_port else {}
         try:
             summary = await self._run_pacer(argv, a.curve_duration + 120, tick)
             d = read_deliveries(deliveries)
@@ -902,7 +902,11 @@ class Bench:
             await asyncio.sleep(0.2)
         await asyncio.sleep(0.5)
         run.reader.recording = False
-        batches = _batch_columns(before, await asyncio.to_thread(scrape, run.metrics_port))
+        batches = (
+            _batch_columns(before, await asyncio.to_thread(scrape, run.metrics_port))
+            if run.metrics_port
+            else {}
+        )
         counted = d[d["create_ms"] >= d["create_ms"].min() + a.curve_skip * 1000] if len(d) else d
         keys = ForecastReader.key(counted["partition"], counted["offset"]).tolist()
         arrivals = run.reader.arrivals
@@ -1015,6 +1019,59 @@ class Bench:
                 with contextlib.suppress(Exception):
                     pin(pid, cpus)
         return row
+
+    def run_floor(self, pacer: Path) -> None:
+        """The latency floor: the curve's points at ``--floor-rates`` with a pass-through group
+        member (bench/echo_worker.py) in place of the worker: what a forecast's latency cannot go
+        below on this machine with these clients (two trips through the broker, no model)."""
+        a = self.args
+        rates = [float(r) for r in a.floor_rates.split(",") if r]
+        self.say(
+            f"\n## Latency floor (pacer, {a.latency_series} series, open loop; a pass-through "
+            "group member in place of the worker: each record straight back out naming its "
+            f"source, the worker's client settings; points {a.curve_duration:.0f} s, first "
+            f"{a.curve_skip:.0f} s not counted)"
+        )
+        self.say("| events/s | p50 ms | p95 ms | p99 ms | p99.9 ms | joined / counted | late sends "
+                 "| load avg |")  # fmt: skip
+        self.say("|---:|---:|---:|---:|---:|---:|---:|---|")
+        points = asyncio.run(self._floor(pacer, rates))
+        for pt in points:
+            self.say(
+                f"| {pt['rate']:,.0f} | {pt['p50_ms']:.1f} | {pt['p95_ms']:.1f} | "
+                f"{pt['p99_ms']:.1f} | {pt['p99_9_ms']:.1f} | {pt['joined']:,} / "
+                f"{pt['counted']:,} | {pt['pacer']['late']:,} | {pt['load']} |"
+            )
+        self.results["floor"] = points
+
+    async def _floor(self, pacer: Path, rates: list[float]) -> list[dict[str, Any]]:
+        a = self.args
+        st = self.stack
+        assert st is not None
+        topic, out, group, _ = await self._fresh_worker_place("flin")
+        argv = [
+            sys.executable, "-m", "bench.echo_worker", "--bootstrap-servers", st.bootstrap,
+            "--input-topic", topic, "--output-topic", out, "--group-id", group,
+        ]  # fmt: skip
+        proc = Proc(argv, self.root / "floor-echo.log")
+        reader = ForecastReader(st.bootstrap, out)
+        probe = LagProbe(st.bootstrap, topic, group)
+        run = CurveRun("floor", pacer, topic, proc, reader, probe, None, 0)
+        try:
+            await reader.start()
+            await probe.start()
+            warm = pacer_argv(pacer, st.bootstrap, topic, series=a.latency_series, warmup=1)
+            await self._run_pacer(warm, 120)
+            deadline = time.monotonic() + 120
+            while reader.seen < a.latency_series:
+                if not proc.alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"floor: the echo member is not forwarding:\n{proc.tail()}")
+                await asyncio.sleep(0.5)
+            return [await self._point(run, 0.0, rate) for rate in rates]
+        finally:
+            await reader.stop()
+            await probe.stop()
+            await asyncio.to_thread(proc.stop)
 
     def run_curve(self, pacer: Path) -> None:
         a = self.args
@@ -1197,6 +1254,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--curve-skip", type=float, default=None, help="s not counted per point (5)")
     ap.add_argument("--curve-points", default="10,25,50,75,90", help="%% of capacity")
     ap.add_argument(
+        "--floor-rates", default="340,450,1700,2250,3400",
+        help="events/s of the latency floor (--only floor: a pass-through group member, "
+        "bench/echo_worker.py, in place of the worker; the default rates are the 10 and 50 %% "
+        "points of the 2026-12-02 curves)",
+    )  # fmt: skip
+    ap.add_argument(
         "--lag-bound-s", type=float, default=2.0,
         help="a capacity step holds while the group's lag stays within this many seconds of input",
     )  # fmt: skip
@@ -1255,7 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     # The pacer first (a compile, or apt-get when root and the compiler or librdkafka-dev is
     # missing): a machine that cannot build it fails now, not after the other phases.
-    pacer = build_pacer() if "curve" in only else None
+    pacer = build_pacer() if only & {"curve", "floor"} else None
     with workdir(keep=args.keep) as root:
         b = Bench(args, root)
         try:
@@ -1266,8 +1329,10 @@ def main(argv: list[str] | None = None) -> int:
                 b.run_drains()
             if "latency" in only:
                 b.run_latency()
-            if pacer is not None:
+            if pacer is not None and "curve" in only:
                 b.run_curve(pacer)
+            if pacer is not None and "floor" in only:
+                b.run_floor(pacer)
             if "soak" in only:
                 b.run_soak()
         finally:
