@@ -148,7 +148,14 @@ def test_workers_join_and_leave_under_load_even_split(
             startup.append(time.monotonic() - began[label])
 
     def point() -> None:
-        points.append(settle(bootstrap, group, topics.input, workers))
+        view, mine = settle(bootstrap, group, topics.input, workers)
+        points.append((view, mine))
+        # The sampler reads once a second: before the next step changes the assignment, let it
+        # read this one too (CI once moved on within its second, and it never saw the split).
+        wait_for(
+            lambda: any(v.members == view.members for v in sampler.since(view.at - 1.0)),
+            20, "the sampler reading the settled assignment", every=0.2,
+        )  # fmt: skip
 
     start("AB")
     producer = load(bootstrap, topics.input)
