@@ -1055,11 +1055,11 @@ class Bench:
         ]  # fmt: skip
         proc = Proc(argv, self.root / "floor-echo.log")
         reader = ForecastReader(st.bootstrap, out)
-        probe = LagProbe(st.bootstrap, topic, group)
-        run = CurveRun("floor", pacer, topic, proc, reader, probe, None, 0)
+        # (the lag probe serves only the capacity search, which the floor does not run)
+        run = CurveRun("floor", pacer, topic, proc, reader, LagProbe(st.bootstrap, topic, group),
+                       None, 0)  # fmt: skip
         try:
             await reader.start()
-            await probe.start()
             warm = pacer_argv(pacer, st.bootstrap, topic, series=a.latency_series, warmup=1)
             await self._run_pacer(warm, 120)
             deadline = time.monotonic() + 120
@@ -1070,7 +1070,6 @@ class Bench:
             return [await self._point(run, 0.0, rate) for rate in rates]
         finally:
             await reader.stop()
-            await probe.stop()
             await asyncio.to_thread(proc.stop)
 
     def run_curve(self, pacer: Path) -> None:
@@ -1329,10 +1328,11 @@ def main(argv: list[str] | None = None) -> int:
                 b.run_drains()
             if "latency" in only:
                 b.run_latency()
-            if pacer is not None and "curve" in only:
-                b.run_curve(pacer)
-            if pacer is not None and "floor" in only:
-                b.run_floor(pacer)
+            if pacer is not None:
+                if "curve" in only:
+                    b.run_curve(pacer)
+                if "floor" in only:
+                    b.run_floor(pacer)
             if "soak" in only:
                 b.run_soak()
         finally:
