@@ -7,6 +7,7 @@ need them, so ``model/`` imports with only torch, numpy and safetensors installe
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -293,13 +294,30 @@ def int8_report(
     return Int8Report(mae_f, mae_q, rise, diff, ok, max_rise)
 
 
+@functools.cache
+def cpu_bf16_autocast_lstm() -> str | None:
+    """None when this CPU runs an LSTM under bfloat16 autocast (float32 weights, bfloat16
+    compute: what ``--precision bf16-mixed`` trains with), else why not: oneDNN's first error
+    line. oneDNN's kernel for it needs AVX-512; on an AVX2-only CPU (an AMD EPYC of this project's
+    CI, say) it raises "could not create a primitive descriptor". An LSTM whose weights *are*
+    bfloat16 (backend ``torch-bf16``, :func:`bf16_lstm`) runs there all the same, on another
+    kernel. Probed once per process on a 1 × 3 × 4 input, forward and backward."""
+    lstm = nn.LSTM(4, 8, batch_first=True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(torch.zeros(1, 3, 4))[0].float().sum().backward()
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0].split(". Run workload")[0]
+    return None
+
+
 def bf16_lstm(net: nn.Module) -> nn.Module:
     """A CPU copy of ``net``'s ForecastNet whose LSTM runs in bfloat16 (backend ``torch-bf16``).
 
     The LSTM is nearly all of the network's FLOPs; oneDNN runs a bf16 LSTM on AMX or AVX-512
-    BF16 where the CPU has them (2–4× the float32 rate, docs/benchmarks.md) and emulates it, slower,
-    where it does not. Normalisation, attention, head and the AR path stay float32. ``net`` itself
-    is not modified.
+    BF16 where the CPU has them (2–4× the float32 rate, docs/benchmarks.md) and emulates it,
+    slower, where it does not. Normalisation, attention, head and the AR path stay float32.
+    ``net`` itself is not modified.
     """
     inner: ForecastNet = copy.deepcopy(forecast_net(net)).to("cpu", torch.float32).eval()
     inner.lstm.to(torch.bfloat16)

@@ -259,17 +259,30 @@ def _trainer(
 
 
 def _precision(precision: str, accelerator: str) -> str:
-    """``precision`` as Lightning will run it: ``16-mixed`` on a CPU is ``bf16-mixed`` (Lightning
-    2.x has no float16 autocast there and would substitute it with a UserWarning; said here once
-    as a log line by :func:`_log_precision`, recorded as ``precision_used``)."""
-    if precision not in ("16", "16-mixed"):
-        return precision
+    """``precision`` as the Trainer will run it, recorded as ``precision_used`` and said once as
+    a log line by :func:`_log_precision`. On a CPU: ``16-mixed`` is ``bf16-mixed`` (Lightning 2.x
+    has no float16 autocast there and would substitute it with a UserWarning), and
+    ``bf16-mixed`` is ``32-true`` where the CPU runs no LSTM under bfloat16 autocast
+    (:func:`model.export.cpu_bf16_autocast_lstm`: no AVX-512; training would stop at the first
+    batch)."""
     on_cpu = accelerator == "cpu" or (
         accelerator == "auto"
         and not torch.cuda.is_available()
         and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
     )
-    return "bf16-mixed" if on_cpu else precision
+    if not on_cpu:
+        return precision
+    if precision in ("16", "16-mixed"):
+        precision = "bf16-mixed"
+    if precision in ("bf16", "bf16-mixed"):
+        from model.export import cpu_bf16_autocast_lstm
+
+        why = cpu_bf16_autocast_lstm()
+        if why is not None:
+            log.warning("--precision %s: this CPU runs no LSTM under bf16 autocast (%s)",
+                        precision, why)  # fmt: skip
+            return "32-true"
+    return precision
 
 
 def _tune(

@@ -15,6 +15,7 @@ from model.features import build_inputs
 from model.losses import nll
 from model.network import ForecastNet
 from model.weights import build_net, state_dict_cpu
+from tests.helpers.cpu import needs_bf16_autocast
 from tests.helpers.tiny_model import tiny_config
 
 # A stationary AR(2) that oscillates: persistence is poor, a linear AR on the window is optimal.
@@ -108,6 +109,7 @@ def test_interval_and_tail_scales_multiply_the_intervals_in_the_graph(
     assert verify_onnx(wide, path, batches=(1, 37), rtol=1e-4) <= 1e-4
 
 
+@needs_bf16_autocast
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_ar_path_stays_float32_under_autocast(dtype: torch.dtype) -> None:
     cfg = tiny_config(horizon=2, ar_skip=True)

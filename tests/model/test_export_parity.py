@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from model.config import ModelConfig
 from model.export import (
     ONNX_RTOL,
+    cpu_bf16_autocast_lstm,
     export_onnx,
     fp32_copy,
     onnx_session,
@@ -52,6 +53,9 @@ def _hard_windows(rng: np.random.Generator, t: int, c: int, net: ForecastNet) ->
 
 
 def _briefly_trained(cfg: ModelConfig, seed: int, steps: int, bf16: bool) -> ForecastNet:
+    """``steps`` Adam steps, under bf16 autocast when ``bf16`` and this CPU runs an LSTM so
+    (:func:`model.export.cpu_bf16_autocast_lstm`; elsewhere those models train in float32)."""
+    bf16 = bf16 and cpu_bf16_autocast_lstm() is None
     torch.manual_seed(seed)
     net = ForecastNet(cfg)
     rng = np.random.default_rng(seed)

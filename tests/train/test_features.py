@@ -24,6 +24,7 @@ import torch
 
 from deploy.cli import main
 from model.registry import ModelRegistry
+from tests.helpers.cpu import NO_BF16_AUTOCAST
 from tests.train.conftest import TINY, serves
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,10 +172,14 @@ def test_ddp_two_nodes_from_the_launcher_environment(
 def test_bf16_mixed_trains_exports_and_serves(
     argv: Callable[..., list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """bf16 autocast on the CPU; where the CPU runs no bfloat16 LSTM (no AVX-512) the trainer
+    trains float32 instead and records it (``precision_used``), and the version serves."""
     result = retrain(argv("--precision", "bf16-mixed"), capsys)
     metrics = serves(tmp_path / "models", result["version"])
-    assert metrics["training"]["precision"] == metrics["training"]["precision_used"] == "bf16-mixed"
-    print(f"bf16-mixed: worst export difference {metrics['parity']:.2e}")
+    used = "bf16-mixed" if NO_BF16_AUTOCAST is None else "32-true"
+    assert metrics["training"]["precision"] == "bf16-mixed"
+    assert metrics["training"]["precision_used"] == used
+    print(f"bf16-mixed ({used}): worst export difference {metrics['parity']:.2e}")
 
 
 def _cpu_fp16_lstm() -> str | None:
@@ -206,11 +211,12 @@ def test_16_mixed_trains_exports_and_serves(
     if gpu:
         assert used == "16-mixed"
         return
-    assert used == "bf16-mixed" and metrics["training"]["precision"] == "16-mixed"
+    assert metrics["training"]["precision"] == "16-mixed"
+    assert used == ("bf16-mixed" if NO_BF16_AUTOCAST is None else "32-true")
     why = _cpu_fp16_lstm()
     pytest.skip(
-        "16-mixed on a CPU: Lightning trains bf16-mixed instead (checked: recorded as "
-        f"precision_used, the version serves); this CPU's float16 LSTM: {why or 'works'}"
+        f"16-mixed on a CPU: trained {used} instead (checked: recorded as precision_used, "
+        f"the version serves); this CPU's float16 LSTM: {why or 'works'}"
     )
 
 
@@ -306,3 +312,22 @@ def test_every_runs_rounds_and_stops(
     assert "round 2" not in caplog.text
     code = main(argv("--rounds", "1"))  # without --every: a usage error
     assert code == 2 and "--rounds" in capsys.readouterr().err
+
+
+def test_bf16_mixed_trains_float32_on_a_cpu_without_bf16_autocast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The precision the Trainer gets on a CPU (pure logic; the probe replaced so both answers
+    are checked on every machine): bf16-mixed, and 16-mixed (which Lightning runs as bf16-mixed
+    there), become 32-true where the CPU runs no LSTM under bf16 autocast; others are kept."""
+    import model.export
+    from train.fit import _precision
+
+    monkeypatch.setattr(model.export, "cpu_bf16_autocast_lstm", lambda: "no primitive")
+    assert [_precision(p, "cpu") for p in ("bf16-mixed", "16-mixed", "32-true", "64-true")] == [
+        "32-true", "32-true", "32-true", "64-true",
+    ]  # fmt: skip
+    monkeypatch.setattr(model.export, "cpu_bf16_autocast_lstm", lambda: None)
+    assert [_precision(p, "cpu") for p in ("bf16-mixed", "16-mixed", "32-true")] == [
+        "bf16-mixed", "bf16-mixed", "32-true",
+    ]  # fmt: skip
