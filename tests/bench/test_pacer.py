@@ -76,8 +76,18 @@ def test_paced_run(
     assert summary["achieved_rate"] == pytest.approx(RATE, rel=0.05)
     assert summary["send_seconds"] == pytest.approx(DURATION, rel=0.05)
 
+    started = time.monotonic()
     recs = consume_all(stack.bootstrap, topic, expected=N, timeout=60)
-    assert len(recs) == N
+    if len(recs) != N:  # seen twice in CI-sized runs (999 of 1,000): say where, to find why
+        took = time.monotonic() - started
+        sent = {(int(p), int(o)) for p, o, _ in read_deliveries(deliveries).tolist()}
+        missing = sorted(sent - {(r.partition, r.offset) for r in recs})
+        again = consume_all(stack.bootstrap, topic, expected=N, timeout=60)
+        seen_again = [m for m in missing if m in {(r.partition, r.offset) for r in again}]
+        pytest.fail(
+            f"read back {len(recs)} of {N} in {took:.1f} s; delivered but not read (partition, "
+            f"offset): {missing[:10]}; a second read got {len(again)}, with {seen_again[:10]}"
+        )
     assert len({(r.partition, r.offset) for r in recs}) == N
 
     # The event JSON the worker accepts: key = series id, ts in epoch seconds, a value.
