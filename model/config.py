@@ -39,6 +39,7 @@ SAVED_CONFIG_DEFAULTS: dict[str, Any] = {
     "season_alpha": 0.1,
     "season_gammas": (),
     "season_spacing_s": 0.0,
+    "season_level": False,
 }
 
 # Lowest ``tail_scale``: the normal quantile ratio Z80 / Z95 = 0.65386 (model.network), rounded
@@ -92,6 +93,10 @@ class ModelConfig:
     season_alpha: float = 0.1
     season_gammas: tuple[float, ...] = ()
     season_spacing_s: float = 0.0
+    # With seasons: one more input channel, the seasonal state's level (its own forecast of the
+    # window less its seasons; model/features.py), normalised as the value channel is. Saved
+    # hybrids from before it have no such channel.
+    season_level: bool = True
 
     def __post_init__(self) -> None:
         feats = self.features
@@ -114,7 +119,7 @@ class ModelConfig:
                 f"attention_heads: hidden_size {self.hidden_size} is not divisible by "
                 f"attention_heads {self.attention_heads}"
             )
-        for name in ("calendar", "calendar_year"):
+        for name in ("calendar", "calendar_year", "season_level"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if not isinstance(self.ar_skip, bool):
@@ -161,8 +166,15 @@ class ModelConfig:
 
     @property
     def input_size(self) -> int:
-        """Channels of the network input: value, calendar channels, exogenous features."""
-        return 1 + self.calendar_channels + len(self.features)
+        """Channels of the network input: value, calendar channels, exogenous features, and the
+        seasonal state's level (:attr:`level_channel`)."""
+        return 1 + self.calendar_channels + len(self.features) + self.level_channel
+
+    @property
+    def level_channel(self) -> bool:
+        """Whether the input ends with the seasonal state's level: a model with seasons and
+        ``season_level``."""
+        return bool(self.seasons) and self.season_level
 
     @property
     def calendar_channels(self) -> int:

@@ -13,6 +13,11 @@ channel               content
                       continuous, so it also moves within a day)
 next 2 (calendar_year) sin, cos of the year phase (period 365.2425 days, 1 January 1970 = 0)
 then                  exogenous features, in ``config.features`` order, raw
+last (level)          a model with seasons (``config.level_channel``): the seasonal state's
+                      level, the smoother's own forecast of the window less its seasons,
+                      constant over the window; the newest value on the plain path (persistence,
+                      the forecast of a window without a state). Raw: the network normalises it
+                      with the value channel's statistics.
 ====================  =====================================================================
 
 Everything is vectorised over the batch: one call on thousands of windows costs a few array
@@ -40,6 +45,7 @@ def build_inputs(
     values: np.ndarray,
     features: Mapping[str, np.ndarray] | None,
     config: ModelConfig,
+    level: np.ndarray | None = None,
 ) -> np.ndarray:
     """Build the model input for ``B`` windows of ``T`` points each.
 
@@ -49,6 +55,9 @@ def build_inputs(
         features: name -> ``(B, T)`` array for every name in ``config.features`` (others are
             ignored); may be ``None`` when the model has no exogenous features.
         config: the model's config (which channels, in which order).
+        level: ``(B,)`` the seasonal state's level of each window on the seasonal path, NaN for
+            those on the plain path; None: every window on the plain path. Read only when
+            ``config.level_channel``.
 
     Returns:
         ``(B, T, config.input_size)`` float32, C-contiguous.
@@ -98,6 +107,18 @@ def build_inputs(
             raise InputError(f"features[{name!r}]: contains NaN or infinite numbers")
         out[:, :, c] = col
         c += 1
+    if config.level_channel:
+        newest = values[:, -1]
+        if level is None:
+            level = newest
+        else:
+            level = np.asarray(level, dtype=np.float64)
+            if level.shape != (b,):
+                raise InputError(f"level: expected shape ({b},), got {level.shape}")
+            if np.isinf(level).any():
+                raise InputError("level: contains infinite numbers")
+            level = np.where(np.isnan(level), newest, level)
+        out[:, :, c] = level[:, None]
     return out
 
 

@@ -3,7 +3,8 @@
 ``ForecastNet`` is a plain ``torch.nn.Module`` (no Lightning), so serving needs only torch:
 
     x (B, T, C) raw window from model.features.build_inputs
-      -> per-window instance normalisation of the value (and exogenous) channels
+      -> per-window instance normalisation of the value (and exogenous) channels; a seasonal
+         model's level channel with the value channel's mean and std
       -> LSTM (num_layers, dropout between layers)                      (B, T, Hd)
       -> multi-head attention, query = last LSTM output, keys = all     (B, Hd)
       -> MLP on [last, context]                                         (B, Hd)
@@ -102,6 +103,8 @@ class ForecastNet(nn.Module):
         # the calendar sin/cos (already in [-1, 1], and constant within short windows).
         mask = torch.ones(c)
         mask[1 : 1 + config.calendar_channels] = 0.0
+        if config.level_channel:  # the seasonal level: normalised with the value's statistics
+            mask[-1] = 0.0
         self.register_buffer("norm_mask", mask, persistent=False)  # (C,)
 
     def params(self, x: Tensor) -> DistParams:
@@ -119,6 +122,9 @@ class ForecastNet(nn.Module):
         sd = torch.sqrt(var_s + NORM_EPS_REL * mu_s.pow(2)) * peak  # (B, 1, C)
         sd = torch.clamp_min(sd, NORM_EPS_ABS**0.5)  # all-zero windows: > 0 all the same
         xn = (x - mu * mask) / (sd * mask + (1.0 - mask))  # (B, T, C)
+        if self.config.level_channel:  # in the value's units: the window's own mean and std
+            level = (x[:, :, -1:] - mu[:, :, :1]) / sd[:, :, :1]  # (B, T, 1)
+            xn = torch.cat([xn[:, :, :-1], level], dim=-1)
 
         if self.lstm_dtype is torch.float32:
             out, _ = self.lstm(xn)  # (B, T, Hd)

@@ -216,8 +216,10 @@ class SeasonalState:
         """What the hybrid network gets for a window whose newest point the state has seen:
         ``(adjusted, offsets)`` — the window's values less their seasonal part (:meth:`parts`)
         (T,), and the seasonal part of the next ``horizon`` steps (H,), to add back onto the
-        network's forecast. The trainer calls this through :func:`run_series`; the worker takes
-        the same :meth:`parts` (stream/windows.py) and subtracts them the same way."""
+        network's forecast — and, beside them, :attr:`level`: the smoother's own forecast of the
+        adjusted values (its level; the network's ``level`` channel, model/features.py). The
+        trainer calls this through :func:`run_series`; the worker takes the same :meth:`parts`
+        and level (stream/windows.py) and subtracts them the same way."""
         past, ahead = self.parts(ts, horizon)
         return np.asarray(values, np.float64) - past, ahead
 
@@ -300,16 +302,25 @@ def _run_length(warm_step: np.ndarray) -> int:
 @dataclass
 class SeasonalParts:
     """The seasonal side of R windows: whether each took the seasonal path (``ready`` (R,)), the
-    seasonal part of its points (``past`` (R, T)) and of its next H steps (``ahead`` (R, H));
-    zeros on the plain path. The network gets ``values - past`` and its forecast moves by
-    ``ahead``."""
+    seasonal part of its points (``past`` (R, T)) and of its next H steps (``ahead`` (R, H)),
+    zeros on the plain path, and the state's level (``level`` (R,)), NaN on the plain path. The
+    network gets ``values - past`` and the level, and its forecast moves by ``ahead``."""
 
     ready: np.ndarray
     past: np.ndarray
     ahead: np.ndarray
+    level: np.ndarray
+
+    @staticmethod
+    def plain(rows: int, window: int, horizon: int) -> SeasonalParts:
+        """R windows on the plain path (to be filled row by row)."""
+        return SeasonalParts(
+            np.zeros(rows, bool), np.zeros((rows, window)), np.zeros((rows, horizon)),
+            np.full(rows, np.nan),
+        )  # fmt: skip
 
     def take(self, rows: slice | np.ndarray) -> SeasonalParts:
-        return SeasonalParts(self.ready[rows], self.past[rows], self.ahead[rows])
+        return SeasonalParts(self.ready[rows], self.past[rows], self.ahead[rows], self.level[rows])
 
     @staticmethod
     def concat(parts: Sequence[SeasonalParts]) -> SeasonalParts:
@@ -317,30 +328,43 @@ class SeasonalParts:
             np.concatenate([p.ready for p in parts]),
             np.concatenate([p.past for p in parts]),
             np.concatenate([p.ahead for p in parts]),
+            np.concatenate([p.level for p in parts]),
         )
+
+
+class SeriesInputs(NamedTuple):
+    """:func:`run_series`'s answer, one row per point of the series as a window's newest input:
+    ``ready`` (N,) bool, ``adjusted`` (N, T) the window less its seasonal part, ``offsets`` (N, H)
+    the seasonal part of the next steps, ``level`` (N,) the state's level (NaN where not ready);
+    rows not ready (the warm-up, the first ``T - 1`` points) hold zeros."""
+
+    ready: np.ndarray
+    adjusted: np.ndarray
+    offsets: np.ndarray
+    level: np.ndarray
 
 
 def run_series(
     spec: SeasonalSpec, ts: np.ndarray, values: np.ndarray, window: int, horizon: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> SeriesInputs:
     """The trainer's side: one series in time order through a fresh state; for every point ``i``
     as the newest input of a window of ``window`` points (``i >= window - 1``), after the state
-    has seen it, :meth:`SeasonalState.window_inputs`. Returns ``(ready (N,) bool, adjusted (N,
-    window), offsets (N, horizon))``; rows before the first full window are zeros, not ready."""
+    has seen it, :meth:`SeasonalState.window_inputs` and the level (:class:`SeriesInputs`)."""
     n = len(values)
-    ready = np.zeros(n, bool)
-    adjusted = np.zeros((n, window))
-    offsets = np.zeros((n, horizon))
+    out = SeriesInputs(
+        np.zeros(n, bool), np.zeros((n, window)), np.zeros((n, horizon)), np.full(n, np.nan)
+    )
     state = SeasonalState(spec)
     for i in range(n):
         state.update(float(ts[i]), float(values[i]))
         if i >= window - 1 and state.ready:
             lo = i - window + 1
-            ready[i] = True
-            adjusted[i], offsets[i] = state.window_inputs(
+            out.ready[i] = True
+            out.adjusted[i], out.offsets[i] = state.window_inputs(
                 ts[lo : i + 1], values[lo : i + 1], horizon
             )
-    return ready, adjusted, offsets
+            out.level[i] = state.level
+    return out
 
 
 class SeasonalFit(NamedTuple):

@@ -62,8 +62,10 @@ class InferenceRunner:
 
     def _run(self, model: LoadedModel, windows: WindowBatch) -> Forecast:
         seasonal = windows.seasonal  # a model with seasons: the window less its seasonal part
-        values = windows.values if seasonal is None else windows.values - seasonal.past
-        x = build_inputs(windows.ts, values, windows.features, model.config)  # (B, T, C)
+        values, level = windows.values, None
+        if seasonal is not None:  # and the state's level beside them (NaN on the plain path)
+            values, level = values - seasonal.past, seasonal.level
+        x = build_inputs(windows.ts, values, windows.features, model.config, level)  # (B, T, C)
         p = model.predictor
         start = time.perf_counter()
         step = self.cpu_chunk if p.device == "cpu" else len(x)

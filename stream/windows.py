@@ -52,6 +52,11 @@ class RecordLike(Protocol):
     timestamp: int
 
 
+# One window's seasonal side as the worker takes it from the series' state: the seasonal part of
+# its points and of the next H steps, and the state's level; None on the plain path.
+RowSeason = tuple[np.ndarray, np.ndarray, float] | None
+
+
 @dataclass
 class WindowBatch:
     """Windows to forecast for one partition: R rows, T points each, oldest point first."""
@@ -213,7 +218,7 @@ class PartitionWindows:
         res_ends: list[int] = []
         res_offs: list[int] = []
         res_tsms: list[int] = []
-        res_seasonal: list[tuple[np.ndarray, np.ndarray] | None] = []  # (past, ahead) per row
+        res_seasonal: list[RowSeason] = []  # (past, ahead, level) per row
         latest_at: dict[int, int] = {}  # row -> position in res_* (coalescing)
         first_end: dict[int, int] = {}  # row -> smallest window end pending for it
         parts: list[WindowBatch] = []
@@ -349,17 +354,17 @@ class PartitionWindows:
             return
         request(row, end, rec.offset, rec.timestamp)
 
-    def _seasonal_parts(self, row: int, end: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """The seasonal parts of the row's window ending at point ``end``, from its state as it
-        stood then (usually now: the window of the point just appended), or None on the plain
-        path (:meth:`model.seasonal.SeasonalState.parts`, the trainer's call)."""
+    def _seasonal_parts(self, row: int, end: int) -> RowSeason:
+        """The seasonal parts and level of the row's window ending at point ``end``, from its
+        state as it stood then (usually now: the window of the point just appended), or None on
+        the plain path (:meth:`model.seasonal.SeasonalState.parts`, the trainer's call)."""
         rings = self.rings
         state = rings.states[row]
         then = state.back(rings.n[row] - end) if state is not None else None
         if then is None:
             return None
         cols = (end - self.seq_len + np.arange(self.seq_len)) % rings.capacity
-        return then.parts(rings.ts[row, cols], self.horizon)
+        return (*then.parts(rings.ts[row, cols], self.horizon), then.level)
 
     def _gather(
         self,
@@ -367,18 +372,17 @@ class PartitionWindows:
         ends: list[int],
         offs: list[int],
         tsms: list[int],
-        season: list[tuple[np.ndarray, np.ndarray] | None],
+        season: list[RowSeason],
     ) -> WindowBatch:
         rings = self.rings
         series, ts, values, feats = rings.gather(rows, ends, self.seq_len)
         seasonal = None
         if rings.seasonal is not None:  # computed as each window was requested
-            r, t, h = len(rows), self.seq_len, self.horizon
-            seasonal = SeasonalParts(np.zeros(r, bool), np.zeros((r, t)), np.zeros((r, h)))
+            seasonal = SeasonalParts.plain(len(rows), self.seq_len, self.horizon)
             for i, parts in enumerate(season):
                 if parts is not None:
                     seasonal.ready[i] = True
-                    seasonal.past[i], seasonal.ahead[i] = parts
+                    seasonal.past[i], seasonal.ahead[i], seasonal.level[i] = parts
         return WindowBatch(
             self.partition, series, np.asarray(offs, dtype=np.int64),
             np.asarray(tsms, dtype=np.int64), ts, values, feats, seasonal,

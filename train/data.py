@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from model.config import ModelConfig
 from model.errors import ConfigError
 from model.features import build_inputs
+from model.seasonal import SeriesInputs, run_series
 from train.settings import SplitSettings
 
 log = logging.getLogger(__name__)
@@ -186,12 +187,10 @@ class SeriesArrays:
         ok = (seg[: n - w + 1] == seg[last]) & (spl[first_target] == split) & (spl[last] == split)
         return np.flatnonzero(ok).astype(np.int64)
 
-    def seasonal_inputs(
-        self, config: ModelConfig
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def seasonal_inputs(self, config: ModelConfig) -> SeriesInputs | None:
         """For a model with seasons (``config.seasonal()``): every point as a window's newest
-        input, ``(ready (N,), adjusted (N, T), offsets (N, H))`` from each series' seasonal state
-        run over the whole series in time order (:func:`model.seasonal.run_series`, the worker's
+        input (:class:`model.seasonal.SeriesInputs`) from each series' seasonal state run over
+        the whole series in time order (:func:`model.seasonal.run_series`, the worker's
         recursion; the state runs through gaps as the worker's does). None without seasons.
         Computed once per model shape and kept."""
         spec = config.seasonal()
@@ -201,15 +200,16 @@ class SeriesArrays:
         key = (spec, t, h)
         cache = self.__dict__.setdefault("_seasonal_cache", {})
         if key not in cache:
-            from model.seasonal import run_series
-
             n = len(self)
-            ready, adjusted, offsets = np.zeros(n, bool), np.zeros((n, t)), np.zeros((n, h))
+            out = SeriesInputs(
+                np.zeros(n, bool), np.zeros((n, t)), np.zeros((n, h)), np.full(n, np.nan)
+            )
             for s, ln in zip(self.starts.tolist(), self.lengths.tolist(), strict=True):
                 part = slice(s, s + ln)
-                r, a, o = run_series(spec, self.ts[part], self.values[part], t, h)
-                ready[part], adjusted[part], offsets[part] = r, a, o
-            cache[key] = (ready, adjusted, offsets)
+                run = run_series(spec, self.ts[part], self.values[part], t, h)
+                for whole, one in zip(out, run, strict=True):
+                    whole[part] = one
+            cache[key] = out
         return cache[key]
 
     def split_counts(self) -> dict[str, int]:
@@ -260,14 +260,14 @@ class WindowSet(Dataset[int]):
         feats = {
             name: np.asarray(v[rows][:, :t]) for name, v in self._feats.items() if v is not None
         }
-        inputs = vals[:, :t]
+        inputs, level = vals[:, :t], None
         if self._seasonal is not None:  # the hybrid: the window less its seasonal part
-            ready, adjusted, _ = self._seasonal
             origin = rows + t - 1
-            r = ready[origin]
+            r = self._seasonal.ready[origin]
             inputs = inputs.copy()
-            inputs[r] = adjusted[origin[r]]
-        x = build_inputs(ts[:, :t], inputs, feats or None, self.config)  # (B, T, C)
+            inputs[r] = self._seasonal.adjusted[origin[r]]
+            level = self._seasonal.level[origin]  # NaN on the plain path
+        x = build_inputs(ts[:, :t], inputs, feats or None, self.config, level)  # (B, T, C)
         return x, vals[:, t:], ts
 
     def offsets_for(self, idx: np.ndarray) -> np.ndarray:
@@ -276,7 +276,7 @@ class WindowSet(Dataset[int]):
         rows = self.starts[np.asarray(idx, dtype=np.int64)]
         if self._seasonal is None:
             return np.zeros((len(rows), self.config.horizon))
-        return self._seasonal[2][rows + self.config.sequence_length - 1]
+        return self._seasonal.offsets[rows + self.config.sequence_length - 1]
 
     def collate(self, items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(items, dtype=np.int64)

@@ -23,7 +23,8 @@ def offline_forecast(
     """The forecast (:class:`model.predictor.Forecast`) of the window ending at each ``(series,
     index of its accepted point)`` pick, computed as the *trainer* computes it: for a model with
     seasons, each series run through :func:`model.seasonal.run_series` (train/data.py's path), its
-    window less the seasonal part on the seasonal path, the offsets added back."""
+    window less the seasonal part and the state's level on the seasonal path, the offsets added
+    back."""
     from model.features import build_inputs
     from model.seasonal import run_series
 
@@ -38,11 +39,12 @@ def offline_forecast(
         history = np.array([e[2:] for e in events[s]], np.float64)  # (n, 2): ts, value
         runs[s] = run_series(spec, history[:, 0], history[:, 1], window, cfg.horizon)
     offsets = np.zeros((len(picks), cfg.horizon))
+    level = np.full(len(picks), np.nan)  # NaN: the plain path
     for r, (s, i) in enumerate(picks):
-        ready, adjusted, ahead = runs[s]
-        if ready[i]:
-            vals[r], offsets[r] = adjusted[i], ahead[i]
-    return model.predictor.predict(build_inputs(ts, vals, None, cfg)).shifted(offsets)
+        run = runs[s]
+        if run.ready[i]:
+            vals[r], offsets[r], level[r] = run.adjusted[i], run.offsets[i], run.level[i]
+    return model.predictor.predict(build_inputs(ts, vals, None, cfg, level)).shifted(offsets)
 
 
 def replayed_intervals(

@@ -37,3 +37,18 @@ def test_a_saved_config_without_the_fields_is_the_plain_path() -> None:
 def test_bad_seasonal_fields_name_the_field(kw: dict) -> None:
     with pytest.raises(ConfigError, match="season"):
         ModelConfig(**kw)
+
+
+def test_a_hybrid_has_the_level_channel_unless_saved_before_it() -> None:
+    """New hybrids end their input with the seasonal state's level; a saved hybrid without the
+    ``season_level`` key keeps the input it was trained on; the plain network never has it."""
+    kw = {"seasons": [24], "season_gammas": [0.1], "season_spacing_s": 3600.0}
+    new = ModelConfig(**kw)
+    assert new.level_channel and new.input_size == ModelConfig().input_size + 1
+    saved = new.to_dict()
+    del saved["season_level"]
+    old = ModelConfig.from_dict(saved)
+    assert not old.level_channel and old.input_size == ModelConfig().input_size
+    assert not ModelConfig(season_level=True).level_channel  # no seasons: no level
+    with pytest.raises(ConfigError, match="season_level"):
+        ModelConfig(**kw, season_level="yes")

@@ -104,3 +104,25 @@ def test_fast_on_large_batches() -> None:
     assert x.shape == (4096, 48, 6)
     # ~200k points: a few ms when vectorised; generous bound for a shared CI machine.
     assert time.perf_counter() - t < 1.0
+
+
+def test_the_level_channel_is_last_and_the_newest_value_stands_in_on_the_plain_path() -> None:
+    """A hybrid's last channel is the seasonal state's level, constant over the window; a window
+    on the plain path (NaN, or no level at all: HTTP, shadow) gets its newest value instead; an
+    infinite level or one of the wrong shape is refused."""
+    cfg = ModelConfig(features=("f",), seasons=(24,), season_gammas=(0.1,), season_spacing_s=3600.0)
+    ts = np.tile(_ts(dt.datetime(2024, 5, 1, tzinfo=dt.UTC), 48), (2, 1))
+    values = np.stack([np.arange(48.0), 10.0 + np.arange(48.0)])
+    feats = {"f": np.zeros((2, 48))}
+    x = build_inputs(ts, values, feats, cfg, np.array([3.5, np.nan]))
+    assert x.shape == (2, 48, 7) and cfg.input_size == 7
+    assert (x[0, :, 6] == 3.5).all() and (x[1, :, 6] == 57.0).all()
+    assert (x[:, :, 5] == 0.0).all()  # the feature stays where it was
+    plain = build_inputs(ts, values, feats, cfg)
+    assert (plain[0, :, 6] == 47.0).all() and (plain[1, :, 6] == 57.0).all()
+    with pytest.raises(InputError, match="level"):
+        build_inputs(ts, values, feats, cfg, np.array([np.inf, 1.0]))
+    with pytest.raises(InputError, match="level"):
+        build_inputs(ts, values, feats, cfg, np.array([1.0]))
+    no_level = cfg.replace(season_level=False)
+    assert build_inputs(ts, values, feats, no_level, np.array([3.5, 1.0])).shape == (2, 48, 6)

@@ -65,6 +65,30 @@ def test_scale_equivariance(distribution: str, k: float) -> None:
         torch.testing.assert_close(s, b * k, rtol=1e-4, atol=1e-5 * k * float(b.abs().max()))
 
 
+def test_the_level_channel_is_read_in_the_value_channels_units() -> None:
+    """A hybrid's level channel is normalised with the window's value statistics, not its own (a
+    constant channel has none): scaling or shifting value and level together moves the forecast
+    the same way, and the level changes the forecast."""
+    cfg = tiny_config(
+        horizon=3, seasons=(24,), season_gammas=(0.1,), season_spacing_s=3600.0, season_level=True
+    )
+    assert cfg.level_channel
+    net = ForecastNet(cfg).eval()
+    rng = np.random.default_rng(4)
+    x = random_windows(rng, 8, 48, cfg.input_size)
+    x[:, :, -1] = x[:, -1:, 0] + rng.normal(0, 1, (8, 1))  # a level near the newest value
+    moved = x.copy()
+    moved[:, :, 0] = 3.0 * x[:, :, 0] + 50.0
+    moved[:, :, -1] = 3.0 * x[:, :, -1] + 50.0
+    other = x.copy()
+    other[:, :, -1] += 5.0
+    with torch.no_grad():
+        base, m, o = (net(torch.from_numpy(a)) for a in (x, moved, other))
+    torch.testing.assert_close(m[0], 3.0 * base[0] + 50.0, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(m[1], 3.0 * base[1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(o[0], base[0])
+
+
 def test_shift_equivariance_and_constant_window() -> None:
     cfg = tiny_config(calendar=False)
     net = ForecastNet(cfg).eval()

@@ -172,7 +172,7 @@ def test_the_trainer_and_the_worker_compute_the_same_window_inputs() -> None:
     window's continuation gives the data on a noiseless signal."""
     ts, y = two_seasons(2 * WEEK + 60, noise=0.5, seed=2)
     sp = spec(0.2, (0.1, 0.2))
-    ready, adjusted, offsets = run_series(sp, ts, y, 48, 4)
+    ready, adjusted, offsets, levels = run_series(sp, ts, y, 48, 4)
     s = SeasonalState(sp)
     for i, (t, v) in enumerate(zip(ts, y, strict=True)):
         s.update(t, v)
@@ -181,14 +181,18 @@ def test_the_trainer_and_the_worker_compute_the_same_window_inputs() -> None:
             a, o = s.window_inputs(ts[i - 47 : i + 1], y[i - 47 : i + 1], 4)
             np.testing.assert_array_equal(adjusted[i], a)
             np.testing.assert_array_equal(offsets[i], o)
+            assert levels[i] == s.level
+        else:
+            assert np.isnan(levels[i])  # the plain path: the newest value stands in
     assert ready.sum() == len(y) - WEEK + 1
     clean_ts, clean = two_seasons(2 * WEEK)
-    _, adj, off = run_series(spec(), clean_ts, clean, 48, 3)
+    _, adj, off, lev = run_series(spec(), clean_ts, clean, 48, 3)
     i = WEEK + 10
     # noiseless: the adjusted window is flat (at the level: 100 less the weekend dip's weekly
     # mean, which the weekly indices carry), and level + offsets = the next points
     level = adj[i][0]
     assert level == pytest.approx(100.0 - 8.0 * 2 / 7)
+    assert lev[i] == pytest.approx(level)  # the state's level is the flat window's
     np.testing.assert_allclose(adj[i], np.full(48, level), atol=1e-9)
     np.testing.assert_allclose(level + off[i], clean[i + 1 : i + 4], atol=1e-9)
 

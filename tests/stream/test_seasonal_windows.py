@@ -52,7 +52,7 @@ def test_gathered_windows_carry_the_trainers_seasonal_parts() -> None:
     same point: warm-up rows on the plain path (zeros), the others the trainer's numbers exactly."""
     recs, data = interleaved(80)
     pw = windows()
-    got: dict[tuple[str, float], tuple[bool, np.ndarray, np.ndarray]] = {}
+    got: dict[tuple[str, float], tuple[bool, np.ndarray, np.ndarray, float]] = {}
     for lo in range(0, len(recs), 7):
         res = pw.apply(recs[lo : lo + 7])
         w = res.windows
@@ -61,21 +61,24 @@ def test_gathered_windows_carry_the_trainers_seasonal_parts() -> None:
         assert w.seasonal is not None
         for r, sid in enumerate(w.series):
             got[(sid, w.ts[r, -1])] = (
-                bool(w.seasonal.ready[r]), w.values[r] - w.seasonal.past[r], w.seasonal.ahead[r]
+                bool(w.seasonal.ready[r]), w.values[r] - w.seasonal.past[r],
+                w.seasonal.ahead[r], float(w.seasonal.level[r]),
             )  # fmt: skip
     plain = seasonal = 0
     for sid, (ts, y) in data.items():
-        ready, adjusted, offsets = run_series(SPEC, ts, y, T, H)
+        ready, adjusted, offsets, levels = run_series(SPEC, ts, y, T, H)
         for i in range(T - 1, len(y)):
-            r, a, o = got[(sid, ts[i])]
+            r, a, o, lv = got[(sid, ts[i])]
             assert r == ready[i], (sid, i)
             if r:
                 np.testing.assert_array_equal(a, adjusted[i])
                 np.testing.assert_array_equal(o, offsets[i])
+                assert lv == levels[i]
                 seasonal += 1
             else:
                 np.testing.assert_array_equal(a, y[i - T + 1 : i + 1])
                 np.testing.assert_array_equal(o, np.zeros(H))
+                assert np.isnan(lv) and np.isnan(levels[i])
                 plain += 1
     assert plain and seasonal  # both paths were met
 
@@ -98,6 +101,7 @@ def test_a_redelivered_window_gets_the_parts_it_got_first_also_after_a_restore()
             f = by_offset[o]
             np.testing.assert_array_equal(w.seasonal.past[r], first.seasonal.past[f])
             np.testing.assert_array_equal(w.seasonal.ahead[r], first.seasonal.ahead[f])
+            assert w.seasonal.level[r] == first.seasonal.level[f]
 
 
 def test_the_blob_holds_the_state_of_the_serving_models_recursion_only() -> None:

@@ -361,7 +361,8 @@ def test_seasons_auto_fits_a_hybrid_that_the_gate_scores_against_the_plain_netwo
     """``--seasons auto`` on 400 hourly points at horizon 6: the data's seasons are a day and a
     week; a week cannot be learnt from 280 training points, so the hybrid keeps the day (its own
     6-step forecast is half persistence's error), with coefficients fitted for the horizon, stored
-    in the version's config (the worker's loader accepts it). The gate scores the plain serving
+    in the version's config (the worker's loader accepts it), and the state's level as one more
+    input channel (ONNX export, int8 and canary with it). The gate scores the plain serving
     version with its own inputs on the same windows."""
     models = tmp_path / "models"
     code, out, err = run(retrain_args("--horizon", "6"), capsys)
@@ -376,6 +377,8 @@ def test_seasons_auto_fits_a_hybrid_that_the_gate_scores_against_the_plain_netwo
     assert info["spacing_s"] == 3600.0 and 0 < info["smoother_mae"] < 0.8 * info["persistence_mae"]
     config = ModelRegistry(models).load(result["version"], backend="onnx").config
     assert config.seasons == (24,) and config.season_spacing_s == 3600.0
+    plain_config = ModelRegistry(models).load(plain, backend="onnx").config
+    assert config.level_channel and config.input_size == plain_config.input_size + 1
     assert (config.season_alpha, list(config.season_gammas)) == (info["alpha"], info["gammas"])
     assert "held-out MAE" in result["reason"]  # compared with the plain version, not refused
     # `worker evaluate --versus`: the plain network beside the hybrid, on the same windows.
