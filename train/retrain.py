@@ -113,6 +113,12 @@ def _same_windows(a: ModelConfig, b: ModelConfig) -> bool:
     )  # fmt: skip
 
 
+def _inputs(c: ModelConfig) -> tuple[Any, ...]:
+    """What, beside the windows, decides a network's inputs: the seasons taken out of them and
+    whether the state's level is a channel."""
+    return c.seasonal(), c.level_channel
+
+
 def gate(
     registry: ModelRegistry,
     new_report: dict[str, Any],
@@ -147,7 +153,7 @@ def gate(
         )
         return force, reason + ("; promoted by --force" if force else "; use --force"), None
     net = serving.predictor.net  # type: ignore[attr-defined]
-    if serving.config.seasonal() != config.seasonal():  # the same windows, other network inputs
+    if _inputs(serving.config) != _inputs(config):  # the same windows, other network inputs
         ho = held_out(arrays, serving.config, season)
     old, _, _ = evaluate(net, arrays, serving.config, season=season, version=cur, holdout=ho,
                          linear_ar=False)  # fmt: skip

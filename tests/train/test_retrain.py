@@ -393,6 +393,15 @@ def test_seasons_auto_fits_a_hybrid_that_the_gate_scores_against_the_plain_netwo
     assert metrics[f"model@{plain}"]["mae"] == pytest.approx(
         plain_stored["metrics"]["model"]["mae"], rel=1e-9
     )
+    # A hybrid without the level channel (saved before it, or `season_level: false`) against
+    # the serving one with it: the same seasons, other inputs; each scored with its own.
+    no_level = tmp_path / "no-level.yaml"
+    no_level.write_text("model:\n  season_level: false\n")
+    code, out, err = run(
+        retrain_args("--horizon", "6", "--seasons", "auto", "--config", str(no_level)), capsys
+    )
+    assert code == 0, err
+    assert "held-out MAE" in json.loads(out)["reason"]
     for bad in ("24,168", "0", "168,24", "daily"):
         code, _, err = run(retrain_args("--seasons", bad), capsys)
         assert code == 2 and "--seasons" in err, (bad, err)
