@@ -4,7 +4,8 @@
 
     x (B, T, C) raw window from model.features.build_inputs
       -> per-window instance normalisation of the value (and exogenous) channels; a seasonal
-         model's level channel with the value channel's mean and std
+         model's level channel with the value channel's mean and std (then clipped to
+         ±LEVEL_CLIP), and taken out: it feeds the linear AR skip only, not the LSTM
       -> LSTM (num_layers, dropout between layers)                      (B, T, Hd)
       -> multi-head attention, query = last LSTM output, keys = all     (B, Hd)
       -> MLP on [last, context]                                         (B, Hd)
@@ -50,6 +51,9 @@ DF_MIN = 2.01  # Student-t degrees of freedom stay above 2 so the variance exist
 # matters for all-zero windows.
 NORM_EPS_REL = 1e-8
 NORM_EPS_ABS = 1e-10
+# A seasonal model's level, in the window's standard deviations from its mean, is clipped to
+# this: on a near-flat window the ratio is unbounded and would swamp the linear path.
+LEVEL_CLIP = 10.0
 
 OUTPUT_NAMES: tuple[str, ...] = ("mean", "std", "lower_80", "upper_80", "lower_95", "upper_95")
 
@@ -74,7 +78,7 @@ class ForecastNet(nn.Module):
         c, hd, h = config.input_size, config.hidden_size, config.horizon
         self.n_params = 3 if config.distribution == "student_t" else 2
         self.lstm = nn.LSTM(
-            input_size=c,
+            input_size=c - config.level_channel,  # the level goes to the linear path only
             hidden_size=hd,
             num_layers=config.num_layers,
             batch_first=True,
@@ -93,11 +97,13 @@ class ForecastNet(nn.Module):
         self.head = nn.Linear(hd, self.n_params * h)
         # Linear autoregressive skip over the normalised value channel: (B, T) -> (B, H).
         self.ar: nn.Linear | None = None
+        # A seasonal model's level is one more input of it, after the window (weight 0 at first).
         if config.ar_skip:
-            self.ar = nn.Linear(config.sequence_length, h)
+            t = config.sequence_length
+            self.ar = nn.Linear(t + config.level_channel, h)
             with torch.no_grad():  # start as persistence: every step = the last value
                 self.ar.weight.zero_()
-                self.ar.weight[:, -1] = 1.0
+                self.ar.weight[:, t - 1] = 1.0
                 self.ar.bias.zero_()
         # Which channels get per-window normalisation: the value and the exogenous features, not
         # the calendar sin/cos (already in [-1, 1], and constant within short windows).
@@ -122,9 +128,11 @@ class ForecastNet(nn.Module):
         sd = torch.sqrt(var_s + NORM_EPS_REL * mu_s.pow(2)) * peak  # (B, 1, C)
         sd = torch.clamp_min(sd, NORM_EPS_ABS**0.5)  # all-zero windows: > 0 all the same
         xn = (x - mu * mask) / (sd * mask + (1.0 - mask))  # (B, T, C)
+        level: Tensor | None = None
         if self.config.level_channel:  # in the value's units: the window's own mean and std
-            level = (x[:, :, -1:] - mu[:, :, :1]) / sd[:, :, :1]  # (B, T, 1)
-            xn = torch.cat([xn[:, :, :-1], level], dim=-1)
+            level = (x[:, -1, -1:] - mu[:, 0, :1]) / sd[:, 0, :1]  # (B, 1)
+            level = level.clamp(-LEVEL_CLIP, LEVEL_CLIP)  # a near-flat window: sd ~ 0
+            xn = xn[:, :, :-1]  # (B, T, C - 1): the LSTM sees the window only
 
         if self.lstm_dtype is torch.float32:
             out, _ = self.lstm(xn)  # (B, T, Hd)
@@ -144,6 +152,8 @@ class ForecastNet(nn.Module):
         # is already a sane forecaster and training is fast.
         if self.ar is not None:
             v = xn[:, :, 0]  # (B, T) normalised values
+            if level is not None:
+                v = torch.cat([v, level], dim=1)  # (B, T + 1)
             # Broadcast multiply + sum instead of a matmul: stays float32 under bf16/fp16
             # autocast (the linear path carries most of the signal; bf16 would cost accuracy).
             # Cost B·H·T, negligible beside the LSTM.

@@ -67,10 +67,17 @@ def test_scale_equivariance(distribution: str, k: float) -> None:
 
 def test_the_level_channel_is_read_in_the_value_channels_units() -> None:
     """A hybrid's level channel is normalised with the window's value statistics, not its own (a
-    constant channel has none): scaling or shifting value and level together moves the forecast
-    the same way, and the level changes the forecast."""
+    constant channel has none), and feeds the linear AR path, with weight 0 at first (an
+    untrained hybrid forecasts as without it): scaling or shifting value and level together
+    moves the forecast the same way, the learnt weight makes the level count, and a level far
+    from a flat window is clipped (finite forecasts)."""
     cfg = tiny_config(
-        horizon=3, seasons=(24,), season_gammas=(0.1,), season_spacing_s=3600.0, season_level=True
+        horizon=3,
+        seasons=(24,),
+        season_gammas=(0.1,),
+        season_spacing_s=3600.0,
+        season_level=True,
+        ar_skip=True,
     )
     assert cfg.level_channel
     net = ForecastNet(cfg).eval()
@@ -82,11 +89,20 @@ def test_the_level_channel_is_read_in_the_value_channels_units() -> None:
     moved[:, :, -1] = 3.0 * x[:, :, -1] + 50.0
     other = x.copy()
     other[:, :, -1] += 5.0
+    assert net.lstm.input_size == cfg.input_size - 1 and net.ar is not None
     with torch.no_grad():
+        untrained = net(torch.from_numpy(x))[0], net(torch.from_numpy(other))[0]
+        net.ar.weight[:, -1] = 0.5  # as if learnt
         base, m, o = (net(torch.from_numpy(a)) for a in (x, moved, other))
+        flat = x[:1].copy()
+        flat[:, :, 0] = 7.0
+        flat[:, :, -1] = 1e6
+        far = net(torch.from_numpy(flat))
+    torch.testing.assert_close(*untrained)
     torch.testing.assert_close(m[0], 3.0 * base[0] + 50.0, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(m[1], 3.0 * base[1], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(o[0], base[0])
+    assert all(torch.isfinite(t).all() for t in far)
 
 
 def test_shift_equivariance_and_constant_window() -> None:
