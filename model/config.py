@@ -94,8 +94,9 @@ class ModelConfig:
     season_gammas: tuple[float, ...] = ()
     season_spacing_s: float = 0.0
     # With seasons: one more input channel, the seasonal state's level (its own forecast of the
-    # window less its seasons; model/features.py), normalised as the value channel is. Saved
-    # hybrids from before it have no such channel.
+    # window less its seasons; model/features.py), read by the network's AR skip in the value
+    # channel's units (without ``ar_skip`` nothing reads it). Saved hybrids from before it have no
+    # such channel.
     season_level: bool = True
 
     def __post_init__(self) -> None:

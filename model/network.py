@@ -109,8 +109,6 @@ class ForecastNet(nn.Module):
         # the calendar sin/cos (already in [-1, 1], and constant within short windows).
         mask = torch.ones(c)
         mask[1 : 1 + config.calendar_channels] = 0.0
-        if config.level_channel:  # the seasonal level: normalised with the value's statistics
-            mask[-1] = 0.0
         self.register_buffer("norm_mask", mask, persistent=False)  # (C,)
 
     def params(self, x: Tensor) -> DistParams:
