@@ -299,6 +299,30 @@ def _run_length(warm_step: np.ndarray) -> int:
     return run
 
 
+def parts_of_many(
+    spec: SeasonalSpec,
+    indices: Sequence[Sequence[np.ndarray]],
+    ts: np.ndarray,
+    horizon: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`SeasonalState.parts` of many windows at once: row ``i`` of ``ts`` (R, T) is a
+    window whose newest point a ready state of ``spec`` has seen, and ``indices[i]`` that state's
+    :attr:`~SeasonalState.idx` then (the arrays, or a copy of them). Returns ``(past (R, T), ahead
+    (R, H))``: the same numbers as one :meth:`~SeasonalState.parts` per window (the same
+    operations, element by element), in a few array operations per season instead of a dozen per
+    window (the worker's batches, stream/windows.py)."""
+    r, t = ts.shape
+    both = np.empty((r, t + horizon))
+    both[:, :t] = ts
+    both[:, t:] = ts[:, -1:] + spec.spacing_s * np.arange(1, horizon + 1)
+    steps = spec.steps(both)
+    out = np.zeros((r, t + horizon))
+    for k, m in enumerate(spec.seasons):
+        table = np.stack([ix[k] for ix in indices])  # (R, m): each window's indices
+        out += np.take_along_axis(table, steps % m, axis=1)
+    return out[:, :t], out[:, t:]
+
+
 @dataclass
 class SeasonalParts:
     """The seasonal side of R windows: whether each took the seasonal path (``ready`` (R,)), the

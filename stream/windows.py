@@ -30,11 +30,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from model.seasonal import SeasonalParts, SeasonalSpec
+from model.seasonal import SeasonalParts, SeasonalSpec, SeasonalState, parts_of_many
 from stream.decode import Event, Rejection, decode_event
 from stream.rings import SeriesRings, decode_series
 from stream.settings import LimitSettings
@@ -55,6 +55,25 @@ class RecordLike(Protocol):
 # One window's seasonal side as the worker takes it from the series' state: the seasonal part of
 # its points and of the next H steps, and the state's level; None on the plain path.
 RowSeason = tuple[np.ndarray, np.ndarray, float] | None
+
+
+class _Frozen(NamedTuple):
+    """What a window's seasonal parts read from its series' state (a copy, as it stood then)."""
+
+    ready: bool
+    idx: list[np.ndarray]
+    level: float
+
+
+# Where a deferred window's seasonal parts are read: the series' state, or a frozen copy of it
+SeasonSource = SeasonalState | _Frozen | None
+
+
+def _frozen(src: SeasonSource) -> SeasonSource:
+    """What a deferred window reads from its series' state, copied before the state moves on."""
+    if isinstance(src, SeasonalState):
+        return _Frozen(src.ready, [ix.copy() for ix in src.idx] if src.ready else [], src.level)
+    return src
 
 
 @dataclass
@@ -219,6 +238,10 @@ class PartitionWindows:
         res_offs: list[int] = []
         res_tsms: list[int] = []
         res_seasonal: list[RowSeason] = []  # (past, ahead, level) per row
+        # its seasonal parts left to the gather (_gather): the state to read them from (its
+        # indices and level), or None
+        res_source: list[SeasonSource] = []
+        deferred: dict[int, int] = {}  # row -> position in res_* of its deferred request
         latest_at: dict[int, int] = {}  # row -> position in res_* (coalescing)
         first_end: dict[int, int] = {}  # row -> smallest window end pending for it
         parts: list[WindowBatch] = []
@@ -226,28 +249,45 @@ class PartitionWindows:
 
         def flush() -> None:
             if res_rows:
-                parts.append(self._gather(res_rows, res_ends, res_offs, res_tsms, res_seasonal))
-                for seq in (res_rows, res_ends, res_offs, res_tsms, res_seasonal):
+                parts.append(
+                    self._gather(res_rows, res_ends, res_offs, res_tsms, res_seasonal, res_source)
+                )
+                for seq in (res_rows, res_ends, res_offs, res_tsms, res_seasonal, res_source):
                     seq.clear()
+                deferred.clear()
                 latest_at.clear()
                 first_end.clear()
 
         def request(row: int, end: int, offset: int, ts_ms: int) -> None:
-            # The seasonal parts now, while the state is at (or undoes cheaply back to) ``end``.
-            season = self._seasonal_parts(row, end) if rings.seasonal is not None else None
+            # The seasonal parts: of a window at the state's newest point, at the gather, for
+            # every such window at once (from the state, or from a copy of its indices and level
+            # taken when a next point of the row moves it on, below); of an older one (a
+            # redelivered record), now, while the state undoes cheaply back to ``end``.
+            season, source = None, None
+            if rings.seasonal is not None:
+                state = rings.states[row]
+                if rings.n[row] == end and state is not None:
+                    source = state
+                else:
+                    season = self._seasonal_parts(row, end)
             if latest and row in latest_at:
                 i = latest_at[row]
                 res_ends[i], res_offs[i], res_tsms[i] = end, offset, ts_ms
-                res_seasonal[i] = season
+                res_seasonal[i], res_source[i] = season, source
                 first_end[row] = end
-                return
-            latest_at[row] = len(res_rows)
-            res_rows.append(row)
-            res_ends.append(end)
-            res_offs.append(offset)
-            res_tsms.append(ts_ms)
-            res_seasonal.append(season)
-            first_end.setdefault(row, end)
+            else:
+                i = latest_at[row] = len(res_rows)
+                res_rows.append(row)
+                res_ends.append(end)
+                res_offs.append(offset)
+                res_tsms.append(ts_ms)
+                res_seasonal.append(season)
+                res_source.append(source)
+                first_end.setdefault(row, end)
+            if source is not None:
+                deferred[row] = i
+            else:
+                deferred.pop(row, None)
 
         for rec in records:
             try:
@@ -271,6 +311,10 @@ class PartitionWindows:
                 pending = first_end.get(row)
                 if pending is not None and rings.n[row] + 1 - cap > pending - seq_len:
                     flush()  # the next point would overwrite a window still waiting to be gathered
+                if row in deferred:  # its state moves on: what its deferred window reads
+                    i = deferred.pop(row)
+                    if not latest:  # (coalescing replaces that window with this point's)
+                        res_source[i] = _frozen(res_source[i])
                 n = rings.append(row, offset, ev.ts, ev.value, ev.features)
                 self._advance_clock(row, ev.ts)
                 self._dirty.add(row)
@@ -373,13 +417,26 @@ class PartitionWindows:
         offs: list[int],
         tsms: list[int],
         season: list[RowSeason],
+        sources: list[SeasonSource],
     ) -> WindowBatch:
         rings = self.rings
         series, ts, values, feats = rings.gather(rows, ends, self.seq_len)
         seasonal = None
-        if rings.seasonal is not None:  # computed as each window was requested
+        if rings.seasonal is not None:
             seasonal = SeasonalParts.plain(len(rows), self.seq_len, self.horizon)
-            for i, parts in enumerate(season):
+            # deferred windows: each one's state as it stood at its newest point (request())
+            now, read = [], []
+            for i, src in enumerate(sources):
+                if src is not None and src.ready:
+                    now.append(i)
+                    read.append(src)
+            if now:
+                idx = [src.idx for src in read]
+                past, ahead = parts_of_many(rings.seasonal, idx, ts[now], self.horizon)
+                seasonal.ready[now] = True
+                seasonal.past[now], seasonal.ahead[now] = past, ahead
+                seasonal.level[now] = [src.level for src in read]
+            for i, parts in enumerate(season):  # the others: computed as they were requested
                 if parts is not None:
                     seasonal.ready[i] = True
                     seasonal.past[i], seasonal.ahead[i], seasonal.level[i] = parts

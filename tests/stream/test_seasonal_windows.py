@@ -83,6 +83,32 @@ def test_gathered_windows_carry_the_trainers_seasonal_parts() -> None:
     assert plain and seasonal  # both paths were met
 
 
+def test_coalesced_windows_carry_the_parts_of_their_newest_point() -> None:
+    """``--emit latest``: a series' later point in the batch replaces its window; the parts are
+    those of the point kept (the trainer's), whether the batch gathers them at its end or a
+    next point of the series came first."""
+    recs, data = interleaved(80)
+    pw = windows()
+    expect = {sid: run_series(SPEC, ts, y, T, H) for sid, (ts, y) in data.items()}
+    checked = 0
+    for lo in range(0, len(recs), 8):
+        w = pw.apply(recs[lo : lo + 8], latest=True).windows
+        assert len(set(w.series)) == len(w)  # one window per series
+        if len(w) == 0:
+            continue
+        assert w.seasonal is not None
+        for r, sid in enumerate(w.series):
+            i = int(np.searchsorted(data[sid][0], w.ts[r, -1]))
+            ready, adjusted, offsets, levels = expect[sid]
+            assert bool(w.seasonal.ready[r]) == ready[i]
+            if ready[i]:
+                np.testing.assert_array_equal(w.values[r] - w.seasonal.past[r], adjusted[i])
+                np.testing.assert_array_equal(w.seasonal.ahead[r], offsets[i])
+                assert float(w.seasonal.level[r]) == levels[i]
+                checked += 1
+    assert checked
+
+
 def test_a_redelivered_window_gets_the_parts_it_got_first_also_after_a_restore() -> None:
     recs, _ = interleaved(60)
     pw = windows()
