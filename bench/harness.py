@@ -44,11 +44,15 @@ MODELS: dict[str, dict[str, Any]] = {
     "default": {"hidden_size": 256, "num_layers": 3, "attention_heads": 8},
     "small": {"hidden_size": 64, "num_layers": 2, "attention_heads": 4},
 }
-# The small model with seasonal memory (docs/training.md, "Seasonal memory") for this minute data:
-# an hour and a day (what `--seasons auto` keeps for minute data is the day alone). Its state is
-# the largest a bench series can have: 12 KB of day indices in every series blob written.
-SEASONAL = {"seasons": [60, 1440], "season_spacing_s": STEP, "season_alpha": 0.1,
+# The small model with seasonal memory (docs/training.md, "Seasonal memory"): two seasons of 24 and
+# 168 steps, the state of hourly data with a daily and a weekly season (1.5 KB of indices and
+# 1.5 KB of undo entries per series). A series forecasts on the seasonal path only once it has
+# seen a whole cycle of its longest season, so its drain first waits for SEASONAL_READY points per
+# series (the bench's minute data have no such seasons: the speed of the state does not depend on
+# what it learns).
+SEASONAL = {"seasons": [24, 168], "season_spacing_s": STEP, "season_alpha": 0.1,
             "season_gammas": [0.1, 0.1]}  # fmt: skip
+SEASONAL_READY = 168 + 1  # points per series before every series is on the seasonal path
 MODELS["small-seasonal"] = {**MODELS["small"], **SEASONAL}
 
 
@@ -658,9 +662,10 @@ def stage_means(port: int) -> dict[str, float]:
 def scrape(port: int) -> dict[str, float]:
     """Counters of a worker's /metrics that the cost tables use: ``consumed`` (input records),
     ``forecasts``, ``stage:NAME`` (sum of eventcast_stage_seconds) and ``inference:BACKEND``
-    (sum of eventcast_inference_seconds: the model call alone); for the latency curve's batch
-    columns also ``batches:STAGE`` (the stage's count), ``batches``/``batch_rows`` (the batch
-    size histogram's count and sum), ``batch_limit`` (the gauge) and ``commits``."""
+    (sum of eventcast_inference_seconds: the model call alone), ``path:seasonal``/``path:plain``
+    (forecasts by path); for the latency curve's batch columns also ``batches:STAGE`` (the
+    stage's count), ``batches``/``batch_rows`` (the batch size histogram's count and sum),
+    ``batch_limit`` (the gauge) and ``commits``."""
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -692,4 +697,6 @@ def parse_metrics(text: str) -> dict[str, float]:
             out["batch_limit"] = float(value)  # a gauge: its value at the scrape
         elif name == "eventcast_commits_total":
             out["commits"] = float(value)
+        elif name.startswith("eventcast_forecast_paths_total{"):
+            out["path:" + name.split('path="', 1)[1].split('"', 1)[0]] = float(value)
     return out

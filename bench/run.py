@@ -54,6 +54,7 @@ from bench import ceilings
 from bench.harness import (
     PARTITIONS,
     REPO,
+    SEASONAL_READY,
     WIDE_PARTITIONS,
     BenchStack,
     ForecastReader,
@@ -134,9 +135,10 @@ class Bench:
         return self._db
 
     def want_drain(self, key: str) -> bool:
-        """Whether ``--drains`` (comma-separated substrings; empty: every drain) selects ``key``."""
+        """Whether ``--drains`` (comma-separated substrings, or ``=NAME`` for that drain alone;
+        empty: every drain) selects ``key``."""
         wanted = [w for w in self.args.drains.split(",") if w]
-        return not wanted or any(w in key for w in wanted)
+        return not wanted or any(key == w[1:] if w[0] == "=" else w in key for w in wanted)
 
     def cluster_key(self) -> str:
         return f"small {self.args.backend} emit=every, redis cluster"
@@ -243,10 +245,13 @@ class Bench:
         workers: int = 1,
         topic: str | None = None,
         cluster: bool = False,
+        ready_events: int = 0,
     ) -> dict[str, Any]:
         """Run ``workers`` worker-like processes of one group over a backlog topic (``topic``,
         default the 6-partition one); rates over the measured window. With ``cluster`` their
-        state is on the Redis Cluster under a key prefix of this drain's own.
+        state is on the Redis Cluster under a key prefix of this drain's own. ``ready_events``:
+        the warm-up starts only once the group has committed that many input records (a seasonal
+        model's series on the seasonal path).
 
         Besides the rates: CPU seconds of the workers, of Redis (every cluster node) and of the
         broker over the window (/proc/PID/stat), and, from the workers' /metrics, the events
@@ -308,6 +313,12 @@ class Bench:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{label}: no forecast within 180 s:\n{proc.tail()}")
                 time.sleep(0.5)
+            while total(asyncio.run(committed(st.bootstrap, group, topic))) < ready_events:
+                if not proc.alive():
+                    raise RuntimeError(f"{label}: exited early:\n{proc.tail()}")
+                if time.monotonic() > deadline + 300:
+                    raise RuntimeError(f"{label}: {ready_events:,} records not consumed in time")
+                time.sleep(0.5)
             time.sleep(a.warmup)
             f0 = total(asyncio.run(end_offsets(st.bootstrap, out)))
             c0 = total(asyncio.run(committed(st.bootstrap, group, topic)))
@@ -345,8 +356,20 @@ class Bench:
                 row["events_per_cpu_s"] = (c1 - c0) / row["cpu_s"]["workers"]
             if m0 is not None and m1 is not None:
                 row["cost"] = _cost(m0, m1, row["cpu_s"], row["redis_bytes"])
+            notes = []
+            if m0 is not None and m1 is not None and (m1[0].get("path:seasonal") or 0) > 0:
+                seasonal = sum(m.get("path:seasonal", 0) for m in m1) - sum(
+                    m.get("path:seasonal", 0) for m in m0
+                )
+                plain = sum(m.get("path:plain", 0) for m in m1) - sum(
+                    m.get("path:plain", 0) for m in m0
+                )
+                row["seasonal_share"] = seasonal / max(seasonal + plain, 1)
+                notes.append(f"{row['seasonal_share']:.1%} of its forecasts on the seasonal path")
             if c1 >= self.backlog_events:
-                row["note"] = "backlog exhausted during the window: rate is a lower bound"
+                notes.append("backlog exhausted during the window: rate is a lower bound")
+            if notes:
+                row["note"] = "; ".join(notes)
             # What a forecast weighs: its record's key and value (a sample read from the topic's
             # beginning) and the topic's log bytes per forecast (record batches, headers).
             forecasts = total(asyncio.run(end_offsets(st.bootstrap, out)))
@@ -425,11 +448,13 @@ class Bench:
             if want(key):
                 argv = self.worker_for("small", a.backend, *flags, topic=self.wide_backlog)
                 rows[key] = self.drain(key, argv, workers=n, topic=self.wide_backlog)
-        # Seasonal memory (docs/training.md): the small model with an hour and a day of minute
-        # data kept per series; beside "small ... emit=every", the cost of the state.
+        # Seasonal memory (docs/training.md): the small model with the seasonal state of hourly
+        # data (24 and 168 steps), measured once every series is on the seasonal path; beside
+        # "small ... emit=every", the cost of the state.
         key = f"small-seasonal {a.backend} emit=every"
         if want(key):
-            rows[key] = self.drain(key, self.worker_for("small-seasonal", a.backend, *flags))
+            argv = self.worker_for("small-seasonal", a.backend, *flags)
+            rows[key] = self.drain(key, argv, ready_events=a.series * SEASONAL_READY)
         # Online interval calibration (the default) against the model's static intervals.
         key = f"small {a.backend} emit=every, --interval-calibration static"
         if want(key):
@@ -1266,7 +1291,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--pin-cores", default="0:1", help="pinned curves: WORKER_CPUS:REST_CPUS (taskset lists)"
     )
     ap.add_argument("--no-faust", action="store_true")
-    ap.add_argument("--drains", default="", help="comma-separated substrings: drains to run")
+    ap.add_argument(
+        "--drains", default="",
+        help="comma-separated substrings (or =NAME, that drain alone): drains to run",
+    )  # fmt: skip
     ap.add_argument("--worker-flags", default="", help="extra flags of every worker drain")
     ap.add_argument(
         "--latest-flags", default="--max-batch 8192",
