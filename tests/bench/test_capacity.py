@@ -25,11 +25,14 @@ def test_parse_metrics_reads_the_worker_exposition() -> None:
         m.stage.labels(stage).observe(secs)
         m.stage.labels(stage).observe(secs)
     m.inference.labels("onnx").observe(0.375)
+    m.forecast_paths.labels("seasonal").inc(700)
+    m.forecast_paths.labels("plain").inc(200)
     got = parse_metrics(m.exposition().decode())
     assert got["consumed"] == 1000
     assert got["forecasts"] == 900
     assert got["stage:apply"] == 0.5 and got["stage:infer"] == 1.0 and got["stage:persist"] == 0.25
     assert got["inference:onnx"] == 0.375
+    assert got["path:seasonal"] == 700 and got["path:plain"] == 200
     assert not any(k.startswith("stage:") and k[6:] not in STAGES for k in got)
 
 
@@ -86,3 +89,7 @@ def test_drains_selects_the_capacity_rows(tmp_path: Path) -> None:
     assert all(b.want_drain(k) for k in (b.cluster_key(), b.workers_key(2)))
     assert not b.want_drain("small torch emit=every")
     assert Bench(parse([]), tmp_path).want_drain("anything")
+    exact = Bench(parse(["--drains", "=small onnx emit=every,seasonal"]), tmp_path)
+    assert exact.want_drain("small onnx emit=every")
+    assert exact.want_drain("small-seasonal onnx emit=every")
+    assert not exact.want_drain(exact.cluster_key())
