@@ -70,6 +70,7 @@ def test_paced_run(
     # The summary line.
     assert summary["mode"] == "paced"
     assert summary["sent"] == summary["delivered"] == N
+    assert summary["no_offset"] == 0  # every acknowledgement says where the event landed
     assert summary["failed"] == 0 and summary["unflushed"] == 0
     assert summary["rate"] == RATE and summary["series"] == SERIES and summary["linger_ms"] == 1
     assert 0 <= summary["late"] <= N and summary["max_late_ms"] >= 0  # type: ignore[operator]
@@ -78,7 +79,10 @@ def test_paced_run(
 
     started = time.monotonic()
     recs = consume_all(stack.bootstrap, topic, expected=N, timeout=60)
-    if len(recs) != N:  # seen twice in CI-sized runs (999 of 1,000): say where, to find why
+    # Seen before the pacer waited for every partition's leader to answer (bench/pacer.c): 999 of
+    # 1,000, one event "implicitly acked" by librdkafka without being in the log. Should it
+    # happen again, say where.
+    if len(recs) != N:
         took = time.monotonic() - started
         sent = {(int(p), int(o)) for p, o, _ in read_deliveries(deliveries).tolist()}
         missing = sorted(sent - {(r.partition, r.offset) for r in recs})
