@@ -357,14 +357,9 @@ class Bench:
             if m0 is not None and m1 is not None:
                 row["cost"] = _cost(m0, m1, row["cpu_s"], row["redis_bytes"])
             notes = []
-            if m0 is not None and m1 is not None and (m1[0].get("path:seasonal") or 0) > 0:
-                seasonal = sum(m.get("path:seasonal", 0) for m in m1) - sum(
-                    m.get("path:seasonal", 0) for m in m0
-                )
-                plain = sum(m.get("path:plain", 0) for m in m1) - sum(
-                    m.get("path:plain", 0) for m in m0
-                )
-                row["seasonal_share"] = seasonal / max(seasonal + plain, 1)
+            paths = row.get("cost", {}).get("paths", {})
+            if paths.get("seasonal"):
+                row["seasonal_share"] = paths["seasonal"] / sum(paths.values())
                 notes.append(f"{row['seasonal_share']:.1%} of its forecasts on the seasonal path")
             if c1 >= self.backlog_events:
                 notes.append("backlog exhausted during the window: rate is a lower bound")
@@ -1164,7 +1159,8 @@ def _cost(
     """Cost per consumed event over a drain's window, summed over its workers: each stage's
     seconds (wall time in the worker: it includes waiting for the broker, Redis, the CPU and
     the GIL), the model call's seconds per backend, and the CPU seconds of the workers, Redis
-    and the broker, all in µs per event; Redis's network bytes per event (``redis_bytes``)."""
+    and the broker, all in µs per event; Redis's network bytes per event (``redis_bytes``); the
+    forecasts by path (``paths``: seasonal, plain; counts, not per event)."""
     diff: dict[str, float] = {}
     for before, after in zip(m0, m1, strict=True):
         for k, v in after.items():
@@ -1180,6 +1176,7 @@ def _cost(
         "inference_us": {
             k.split(":", 1)[1]: v * us for k, v in diff.items() if k.startswith("inference:")
         },
+        "paths": {k.split(":", 1)[1]: v for k, v in diff.items() if k.startswith("path:")},
         "cpu_us": {k: v * us for k, v in cpu_s.items()},
         "redis_bytes": {k: v / events for k, v in (redis_bytes or {}).items()},
     }

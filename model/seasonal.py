@@ -201,14 +201,14 @@ class SeasonalState:
     def parts(self, ts: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         """The seasonal part of a window whose newest point the state has seen, as the indices
         are *now*: at the window's times ``ts`` (T,) and at the next ``horizon`` steps (H,).
-        The same numbers as :meth:`seasonal` of each, in one pass over the seasons (the worker
-        calls this once per forecast)."""
-        t = len(ts)
-        both = np.empty(t + horizon)
-        both[:t] = ts
-        both[t:] = float(ts[-1]) + self.spec.spacing_s * np.arange(1, horizon + 1)
-        out = self.seasonal(both)
-        return out[:t], out[t:]
+        The same numbers as :meth:`seasonal` of each: :func:`parts_of_many` for one window (the
+        trainer's call; the worker's for a redelivered window, the others batched)."""
+        if not self.ready:
+            return np.zeros(len(ts)), np.zeros(horizon)
+        past, ahead = parts_of_many(
+            self.spec, [self.idx], np.asarray(ts, np.float64)[None], horizon
+        )
+        return past[0], ahead[0]
 
     def window_inputs(
         self, ts: np.ndarray, values: np.ndarray, horizon: int

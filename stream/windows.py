@@ -241,7 +241,6 @@ class PartitionWindows:
         # its seasonal parts left to the gather (_gather): the state to read them from (its
         # indices and level), or None
         res_source: list[SeasonSource] = []
-        deferred: dict[int, int] = {}  # row -> position in res_* of its deferred request
         latest_at: dict[int, int] = {}  # row -> position in res_* (coalescing)
         first_end: dict[int, int] = {}  # row -> smallest window end pending for it
         parts: list[WindowBatch] = []
@@ -254,7 +253,6 @@ class PartitionWindows:
                 )
                 for seq in (res_rows, res_ends, res_offs, res_tsms, res_seasonal, res_source):
                     seq.clear()
-                deferred.clear()
                 latest_at.clear()
                 first_end.clear()
 
@@ -276,7 +274,7 @@ class PartitionWindows:
                 res_seasonal[i], res_source[i] = season, source
                 first_end[row] = end
             else:
-                i = latest_at[row] = len(res_rows)
+                latest_at[row] = len(res_rows)
                 res_rows.append(row)
                 res_ends.append(end)
                 res_offs.append(offset)
@@ -284,10 +282,6 @@ class PartitionWindows:
                 res_seasonal.append(season)
                 res_source.append(source)
                 first_end.setdefault(row, end)
-            if source is not None:
-                deferred[row] = i
-            else:
-                deferred.pop(row, None)
 
         for rec in records:
             try:
@@ -311,10 +305,9 @@ class PartitionWindows:
                 pending = first_end.get(row)
                 if pending is not None and rings.n[row] + 1 - cap > pending - seq_len:
                     flush()  # the next point would overwrite a window still waiting to be gathered
-                if row in deferred:  # its state moves on: what its deferred window reads
-                    i = deferred.pop(row)
-                    if not latest:  # (coalescing replaces that window with this point's)
-                        res_source[i] = _frozen(res_source[i])
+                if not latest and row in latest_at:  # its state moves on: its newest window
+                    i = latest_at[row]  # (the only one that can still read the live state)
+                    res_source[i] = _frozen(res_source[i])  # (coalescing replaces it instead)
                 n = rings.append(row, offset, ev.ts, ev.value, ev.features)
                 self._advance_clock(row, ev.ts)
                 self._dirty.add(row)
