@@ -293,6 +293,16 @@ class SeasonalState:
         return s
 
 
+def _warm_up_end(spec: SeasonalSpec, ts: np.ndarray, values: np.ndarray) -> int | None:
+    """How many points of a series a state of ``spec`` takes to warm up (None: it never does)."""
+    state = SeasonalState(spec)
+    for i, (t, v) in enumerate(zip(ts.tolist(), values.tolist(), strict=True)):
+        state.update(t, v)
+        if state.ready:
+            return i + 1
+    return None
+
+
 def _run_length(warm_step: np.ndarray) -> int:
     """How many consecutive steps, up to the newest, a warm-up buffer holds."""
     newest = int(warm_step.max())
@@ -416,31 +426,38 @@ def fit_coefficients(
     horizon: int,
     alphas: Sequence[float] = ALPHAS,
     gammas: Sequence[float] = GAMMAS,
+    warm_seasons: Sequence[int] | None = None,
 ) -> SeasonalFit:
     """The grid point (α, γ per season) whose smoother, run over each ``(ts, values)`` series in
     time order, has the least mean absolute error over the next ``horizon`` points from every
     point after its warm-up (the points within ``horizon`` steps in time). Returns the spec, that
     error and persistence's on the same points (the last value carried forward: what the
     seasons must beat to be worth taking out of the network's inputs). Every grid point runs at
-    once: one pass over the data, vectorised over the grid."""
+    once: one pass over the data, vectorised over the grid.
+
+    ``warm_seasons`` (a superset of ``seasons``): score only the points after *their* warm-up,
+    so that fits of several subsets of them are scored on the same points (``--seasons auto``
+    compares them, train/seasons.py)."""
     grid = list(itertools.product(alphas, *([gammas] * len(seasons))))
     a = np.array([g[0] for g in grid])[:, None]  # (G, 1)
     gam = np.array([g[1:] for g in grid])  # (G, K)
     probe = SeasonalSpec(tuple(seasons), spacing_s, 0.5, tuple(0.5 for _ in seasons))
+    wide = tuple(sorted(warm_seasons or seasons))
+    if not set(seasons) <= set(wide):
+        raise ValueError(f"warm_seasons {wide} must include the seasons {tuple(seasons)}")
     total = np.zeros(len(grid))
     persistence = 0.0
     count = 0
     for ts, values in series:
         steps = probe.steps(ts)
-        warm = SeasonalState(probe)
-        start = None
-        for i, (t, v) in enumerate(zip(ts.tolist(), values.tolist(), strict=True)):
-            warm.update(t, v)
-            if warm.ready:
-                start = i + 1
-                break
-        if start is None:
+        start, score_from = _warm_up_end(probe, ts, values), _warm_up_end(
+            SeasonalSpec(wide, spacing_s, 0.5, tuple(0.5 for _ in wide)), ts, values
+        )  # fmt: skip
+        if start is None or score_from is None:
             continue
+        warm = SeasonalState(probe)
+        for t, v in zip(ts[:start].tolist(), values[:start].tolist(), strict=True):
+            warm.update(t, v)
         level = np.full((len(grid), 1), warm.level)
         idx = [np.tile(ix, (len(grid), 1)) for ix in warm.idx]  # (G, m) each
         rows = np.arange(len(grid))
@@ -449,7 +466,7 @@ def fit_coefficients(
             # score the forecast made after point i - 1 against the points within the horizon
             j = np.searchsorted(steps, steps[i - 1] + horizon, side="right")
             ahead = slice(i, j)
-            if j > i:
+            if j > i and i >= score_from:
                 ahead_steps = steps[ahead]
                 pred = level + sum(
                     ix[:, ahead_steps % m] for ix, m in zip(idx, seasons, strict=True)

@@ -5,8 +5,11 @@ models (:func:`train.peers.mstl_seasons`: a day and a week for sub-daily data, a
 for daily data, a year for weekly and monthly data) — and keeps those the data can teach: at most
 :data:`model.seasonal.MAX_SEASON` steps, and a longest season whose warm-up (one whole cycle)
 leaves at least as many training windows as it takes, and one without gaps in some series (a
-season no series can warm up is dropped, the longest first); then only when the seasons' own
-forecast beats persistence by :data:`MIN_GAIN` on the training split. ``--seasons 48,336`` names
+season no series can warm up is dropped, the longest first); of those, the shortest, then each
+longer one only while it makes the smoother's forecast of the training split over the horizon
+better (a season the data do not have, a week of temperatures, only carries last week's weather
+into the forecast: :func:`best_subset`); then only when that forecast beats persistence by
+:data:`MIN_GAIN` on the training split. ``--seasons 48,336`` names
 them (kept whatever that comparison says). Either
 way the smoothing coefficients are fitted on the training split, per model, for the model's
 horizon (:func:`model.seasonal.fit_coefficients`); the result is stored in the version's config,
@@ -23,7 +26,7 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.errors import ConfigError
-from model.seasonal import MAX_SEASON, fit_coefficients
+from model.seasonal import MAX_SEASON, SeasonalFit, fit_coefficients
 from train.data import TRAIN, SeriesArrays
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,24 @@ def learnable(seasons: list[int], series: list[tuple[np.ndarray, np.ndarray]]) -
     return [m for m in seasons if m <= MAX_SEASON and 2 * m <= longest]
 
 
+def best_subset(
+    series: list[tuple[np.ndarray, np.ndarray]], seasons: list[int], spacing: float, horizon: int
+) -> tuple[SeasonalFit, list[dict[str, Any]]]:
+    """The shortest of ``seasons`` alone, then with each longer one added in turn: the one of
+    these whose fitted smoother has the least MAE over the horizon on the training series (the
+    fewer seasons on a tie), every one scored on the same points (those after the warm-up of all
+    of ``seasons``); and each one's fit, for ``metrics.json``. A longer season is thus kept only
+    when it forecasts better than the shorter ones without it. ValueError when no series warms
+    up all of ``seasons`` (a gap-free cycle of the longest)."""
+    fits = [
+        fit_coefficients(series, seasons[:k], spacing, horizon, warm_seasons=seasons)
+        for k in range(1, len(seasons) + 1)
+    ]
+    best = min(fits, key=lambda f: f.mae)  # (the first of equals: the fewer seasons)
+    tried = [{"seasons": list(f.spec.seasons), "smoother_mae": f.mae} for f in fits]
+    return best, tried
+
+
 def seasonal_config(
     arrays: SeriesArrays, config: ModelConfig, request: str | tuple[int, ...]
 ) -> tuple[ModelConfig, dict[str, Any]]:
@@ -82,7 +103,13 @@ def seasonal_config(
     start = time.monotonic()
     while True:
         try:
-            spec, mae, persistence = fit_coefficients(series, seasons, spacing, config.horizon)
+            if request == "auto":
+                (spec, mae, persistence), tried = best_subset(
+                    series, seasons, spacing, config.horizon
+                )
+                info["subsets"] = tried
+            else:
+                spec, mae, persistence = fit_coefficients(series, seasons, spacing, config.horizon)
             break
         except ValueError as exc:  # no series has a gap-free cycle of the longest season
             if request != "auto":
@@ -94,6 +121,7 @@ def seasonal_config(
                 info.update(seasons=[], reason="no season has a gap-free cycle in the training "
                             "split: the plain network")  # fmt: skip
                 return config, info
+    seasons = list(spec.seasons)
     info.update(
         seasons=seasons, alpha=spec.alpha, gammas=list(spec.gammas), smoother_mae=mae,
         persistence_mae=persistence, seconds=round(time.monotonic() - start, 1),
