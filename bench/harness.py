@@ -54,6 +54,7 @@ SEASONAL = {"seasons": [24, 168], "season_spacing_s": STEP, "season_alpha": 0.1,
             "season_gammas": [0.1, 0.1]}  # fmt: skip
 SEASONAL_READY = 168 + 1  # points per series before every series is on the seasonal path
 MODELS["small-seasonal"] = {**MODELS["small"], **SEASONAL}
+MODELS["default-seasonal"] = {**MODELS["default"], **SEASONAL}
 
 
 # ---- the stack -----------------------------------------------------------------------------------

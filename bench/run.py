@@ -156,7 +156,7 @@ class Bench:
         a = self.args
         self.say(f"# stack in {self.root}")
         self.stack = BenchStack.start(self.root)
-        for name in ("default", "small", "small-seasonal"):
+        for name in ("default", "small", "small-seasonal", "default-seasonal"):
             self.models[name] = write_model(self.root, name)
         if not backlog:
             return
@@ -443,13 +443,14 @@ class Bench:
             if want(key):
                 argv = self.worker_for("small", a.backend, *flags, topic=self.wide_backlog)
                 rows[key] = self.drain(key, argv, workers=n, topic=self.wide_backlog)
-        # Seasonal memory (docs/training.md): the small model with the seasonal state of hourly
-        # data (24 and 168 steps), measured once every series is on the seasonal path; beside
-        # "small ... emit=every", the cost of the state.
-        key = f"small-seasonal {a.backend} emit=every"
-        if want(key):
-            argv = self.worker_for("small-seasonal", a.backend, *flags)
-            rows[key] = self.drain(key, argv, ready_events=a.series * SEASONAL_READY)
+        # Seasonal memory (docs/training.md): the small and default models with the seasonal
+        # state of hourly data (24 and 168 steps), measured once every series is on the seasonal
+        # path; beside "small|default ... emit=every", the cost of the state.
+        for model in ("small", "default"):
+            key = f"{model}-seasonal {a.backend} emit=every"
+            if want(key):
+                argv = self.worker_for(f"{model}-seasonal", a.backend, *flags)
+                rows[key] = self.drain(key, argv, ready_events=a.series * SEASONAL_READY)
         # Online interval calibration (the default) against the model's static intervals.
         key = f"small {a.backend} emit=every, --interval-calibration static"
         if want(key):

@@ -92,4 +92,8 @@ def test_drains_selects_the_capacity_rows(tmp_path: Path) -> None:
     exact = Bench(parse(["--drains", "=small onnx emit=every,seasonal"]), tmp_path)
     assert exact.want_drain("small onnx emit=every")
     assert exact.want_drain("small-seasonal onnx emit=every")
+    assert exact.want_drain("default-seasonal onnx emit=every")
+    assert not Bench(parse(["--drains", "=small-seasonal onnx emit=every"]), tmp_path).want_drain(
+        "default-seasonal onnx emit=every"
+    )
     assert not exact.want_drain(exact.cluster_key())
