@@ -9,9 +9,11 @@ Tibshirani, "Conformal PID control for time series prediction", NeurIPS 2023), o
 score:
 
 - State per series, side ``s`` (below or above the mean), interval level ``l`` and horizon step
-  ``h``: a log-factor ``θ[s, l, h]``. A forecast's half-width on side ``s`` is the model's times
-  ``exp(θ[s])``: each bound is tracked alone, so a biased mean widens the side it misses on and
-  narrows the other, where one factor for both would widen both.
+  ``h``: a log-term ``θ[s, l, h]``. A forecast's half-width on side ``s`` is the model's times a
+  factor: ``exp(θ[s, 80])`` at 80 %, and ``exp(θ[s, 80] + θ[s, 95])`` at 95 % — the 80 % factor
+  times a learnt ratio, so the 95 % bound follows the 80 % one's moves at once and learns only how
+  far the tails differ (:func:`_applied`). Each bound is tracked alone, so a biased mean widens the
+  side it misses on and narrows the other, where one factor for both would widen both.
 - When the actual of step ``h`` of an earlier forecast arrives (the ``h``-th accepted point of the
   series after the forecast's point), for each side ``θ[s, l, h] += γ_h · r_l · (miss − α_l / 2)``,
   where ``miss`` is 1 when the actual fell beyond that forecast's published ``l`` bound on side
@@ -19,13 +21,16 @@ score:
   and ``γ_h = RATE / √h``: step ``h``'s scores come ``h`` points late, after ``h − 1`` more
   forecasts used the same factor, so a full-rate step would overshoot. The 95 % level moves at
   half the rate: its misses are rare (2.5 % a side) and each is a jump of 0.975 · γ, whose jitter
-  widens the interval on average (measured: docs/training.md).
+  widens the interval on average (measured: docs/training.md). That slow rate alone could not
+  follow a stream whose errors grew (a 24-step 95 % bound missed 9–10 % of the time for a whole
+  held-out season); tied to the 80 % factor, it does (docs/training.md).
   This is online gradient descent on the pinball loss of each bound's log score: over any
   sequence, the miss rate of each (series, side, level, step) converges to ``α_l / 2`` (long-run
   coverage ``1 − α_l``), at a speed and jitter set by ``RATE`` (docs/training.md, "Online interval
   calibration").
-- ``θ`` is clamped to ``[log 1/4, log 4]``: an interval is at most 4× narrower or wider than the
-  model's. Bounds stay finite and nested: the 95 % half-width is never below the 80 % one.
+- ``θ`` and each applied log-factor are clamped to ``[log 1/4, log 4]``: an interval is at most
+  4× narrower or wider than the model's. Bounds stay finite and nested: the 95 % half-width is
+  never below the 80 % one.
 - A new series starts from its partition's prior, a ``θ`` of the same rule updated by every score
   of the partition (``PRIOR_RATE``).
 
@@ -65,7 +70,9 @@ _PEND_ROWS = 1 + 4 * _L
 # version, levels, horizon, history entries k, points n, offset of the newest point
 _SERIES_HEADER = struct.Struct("<BBHHqq")
 _PRIOR_HEADER = struct.Struct("<BBH")  # version, levels, horizon
-_BLOB_VERSION = 2  # 1: one factor for both sides (dropped on load: the series starts afresh)
+# 1: one factor for both sides; 2: the 95 % factor tracked alone (both dropped on load: the
+# series starts afresh)
+_BLOB_VERSION = 3
 PRIOR_FIELD = ""  # the prior's field in the cal hash (no series id is empty: missing_key)
 
 
@@ -180,10 +187,10 @@ class OnlineCalibrator:
             if hit.size:
                 return s.hist[hit[0]]
             self.history_misses += 1  # its factors are no longer kept: the current ones
-            return s.theta
+            return _applied(s.theta, np.empty_like(s.theta))
         s.hist_off[slot] = offset
         kept = s.hist[slot]
-        kept[...] = s.theta
+        _applied(s.theta, kept)
         pslot = index % self.horizon
         s.pend_at[pslot] = index
         p = s.pend[pslot]
@@ -224,6 +231,12 @@ class OnlineCalibrator:
             self.observe(sid, idx, off, val)
         f = np.exp(theta)
         return apply_factors(fc, f), f[..., 0].mean(axis=1)
+
+    def factors(self, series_id: str | None = None) -> np.ndarray:
+        """The log-factors (2, L, H) a series' next forecast gets (None: the partition prior's,
+        what a new series starts from)."""
+        theta = self.prior if series_id is None else self.series[series_id].theta
+        return _applied(theta, np.empty_like(theta))
 
     def forget(self, names: Iterable[str]) -> None:
         """Drop series the windows forgot (idle TTL, series cap)."""
@@ -314,9 +327,9 @@ class OnlineCalibrator:
 
 
 def _check_header(version: int, levels: int, horizon: int, want_horizon: int) -> None:
-    """A blob of this rule's form and horizon passes; one of the previous form (version 1) or of
-    another horizon is stale (dropped); anything else is unreadable."""
-    if version not in (1, _BLOB_VERSION) or levels != _L:
+    """A blob of this rule's form and horizon passes; one of an earlier form (versions 1 and 2)
+    or of another horizon is stale (dropped); anything else is unreadable."""
+    if version not in (1, 2, _BLOB_VERSION) or levels != _L:
         raise ValueError("calibration blob of another format")
     if version != _BLOB_VERSION or horizon != want_horizon:
         raise _Stale
@@ -333,21 +346,33 @@ def _track(
 ) -> None:
     """One score of the rule on column ``step`` of ``theta`` (2, L, H), in place: the actual fell
     ``err`` (absolute) from the mean on ``side`` (0 below, 1 above), where the model's half-widths
-    per level are ``half``. Per level, was it beyond the bound the factors ``applied`` there gave
-    (None: ``theta``'s own), nested as published? Then ``θ[side] += rate · r · (miss − α / 2)``;
-    the other side, which it cannot have missed, ``θ[other] −= rate · r · α / 2``; clamped."""
+    per level are ``half``. Per level, was it beyond the bound the log-factors ``applied`` there
+    gave (None: the ones ``theta`` gives, :func:`_applied`), nested as published? Then
+    ``θ[side] += rate · r · (miss − α / 2)``; the other side, which it cannot have missed,
+    ``θ[other] −= rate · r · α / 2``; clamped. (At 95 % the term is the ratio to the 80 % factor:
+    a miss there raises the ratio, and one at 80 % the factor both levels share.)"""
     lo, hi = LOG_FACTOR_RANGE
     col = theta[:, :, step].tolist()  # one read and one write of the state per score
     here, there = col[side], col[1 - side]
-    used = here if applied is None else applied
+    if applied is None:  # the factors this state gives: the 80 % one, then it times the ratio
+        applied = [here[0], min(hi, max(lo, here[0] + here[1]))]
     bound = 0.0
     for i in range(_L):
-        bound = max(bound, half[i] * math.exp(used[i]))  # nested: never inside the level before
+        bound = max(bound, half[i] * math.exp(applied[i]))  # nested: not inside the level before
         r = rate * LEVEL_RATE[i]
         miss = 1.0 if err > bound else 0.0
         here[i] = min(hi, max(lo, here[i] + r * (miss - _ALPHA[i] / 2)))
         there[i] = max(lo, there[i] - r * _ALPHA[i] / 2)
     theta[:, :, step] = col
+
+
+def _applied(theta: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The log-factors a state ``theta`` (2, L, H) gives, into ``out``: the 80 % one as it is,
+    the 95 % one the 80 % one plus its own term (its factor is the 80 % factor times a learnt
+    ratio), clamped."""
+    out[:, 0] = theta[:, 0]
+    np.clip(theta[:, 0] + theta[:, 1], *LOG_FACTOR_RANGE, out=out[:, 1])
+    return out
 
 
 def apply_factors(fc: Forecast, f: np.ndarray) -> Forecast:
