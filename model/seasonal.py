@@ -293,13 +293,16 @@ class SeasonalState:
         return s
 
 
-def _warm_up_end(spec: SeasonalSpec, ts: np.ndarray, values: np.ndarray) -> int | None:
-    """How many points of a series a state of ``spec`` takes to warm up (None: it never does)."""
-    state = SeasonalState(spec)
+def _warmed(
+    seasons: Sequence[int], spacing_s: float, ts: np.ndarray, values: np.ndarray
+) -> tuple[SeasonalState, int] | None:
+    """A state of ``seasons`` (any coefficients: the warm-up does not use them) fed a series up
+    to the end of its warm-up, and how many points that took; None when it never warms up."""
+    state = SeasonalState(SeasonalSpec(tuple(seasons), spacing_s, 0.5, (0.5,) * len(seasons)))
     for i, (t, v) in enumerate(zip(ts.tolist(), values.tolist(), strict=True)):
         state.update(t, v)
         if state.ready:
-            return i + 1
+            return state, i + 1
     return None
 
 
@@ -441,23 +444,19 @@ def fit_coefficients(
     grid = list(itertools.product(alphas, *([gammas] * len(seasons))))
     a = np.array([g[0] for g in grid])[:, None]  # (G, 1)
     gam = np.array([g[1:] for g in grid])  # (G, K)
-    probe = SeasonalSpec(tuple(seasons), spacing_s, 0.5, tuple(0.5 for _ in seasons))
-    wide = tuple(sorted(warm_seasons or seasons))
+    wide = sorted(warm_seasons or seasons)
     if not set(seasons) <= set(wide):
-        raise ValueError(f"warm_seasons {wide} must include the seasons {tuple(seasons)}")
+        raise ValueError(f"warm_seasons {wide} must include the seasons {list(seasons)}")
     total = np.zeros(len(grid))
     persistence = 0.0
     count = 0
     for ts, values in series:
-        steps = probe.steps(ts)
-        start, score_from = _warm_up_end(probe, ts, values), _warm_up_end(
-            SeasonalSpec(wide, spacing_s, 0.5, tuple(0.5 for _ in wide)), ts, values
-        )  # fmt: skip
-        if start is None or score_from is None:
+        warmed = _warmed(seasons, spacing_s, ts, values)
+        widest = warmed if wide == list(seasons) else _warmed(wide, spacing_s, ts, values)
+        if warmed is None or widest is None:
             continue
-        warm = SeasonalState(probe)
-        for t, v in zip(ts[:start].tolist(), values[:start].tolist(), strict=True):
-            warm.update(t, v)
+        (warm, start), score_from = warmed, widest[1]
+        steps = warm.spec.steps(ts)
         level = np.full((len(grid), 1), warm.level)
         idx = [np.tile(ix, (len(grid), 1)) for ix in warm.idx]  # (G, m) each
         rows = np.arange(len(grid))

@@ -354,7 +354,7 @@ def _track(
     lo, hi = LOG_FACTOR_RANGE
     col = theta[:, :, step].tolist()  # one read and one write of the state per score
     here, there = col[side], col[1 - side]
-    if applied is None:  # the factors this state gives: the 80 % one, then it times the ratio
+    if applied is None:  # what this state gives (_applied, on one column): 80 %, 80 % × ratio
         applied = [here[0], min(hi, max(lo, here[0] + here[1]))]
     bound = 0.0
     for i in range(_L):
